@@ -1,0 +1,1 @@
+"""Generated gRPC / protobuf stubs (built from proto/ by setup.py; never edited)."""

@@ -1,0 +1,297 @@
+"""The data-plane API: what a route is, how it is tuned, what it reports.
+
+Both engines (the native C engine behind ``_engine.pyx`` and the pure-Python
+reference engine in ``pyengine.py``) implement :class:`EngineBase` with these
+value types, and the same tests run against both. Other code imports only from
+``scistream.dataplane``.
+
+Directions are named from the route's point of view: *to_target* is what the
+accepted client sends towards the route's target, *from_target* the reverse.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from scistream.endpoints import format_endpoint, parse_endpoint
+
+
+class EngineError(Exception):
+    """A data-plane command was refused; the message is one human sentence."""
+
+    code = "internal"
+
+
+class RouteExists(EngineError):
+    code = "already_exists"
+
+
+class RouteNotFound(EngineError):
+    code = "not_found"
+
+
+class InvalidRoute(EngineError):
+    code = "invalid"
+
+
+class AddressInUse(EngineError):
+    code = "address_in_use"
+
+
+class TlsRole(str, enum.Enum):
+    """Which leg of a route speaks TLS."""
+
+    SERVER = "server"  # accepted connections are TLS (the PROD gateway's WAN side)
+    CLIENT = "client"  # connections to the targets are TLS (the CONS gateway's WAN side)
+
+
+class TlsMode(str, enum.Enum):
+    PSK = "psk"  # TLS 1.3 external PSK, AES-GCM / ChaCha20-Poly1305 (default)
+    COMPAT = "compat"  # SciStream 1.x stunnel: TLS 1.2 PSK, identity client1 (PSK suites only)
+    CERT = "cert"  # server certificate + pinned CA, TLS 1.3
+
+
+#: TLS 1.3 suites offered in PSK mode. SHA-256 suites first: stunnel 5.68
+#: accepts an external TLS 1.3 PSK only with SHA-256 suites.
+DEFAULT_TLS13_SUITES = (
+    "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
+)
+#: TLS 1.2 cipher list of the 1.x interoperability mode: PSK suites only, never
+#: an anonymous (aNULL) suite; PSK-NULL-SHA256 is what a 1.x stunnel with
+#: ``ciphers = eNULL`` can agree on.
+COMPAT_TLS12_CIPHERS = (
+    "ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:"
+    "PSK-NULL-SHA256"
+)
+#: The PSK identity every SciStream 1.x stunnel config uses.
+COMPAT_PSK_IDENTITY = "client1"
+
+
+def compat_key_from_uid(uid: str) -> bytes:
+    """The 1.x data-channel key: the uid without dashes, as ASCII bytes."""
+    return uid.replace("-", "").encode("ascii")
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS on one leg of a route."""
+
+    role: TlsRole
+    mode: TlsMode = TlsMode.PSK
+    psk_identity: str = ""
+    psk_key: bytes = field(default=b"", repr=False)
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    server_name: str = ""
+    ciphers: str = ""  # empty: the mode's default (see above)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", TlsRole(self.role))
+        object.__setattr__(self, "mode", TlsMode(self.mode))
+        if self.mode in (TlsMode.PSK, TlsMode.COMPAT):
+            if not self.psk_identity or not self.psk_key:
+                raise InvalidRoute(f"TLS mode {self.mode.value} needs a PSK identity and key")
+            if len(self.psk_key) > 256:
+                raise InvalidRoute("a PSK is at most 256 bytes")
+        if self.mode is TlsMode.CERT:
+            if self.role is TlsRole.SERVER and not (self.cert_file and self.key_file):
+                raise InvalidRoute("TLS server in cert mode needs cert_file and key_file")
+            if self.role is TlsRole.CLIENT and not self.ca_file:
+                raise InvalidRoute("TLS client in cert mode needs ca_file (the pinned CA)")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Engine-wide knobs. Every field is documented in docs/TUNING.md."""
+
+    workers: int = 0  # worker threads, one epoll loop each; 0 = online cores
+    pipe_size: int = 1 << 20  # bytes per splice pipe (one pipe per direction)
+    tls_buffer_size: int = 256 << 10  # bytes of userspace buffer per TLS direction
+    sndbuf: int = 0  # SO_SNDBUF; 0 = kernel autotuning
+    rcvbuf: int = 0  # SO_RCVBUF; 0 = kernel autotuning
+    nodelay: bool = True  # TCP_NODELAY on every socket
+    congestion: str = ""  # TCP_CONGESTION by name ("bbr", "cubic"); "" = system default
+    notsent_lowat: int = 0  # TCP_NOTSENT_LOWAT; 0 = unset
+    cpu_affinity: bool = False  # pin worker i to online CPU i mod n
+    backlog: int = 1024  # listen() backlog
+    max_connections: int = 0  # per route, when the route sets none; 0 = unlimited
+    connect_timeout: float = 10.0  # seconds to connect to a target (and finish a TLS handshake)
+    idle_timeout: float = 0.0  # seconds without a byte either way; 0 = never cut an idle stream
+    tcp_user_timeout: int = 0  # TCP_USER_TIMEOUT in ms; 0 = kernel default
+    tls_key_update_bytes: int = 1 << 36  # TLS 1.3 KeyUpdate after this many bytes sent per key
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "pipe_size", "tls_buffer_size", "sndbuf", "rcvbuf",
+                     "notsent_lowat", "backlog", "max_connections", "tcp_user_timeout",
+                     "tls_key_update_bytes"):
+            if getattr(self, name) < 0:
+                raise InvalidRoute(f"tuning {name} must not be negative")
+        if self.connect_timeout <= 0:
+            raise InvalidRoute("tuning connect_timeout must be positive")
+        if self.idle_timeout < 0:
+            raise InvalidRoute("tuning idle_timeout must not be negative")
+
+    @property
+    def effective_workers(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0)) or 1
+
+
+@dataclass(frozen=True)
+class Route:
+    """A listening socket, its targets, the TLS leg and the rate cap.
+
+    Connection k accepted on the route goes to ``targets[k % len(targets)]``.
+    """
+
+    route_id: str
+    listen: str = "127.0.0.1:0"  # "host:port" / "[v6]:port"; port 0 lets the kernel pick
+    targets: tuple[str, ...] = ()
+    tls: Tls | None = None
+    rate_limit: int = 0  # bytes/s over all connections and both directions; 0 = none
+    max_connections: int = 0  # 0 = Tuning.max_connections
+    listen_fd: int = -1  # an already-bound listening socket to adopt instead of ``listen``
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.route_id:
+            raise InvalidRoute("a route needs a route_id")
+        if not self.targets:
+            raise InvalidRoute(f"route {self.route_id} needs at least one target")
+        for t in self.targets:
+            parse_endpoint(t)  # raises InvalidEndpoint (a ValueError) with a clear message
+        if self.listen_fd < 0:
+            parse_endpoint(self.listen, allow_port_zero=True)
+        if self.rate_limit < 0 or self.max_connections < 0:
+            raise InvalidRoute("rate_limit and max_connections must not be negative")
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """A route as the engine runs it; ``bound`` is the address actually bound."""
+
+    route: Route
+    bound: str
+
+
+@dataclass(frozen=True)
+class ConnectionStats:
+    conn_id: int
+    peer: str
+    target: str
+    bytes_to_target: int
+    bytes_from_target: int
+    started_at: float  # unix seconds
+
+
+#: Error kinds counted per route. Engines count only these keys.
+ERROR_KINDS = (
+    "accept",  # accept() failed (e.g. EMFILE)
+    "connect_refused",  # the target refused
+    "connect_timeout",  # the target did not answer within connect_timeout
+    "connect_error",  # any other connect failure (unreachable, ...)
+    "tls_handshake",  # TLS handshake failed (wrong key, wrong version, garbage)
+    "reset",  # a peer reset an established connection
+    "idle_timeout",  # cut by idle_timeout
+    "max_connections",  # refused because the route was full
+    "io",  # any other read/write error
+)
+
+
+@dataclass(frozen=True)
+class RouteStats:
+    route_id: str
+    bound: str
+    targets: tuple[str, ...]
+    bytes_to_target: int
+    bytes_from_target: int
+    connections_active: int
+    connections_total: int
+    errors: Mapping[str, int]  # keys from ERROR_KINDS; absent key = 0
+    started_at: float
+    connections: tuple[ConnectionStats, ...] = ()  # filled when asked for
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    engine: str  # "native" or "pure"
+    workers: int
+    routes: Mapping[str, RouteStats]
+
+
+@dataclass(frozen=True)
+class ResourceCounts:
+    """Live resources an engine holds; all return to zero when it is idle.
+
+    The native engine counts these only in debug builds (else all -1)."""
+
+    fds: int
+    pipes: int
+    ssl_objects: int
+    connections: int
+
+
+def format_listen(host: str, port: int) -> str:
+    return format_endpoint(host, port)
+
+
+class EngineBase(abc.ABC):
+    """One engine multiplexes all routes of a node over ``tuning.workers`` threads.
+
+    Every method is thread-safe and returns once the command has taken effect.
+    """
+
+    name: str = "abstract"
+
+    def __init__(self, tuning: Tuning | None = None) -> None:
+        self.tuning = tuning or Tuning()
+
+    @abc.abstractmethod
+    def add_route(self, route: Route) -> RouteInfo:
+        """Bind and start accepting. Raises RouteExists, AddressInUse, InvalidRoute."""
+
+    @abc.abstractmethod
+    def retarget(self, route_id: str, targets: Sequence[str]) -> None:
+        """New connections go to the new targets; established ones keep streaming."""
+
+    @abc.abstractmethod
+    def remove_route(self, route_id: str, *, drain: bool = False) -> None:
+        """Close the listener at once; with drain, established connections finish
+        by themselves, else they are closed now. Raises RouteNotFound."""
+
+    @abc.abstractmethod
+    def routes(self) -> list[RouteInfo]: ...
+
+    @abc.abstractmethod
+    def stats(self, route_id: str | None = None, *, connections: bool = False) -> EngineStats:
+        """Counters of one route (RouteNotFound if unknown) or all, without pausing traffic."""
+
+    @abc.abstractmethod
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting on every route, wait until all connections ended or
+        ``timeout`` passed; True if every connection finished."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close every route and connection and stop the workers. Idempotent."""
+
+    @abc.abstractmethod
+    def resource_counts(self) -> ResourceCounts: ...
+
+    def __enter__(self) -> EngineBase:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

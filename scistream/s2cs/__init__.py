@@ -1,0 +1,1 @@
+"""s2cs: the SciStream control server (gRPC)."""

@@ -1,0 +1,1 @@
+"""Data-plane backends of s2cs (see base.py for the contract)."""

@@ -1,0 +1,99 @@
+"""How a session's data plane is realised: the contract every backend keeps.
+
+A session of ``num_conn`` listeners is ``num_conn`` routes; route i listens on
+``listeners[i]`` and forwards to ``targets[i]`` (PROTOCOL.md: connection i of
+listener i goes to target i). PROD: the listeners are the TLS server side (WAN),
+targets the producer application (plain). CONS: the listeners are plain (the
+consumer application connects), targets the PROD gateway's listeners over TLS
+(client side). With security "plain" both legs are plain.
+
+The session layer calls ``apply`` after update (and again on reconcile after a
+restart); ``apply`` is idempotent for the same plan. ``remove`` must give back
+every port, process and file of the session on every path.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+Role = Literal["PROD", "CONS"]
+Security = Literal["tls", "plain", "compat"]
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    route_id: str  # "<uid>/<i>"
+    listen: str  # "host:port" the gateway listens on
+    target: str  # "host:port" it forwards to
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    uid: str
+    role: Role
+    routes: tuple[RoutePlan, ...]
+    security: Security
+    psk_identity: str = ""  # uid (tls) or "client1" (compat); "" for plain
+    psk_key: bytes = field(default=b"", repr=False)  # never logged
+    rate_limit: int = 0  # bytes/s for the whole session; 0 = none
+
+
+@dataclass(frozen=True)
+class ConnectionUsage:
+    listener: str
+    peer: str
+    target: str
+    bytes_to_target: int
+    bytes_from_target: int
+    started_at: float
+
+
+@dataclass(frozen=True)
+class SessionUsage:
+    """What the data plane reports about one session; None fields = unknown to this backend."""
+
+    bytes_to_target: int | None = None
+    bytes_from_target: int | None = None
+    connections_active: int | None = None
+    connections_total: int | None = None
+    connections: tuple[ConnectionUsage, ...] = ()
+    errors: Mapping[str, int] = field(default_factory=dict)
+
+
+class BackendError(Exception):
+    """The backend could not realise a plan; the message is one human sentence."""
+
+
+class Backend(abc.ABC):
+    """One instance per s2cs; shared by all sessions."""
+
+    #: canonical --type name, e.g. "native", "stunnel", "haproxy", "nginx"
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Prepare (connect to or spawn s2ds, check the proxy binary exists)."""
+
+    @abc.abstractmethod
+    async def apply(self, plan: SessionPlan) -> None:
+        """Create or replace the session's routes; idempotent for the same plan."""
+
+    @abc.abstractmethod
+    async def remove(self, uid: str, *, drain: bool = False) -> None:
+        """Tear the session's routes down; no error if it has none."""
+
+    @abc.abstractmethod
+    async def running_sessions(self) -> set[str]:
+        """Uids whose routes are live now (for reconciliation after a restart)."""
+
+    @abc.abstractmethod
+    async def usage(self, uid: str) -> SessionUsage:
+        """Counters of one session (empty SessionUsage if the backend has none)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """s2cs is stopping. Native: leave s2ds and its routes running (streams
+        outlive the control server). Subprocess backends: stop their children."""

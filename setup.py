@@ -1,0 +1,127 @@
+"""Build: protobuf/gRPC stubs from proto/ and the native data-plane engine.
+
+The engine (csrc/*.c, C only, no Python.h) is compiled as a static library
+with strict warnings, then linked into the Cython extension
+``scistream.dataplane._engine`` against the system OpenSSL 3.
+
+Without a compiler the build falls back to the pure-Python engine with a
+clear log line, unless SCISTREAM_REQUIRE_NATIVE=1 (CI), which makes that an error.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_clib import build_clib
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+log = logging.getLogger("scistream.setup")
+HERE = os.path.dirname(os.path.abspath(__file__))
+REQUIRE_NATIVE = os.environ.get("SCISTREAM_REQUIRE_NATIVE", "") not in ("", "0")
+DEBUG = os.environ.get("SCISTREAM_DEBUG_BUILD", "") not in ("", "0")
+
+STRICT_CFLAGS = ["-std=gnu11", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE"]
+if DEBUG:
+    STRICT_CFLAGS += ["-DSCISTREAM_DEBUG=1", "-g"]
+
+
+def generate_protos() -> None:
+    """proto/*.proto -> scistream/_proto/*_pb2.py, *_pb2_grpc.py, *.pyi."""
+    from grpc_tools import protoc  # build requirement
+
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    out = HERE
+    protos = sorted(glob.glob(os.path.join(HERE, "proto", "*.proto")))
+    for proto in protos:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{include}",
+            f"-Iscistream/_proto={os.path.join(HERE, 'proto')}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            f"scistream/_proto/{os.path.basename(proto)}",
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {proto}")
+
+
+class BuildPyWithProtos(build_py):
+    def run(self) -> None:
+        generate_protos()
+        super().run()
+
+
+class OptionalBuildClib(build_clib):
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # compiler missing or failing
+            if REQUIRE_NATIVE:
+                raise
+            log.warning("native engine NOT built (%s): the pure-Python engine will be used", exc)
+            sys.stderr.write(
+                f"scistream: native engine not built ({exc}); falling back to the pure-Python engine\n"
+            )
+            self.distribution.ext_modules = []
+
+
+class OptionalBuildExt(build_ext):
+    def run(self) -> None:
+        generate_protos()  # editable installs skip build_py
+        if not self.distribution.ext_modules:
+            return
+        # build_clib must have produced the engine archive first.
+        self.run_command("build_clib")
+        if not self.distribution.ext_modules:
+            return
+        clib = self.get_finalized_command("build_clib")
+        for ext in self.extensions:
+            ext.library_dirs.append(clib.build_clib)
+        try:
+            super().run()
+        except Exception as exc:
+            if REQUIRE_NATIVE:
+                raise
+            sys.stderr.write(
+                f"scistream: native engine not built ({exc}); falling back to the pure-Python engine\n"
+            )
+
+
+def native_parts() -> tuple[list[tuple[str, dict[str, object]]], list[Extension]]:
+    csources = sorted(glob.glob("csrc/*.c"))
+    pyx = "scistream/dataplane/_engine.pyx"
+    if not csources or not os.path.exists(pyx):
+        return [], []
+    try:
+        from Cython.Build import cythonize
+    except ImportError as exc:
+        if REQUIRE_NATIVE:
+            raise
+        sys.stderr.write(f"scistream: Cython missing ({exc}); pure-Python engine only\n")
+        return [], []
+    libs: list[tuple[str, dict[str, object]]] = [
+        ("s2engine", {"sources": csources, "include_dirs": ["csrc"], "cflags": STRICT_CFLAGS})
+    ]
+    ext = Extension(
+        "scistream.dataplane._engine",
+        [pyx],
+        include_dirs=["csrc"],
+        libraries=["s2engine", "ssl", "crypto", "pthread"],
+        extra_compile_args=["-O2"] + (["-DSCISTREAM_DEBUG=1"] if DEBUG else []),
+    )
+    return libs, cythonize([ext], language_level=3, compiler_directives={"embedsignature": True})
+
+
+libraries, ext_modules = native_parts()
+
+setup(
+    libraries=libraries,
+    ext_modules=ext_modules,
+    cmdclass={"build_py": BuildPyWithProtos, "build_clib": OptionalBuildClib, "build_ext": OptionalBuildExt},
+)
