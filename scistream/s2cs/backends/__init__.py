@@ -34,4 +34,4 @@ def create_backend(type_name: str, options: BackendOptions) -> Backend:
         )
     module_name, class_name = BACKENDS[key]
     cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
-    return cls(options)  # type: ignore[call-arg]
+    return cls(options)

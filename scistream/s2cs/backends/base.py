@@ -63,6 +63,18 @@ class SessionUsage:
     errors: Mapping[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """What every backend constructor receives from s2cs."""
+
+    state_dir: str  # s2cs's state directory; backends keep config/key files under it (0600)
+    listener_ip: str  # the address listeners bind to / are advertised on
+    s2ds_address: str = ""  # native: the s2ds control socket; "" = the state dir's default ipc://
+    spawn_s2ds: bool = True  # native: start s2ds if none answers
+    tcp_user_timeout_ms: int = 0
+    extra: Mapping[str, str] = field(default_factory=dict)  # backend-specific settings
+
+
 class BackendError(Exception):
     """The backend could not realise a plan; the message is one human sentence."""
 
@@ -72,6 +84,9 @@ class Backend(abc.ABC):
 
     #: canonical --type name, e.g. "native", "stunnel", "haproxy", "nginx"
     name: ClassVar[str]
+
+    def __init__(self, options: BackendOptions) -> None:
+        self.options = options
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -97,15 +112,3 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         """s2cs is stopping. Native: leave s2ds and its routes running (streams
         outlive the control server). Subprocess backends: stop their children."""
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """What every backend constructor receives from s2cs."""
-
-    state_dir: str  # s2cs's state directory; backends keep config/key files under it (0600)
-    listener_ip: str  # the address listeners bind to / are advertised on
-    s2ds_address: str = ""  # native: the s2ds control socket; "" = the state dir's default ipc://
-    spawn_s2ds: bool = True  # native: start s2ds if none answers
-    tcp_user_timeout_ms: int = 0
-    extra: Mapping[str, str] = field(default_factory=dict)  # backend-specific settings
