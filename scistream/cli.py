@@ -29,6 +29,9 @@ def _register() -> None:
         main.add_command(demo)
     except ImportError as exc:  # pragma: no cover - only while a part is missing
         logging.getLogger(__name__).debug("demo unavailable: %s", exc)
+    from scistream.healthcheck import health
+
+    main.add_command(health)
     try:
         from scistream.certs import certs
 

@@ -43,14 +43,14 @@ class AddressInUse(EngineError):
     code = "address_in_use"
 
 
-class TlsRole(str, enum.Enum):
+class TlsRole(enum.StrEnum):
     """Which leg of a route speaks TLS."""
 
     SERVER = "server"  # accepted connections are TLS (the PROD gateway's WAN side)
     CLIENT = "client"  # connections to the targets are TLS (the CONS gateway's WAN side)
 
 
-class TlsMode(str, enum.Enum):
+class TlsMode(enum.StrEnum):
     PSK = "psk"  # TLS 1.3 external PSK, AES-GCM / ChaCha20-Poly1305 (default)
     COMPAT = "compat"  # SciStream 1.x stunnel: TLS 1.2 PSK, identity client1 (PSK suites only)
     CERT = "cert"  # server certificate + pinned CA, TLS 1.3
