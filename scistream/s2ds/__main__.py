@@ -1,0 +1,5 @@
+"""`python -m scistream.s2ds` is `s2ds`."""
+
+from scistream.s2ds.cli import main
+
+main()
