@@ -1,0 +1,112 @@
+"""The HAProxy backend: one foreground HAProxy (``-db``) per session, mode tcp with forced splice.
+
+HAProxy cannot do TLS 1.3 with an external PSK, so security ``tls`` needs
+operator certificates (settings ``tls_cert``, ``tls_key``, ``tls_ca``,
+``tls_server_name``; see proxyconf.CertFiles) and is refused with a clear
+error without them; ``plain`` needs nothing; ``compat`` is refused (1.x interop
+needs stunnel or native). HAProxy 2.6 has no bandwidth limit, so a plan's
+rate_limit is reported as not enforced. Counters come from the session's stats
+socket (``show stat``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import signal
+import socket
+from pathlib import Path
+from typing import ClassVar
+
+from scistream.s2cs.backends.base import BackendError, SessionPlan, SessionUsage
+from scistream.s2cs.backends.proxyconf import CertFiles, haproxy_config
+from scistream.s2cs.backends.supervisor import SubprocessBackend, write_private
+
+_STATS_SOCKET = "stats.sock"
+
+
+def operator_certs(extra: dict[str, str] | object, proxy: str) -> CertFiles | None:
+    """The certificate settings of a cert-mode backend, checked for readability; None if unset."""
+    get = getattr(extra, "get", None)
+    if get is None:
+        return None
+    files = CertFiles(cert=get("tls_cert", ""), key=get("tls_key", ""), ca=get("tls_ca", ""),
+                      server_name=get("tls_server_name", ""))
+    for label, path in (("tls_cert", files.cert), ("tls_key", files.key), ("tls_ca", files.ca)):
+        if path and not Path(path).is_file():
+            raise BackendError(f"{proxy} setting {label}: {path} is not a readable file")
+    if not (files.cert or files.key or files.ca):
+        return None
+    if bool(files.cert) != bool(files.key):
+        raise BackendError(f"{proxy} needs tls_cert and tls_key together")
+    return files
+
+
+def parse_show_stat(text: str) -> SessionUsage:
+    """Sum the frontends of HAProxy's ``show stat`` CSV into a SessionUsage.
+
+    A frontend's ``bin`` is what clients sent (towards the target), ``bout``
+    what they received.
+    """
+    lines = text.lstrip("# ").splitlines()
+    to_target = from_target = active = total = 0
+    for row in csv.DictReader(io.StringIO("\n".join(lines))):
+        if row.get("svname") != "FRONTEND":
+            continue
+        to_target += int(row.get("bin") or 0)
+        from_target += int(row.get("bout") or 0)
+        active += int(row.get("scur") or 0)
+        total += int(row.get("stot") or 0)
+    return SessionUsage(bytes_to_target=to_target, bytes_from_target=from_target,
+                        connections_active=active, connections_total=total)
+
+
+def _query_stats(path: str, timeout: float = 2.0) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(b"show stat\n")
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+class HaproxyBackend(SubprocessBackend):
+    name = "haproxy"
+    package = "haproxy"
+    # SIGUSR1: soft stop -- close the listeners, let open streams finish.
+    drain_signal: ClassVar[signal.Signals | None] = signal.SIGUSR1
+
+    def _write_files(self, plan: SessionPlan, path: Path) -> list[str]:
+        certs = operator_certs(self.options.extra, "HAProxy")
+        if certs is not None and plan.security == "tls" and certs.cert:
+            # HAProxy wants the certificate and its key in one file: a private copy for the session.
+            combined = path / "gateway.pem"
+            pem = Path(certs.cert).read_text() + "\n" + Path(certs.key).read_text()
+            write_private(combined, pem)
+            certs = CertFiles(cert=certs.cert, key=certs.key, ca=certs.ca,
+                              server_name=certs.server_name, combined_pem=str(combined))
+        conf = path / "haproxy.cfg"
+        write_private(conf, haproxy_config(plan, stats_socket=str(path / _STATS_SOCKET), certs=certs,
+                                           idle_timeout_s=self._idle_timeout(),
+                                           connect_timeout_s=self._connect_timeout()))
+        return [self.binary, "-db", "-f", str(conf)]
+
+    async def usage(self, uid: str) -> SessionUsage:
+        errors = self._base_errors(uid)
+        session = self._sessions.get(uid)
+        if session is None or not session.child.alive:
+            return SessionUsage(errors=errors)
+        try:
+            text = await asyncio.to_thread(_query_stats, str(session.path / _STATS_SOCKET))
+        except OSError:
+            return SessionUsage(errors=errors)
+        stats = parse_show_stat(text)
+        return SessionUsage(bytes_to_target=stats.bytes_to_target, bytes_from_target=stats.bytes_from_target,
+                            connections_active=stats.connections_active,
+                            connections_total=stats.connections_total, errors=errors)
