@@ -1,0 +1,149 @@
+"""Turn bench/results/*.json into a markdown report and PNG charts.
+
+    python bench/report.py [RESULTS_DIR]
+
+Medians over rounds; ratios against the direct run and against the best peer of
+the same kind (1 hop / TLS pair) from the same benchmark run only.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+OURS = ("scistream-native", "scistream-pure", "scistream-native-tls", "scistream-pure-tls")
+KIND = {
+    "direct": "direct",
+    "scistream-native": "1 hop", "scistream-pure": "1 hop", "haproxy-splice": "1 hop",
+    "nginx": "1 hop", "socat": "1 hop",
+    "scistream-native-tls": "TLS pair", "scistream-pure-tls": "TLS pair", "stunnel-tls13": "TLS pair",
+    "stunnel-1x": "TLS pair", "haproxy-tls": "TLS pair",
+}
+
+
+def _median(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], dict[str, Any]]]:
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in data["rows"]:
+        groups[(row["config"], row["streams"])].append(row)
+    med: dict[tuple[str, int], dict[str, Any]] = {}
+    for key, rows in groups.items():
+        med[key] = {
+            "gbps": _median([r["gbps"] for r in rows]),
+            "cpu_cores": _median([r["forwarder_cpu_s"] / r["seconds"] for r in rows]),
+            "per_cpu": _median([r["gbit_per_cpu_s"] for r in rows]),
+            "n": len(rows),
+        }
+    lines = ["| path | streams | Gbit/s | x direct | forwarder cores | Gbit per CPU-s | "
+             "x best peer (Gbit/s) | x best peer (per CPU-s) | rounds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for streams in sorted({k[1] for k in med}):
+        direct = med.get(("direct", streams), {}).get("gbps")
+        for config in sorted({k[0] for k in med if k[1] == streams},
+                             key=lambda c: (list(KIND).index(c) if c in KIND else 99)):
+            m = med[(config, streams)]
+            kind = KIND.get(config, "")
+            peers = [med[(c, streams)] for c in KIND if KIND[c] == kind and c not in OURS
+                     and c != config and (c, streams) in med]
+            best_gbps = max((p["gbps"] for p in peers if p["gbps"]), default=None)
+            best_per = max((p["per_cpu"] for p in peers if p["per_cpu"]), default=None)
+            vs = config in OURS
+            lines.append(
+                f"| {config} ({kind}) | {streams} | {_fmt(m['gbps'])} | "
+                f"{_fmt(m['gbps'] / direct if direct and m['gbps'] else None, 2)} | "
+                f"{_fmt(m['cpu_cores'], 2)} | {_fmt(m['per_cpu'])} | "
+                f"{_fmt(m['gbps'] / best_gbps if vs and best_gbps and m['gbps'] else None, 2)} | "
+                f"{_fmt(m['per_cpu'] / best_per if vs and best_per and m['per_cpu'] else None, 2)} | "
+                f"{m['n']} |")
+    return "\n".join(lines), med
+
+
+def throughput_chart(med: dict[tuple[str, int], dict[str, Any]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    streams = sorted({k[1] for k in med})
+    configs = [c for c in KIND if any((c, s) in med for s in streams)]
+    configs += sorted({k[0] for k in med} - set(configs))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(configs) + 2))
+    height = 0.8 / max(1, len(streams))
+    for ax, metric, title in ((axes[0], "gbps", "Gbit/s (median)"),
+                              (axes[1], "per_cpu", "Gbit per forwarder CPU-second")):
+        for i, s in enumerate(streams):
+            ys = [j + i * height for j in range(len(configs))]
+            vals = [med.get((c, s), {}).get(metric) or 0 for c in configs]
+            colors = ["tab:green" if c in OURS else "tab:gray" if c == "direct" else "tab:blue"
+                      for c in configs]
+            ax.barh(ys, vals, height=height, color=colors, alpha=1.0 if i == 0 else 0.55,
+                    label=f"{s} stream{'s' if s > 1 else ''}")
+        ax.set_yticks([j + height * (len(streams) - 1) / 2 for j in range(len(configs))])
+        ax.set_yticklabels(configs)
+        ax.invert_yaxis()
+        ax.set_title(title)
+        ax.legend(loc="lower right")
+    fig.suptitle("Forwarders on loopback in a private namespace (reno), iperf3")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def latency_table(data: dict[str, Any]) -> str:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in data["rows"]:
+        groups[row["name"]].append(row)
+    lines = ["| what | median | p90 | n | note |", "|---|---|---|---|---|"]
+    for name, rows in groups.items():
+        vals = sorted(v for r in rows for v in r["values"])
+        unit = rows[0]["unit"]
+        p90 = vals[min(len(vals) - 1, int(0.9 * len(vals)))] if vals else None
+        lines.append(f"| {name} | {_fmt(_median(vals), 3)} {unit} | {_fmt(p90, 3)} {unit} | "
+                     f"{len(vals)} | {rows[0].get('note', '')} |")
+    return "\n".join(lines)
+
+
+def render(results: Path) -> list[Path]:
+    """Write REPORT.md (and throughput.png) into ``results``; return what was written."""
+    written: list[Path] = []
+    parts = ["# Benchmark report", ""]
+    tp = results / "throughput.json"
+    if tp.exists():
+        data = json.loads(tp.read_text())
+        meta = data["meta"]
+        table, med = throughput_table(data)
+        parts += [f"Run {meta['date']}, iperf3 -t {meta['seconds']:g}, {meta['rounds']} round(s), "
+                  f"{meta['cpus']} CPUs, kernel {meta['kernel']}.", "", "## Forwarders", "", table, ""]
+        chart = throughput_chart(med, results / "throughput.png")
+        if chart:
+            written.append(chart)
+            parts += ["![throughput](throughput.png)", ""]
+    for name, title in (("latency", "Session set-up (control plane)"),
+                        ("chain", "Two-gateway chain in the tutorial topology")):
+        path = results / f"{name}.json"
+        if path.exists():
+            parts += [f"## {title}", "", latency_table(json.loads(path.read_text())), ""]
+    out = results / "REPORT.md"
+    out.write_text("\n".join(parts))
+    written.append(out)
+    return written
+
+
+if __name__ == "__main__":
+    for p in render(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"):
+        print(p)
