@@ -91,13 +91,20 @@ class Config:
     kind: str  # "direct", "1 hop", "TLS pair", "plain pair"
     start: Callable[[PrivateNamespace, Path, int, int], Forwarder]
     needs: tuple[str, ...] = ()  # executables that must exist
+    check: Callable[[], str] | None = None  # "" if it can run, else why not
 
     def available(self) -> str:
         """"" if it can run here, else why not."""
         for exe in self.needs:
             if not shutil.which(exe):
                 return f"{exe} is not installed"
-        return ""
+        return self.check() if self.check else ""
+
+
+def _native_built() -> str:
+    from scistream.dataplane import native_available
+
+    return "" if native_available() else "the native engine is not built"
 
 
 def _popen(ns: PrivateNamespace, argv: Sequence[str], log: Path,
@@ -108,15 +115,17 @@ def _popen(ns: PrivateNamespace, argv: Sequence[str], log: Path,
 
 
 def _started(ns: PrivateNamespace, fwd: Forwarder, port: int, log: Path) -> Forwarder:
-    try:
-        wait_for_listen(ns.argv, port, timeout=10)
-    except Exception:
-        fwd.stop()
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        raise RuntimeError(f"{fwd.name} did not start listening on {port}:\n{tail}") from None
-    if not fwd.alive():
-        raise RuntimeError(f"{fwd.name} exited at start:\n{log.read_text(errors='replace')[-2000:]}")
-    return fwd
+    """Wait until ``port`` listens; fail at once (with the log) if a process died."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and fwd.alive():
+        try:
+            wait_for_listen(ns.argv, port, timeout=0.2)
+            return fwd
+        except Exception:
+            continue
+    fwd.stop()
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise RuntimeError(f"{fwd.name} did not start listening on {port}:\n{tail}")
 
 
 def _write(path: Path, text: str, mode: int = 0o600) -> Path:
@@ -254,25 +263,31 @@ def s2ds_argv() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "scistream.s2ds.cli"]
 
 
-def _s2ds(name: str, engine: str, tls: bool) -> Callable[[PrivateNamespace, Path, int, int], Forwarder]:
-    """``s2ds forward`` (one process per hop): plain 1 hop, or a TLS 1.3 PSK pair."""
+def _s2ds(name: str, engine: str, tls: str) -> Callable[[PrivateNamespace, Path, int, int], Forwarder]:
+    """``s2ds forward`` (one process per hop): plain 1 hop, or a pair whose middle leg
+    is TLS 1.3 with an external PSK (``tls="psk"``) or a pinned certificate (``"cert"``;
+    the pure engine cannot do external PSKs on Python 3.11)."""
 
     def start(ns: PrivateNamespace, wd: Path, listen: int, target: int) -> Forwarder:
-        env = {"SCISTREAM_ENGINE": engine}
         log = wd / "s2ds.log"
         fwd = Forwarder(name, workdir=wd)
+        base = [*s2ds_argv(), "forward", "--engine", engine]
         if not tls:
-            fwd.procs.append(_popen(ns, [*s2ds_argv(), "forward", "--listen", f"127.0.0.1:{listen}",
-                                         "--target", f"127.0.0.1:{target}"], log, env))
+            fwd.procs.append(_popen(ns, [*base, "--listen", f"127.0.0.1:{listen}",
+                                         "--to", f"127.0.0.1:{target}"], log))
             return _started(ns, fwd, listen, log)
-        key = _write(wd / "psk.key", secrets.token_hex(32) + "\n")
-        fwd.procs.append(_popen(ns, [*s2ds_argv(), "forward", "--listen", f"127.0.0.1:{MID_PORT}",
-                                     "--target", f"127.0.0.1:{target}", "--tls", "server",
-                                     "--psk-file", str(key)], log, env))
+        if tls == "psk":
+            key = _write(wd / "psk.txt", f"bench:{secrets.token_hex(32)}\n")
+            server_tls = client_tls = ["--tls-mode", "psk", "--psk-file", str(key)]
+        else:
+            c = make_certs(wd)
+            server_tls = ["--tls-mode", "cert", "--cert", str(c["crt"]), "--key", str(c["key"])]
+            client_tls = ["--tls-mode", "cert", "--ca", str(c["crt"]), "--server-name", "127.0.0.1"]
+        fwd.procs.append(_popen(ns, [*base, "--listen", f"127.0.0.1:{MID_PORT}",
+                                     "--to", f"127.0.0.1:{target}", "--tls", "server", *server_tls], log))
         _started(ns, fwd, MID_PORT, log)
-        fwd.procs.append(_popen(ns, [*s2ds_argv(), "forward", "--listen", f"127.0.0.1:{listen}",
-                                     "--target", f"127.0.0.1:{MID_PORT}", "--tls", "client",
-                                     "--psk-file", str(key)], log, env))
+        fwd.procs.append(_popen(ns, [*base, "--listen", f"127.0.0.1:{listen}",
+                                     "--to", f"127.0.0.1:{MID_PORT}", "--tls", "client", *client_tls], log))
         return _started(ns, fwd, listen, log)
 
     return start
@@ -281,16 +296,16 @@ def _s2ds(name: str, engine: str, tls: bool) -> Callable[[PrivateNamespace, Path
 CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("direct", "direct (no forwarder)", "direct", _direct),
     Config("scistream-native", "scistream native, 1 hop", "1 hop",
-           _s2ds("scistream-native", "native", False)),
+           _s2ds("scistream-native", "native", ""), check=_native_built),
     Config("scistream-pure", "scistream pure-Python, 1 hop", "1 hop",
-           _s2ds("scistream-pure", "pure", False)),
+           _s2ds("scistream-pure", "pure", "")),
     Config("haproxy-splice", "HAProxy 2.6 forced splice, 1 hop", "1 hop", _haproxy_splice, ("haproxy",)),
     Config("nginx", "nginx stream 1 MiB buffer, 1 hop", "1 hop", _nginx, ("nginx",)),
     Config("socat", "socat -b 256k, 1 hop", "1 hop", _socat, ("socat",)),
     Config("scistream-native-tls", "scistream native pair, TLS 1.3 PSK", "TLS pair",
-           _s2ds("scistream-native-tls", "native", True)),
-    Config("scistream-pure-tls", "scistream pure-Python pair, TLS 1.3 PSK", "TLS pair",
-           _s2ds("scistream-pure-tls", "pure", True)),
+           _s2ds("scistream-native-tls", "native", "psk"), check=_native_built),
+    Config("scistream-pure-tls", "scistream pure-Python pair, TLS 1.3 cert", "TLS pair",
+           _s2ds("scistream-pure-tls", "pure", "cert")),
     Config("stunnel-tls13", "stunnel pair, TLS 1.3 PSK AES-128-GCM", "TLS pair",
            _stunnel_pair("stunnel-tls13", STUNNEL_TLS13), ("stunnel",)),
     Config("stunnel-1x", "stunnel pair, SciStream 1.x config (TLS 1.2 eNULL)", "TLS pair",
