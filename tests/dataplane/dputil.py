@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
+import pytest
+
+from scistream.dataplane import EngineBase, Route, Tls, TlsMode, TlsRole
 from scistream.endpoints import parse_endpoint
 
 _BLOCK = 1 << 20
@@ -179,3 +184,129 @@ class StreamServer:
             t.join(5)
 
 
+
+
+def echo_handler(sock: socket.socket, served: Served) -> None:
+    """Echo until EOF, then close (counting what passed)."""
+    n = 0
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        sock.sendall(data)
+        n += len(data)
+    served.results["echoed"] = n
+
+
+def recv_prefix(sock: socket.socket) -> tuple[int, str, str]:
+    """Read until EOF or reset: (bytes, SHA-256 hex, "eof" or "reset")."""
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    digest = hashlib.sha256()
+    got = 0
+    while True:
+        try:
+            n = sock.recv_into(view)
+        except ConnectionResetError:
+            return got, digest.hexdigest(), "reset"
+        if n == 0:
+            return got, digest.hexdigest(), "eof"
+        digest.update(view[:n])
+        got += n
+
+
+def outcome(sock: socket.socket, timeout: float = 10.0) -> str:
+    """How a connection ends for a reader: "eof", "reset", "timeout" or "data"."""
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(65536)
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        return "timeout"
+    return "eof" if not data else "data"
+
+
+def psk_tls(role: TlsRole, key: bytes = b"k" * 32, mode: TlsMode = TlsMode.PSK,
+            identity: str = "scistream") -> Tls:
+    return Tls(role=role, mode=mode, psk_identity=identity, psk_key=key)
+
+
+def cert_tls(role: TlsRole, certs: Any) -> Tls:
+    if role is TlsRole.SERVER:
+        return Tls(role=role, mode=TlsMode.CERT, cert_file=str(certs.cert), key_file=str(certs.key))
+    return Tls(role=role, mode=TlsMode.CERT, ca_file=str(certs.ca))
+
+
+def tls_pair(engine: EngineBase, target: str, client_tls: Tls, server_tls: Tls, rate: int = 0,
+             prefix: str = "tls") -> str:
+    """Route ``<prefix>-in`` terminates TLS in front of ``target``; ``<prefix>-out`` is plain in
+    and TLS out to it. Returns the plain address a client connects to (like the two gateways)."""
+    inner = engine.add_route(Route(f"{prefix}-in", "127.0.0.1:0", (target,), tls=server_tls))
+    outer = engine.add_route(Route(f"{prefix}-out", "127.0.0.1:0", (inner.bound,), tls=client_tls,
+                                   rate_limit=rate))
+    return outer.bound
+
+
+#: How a test's bytes cross the engine: one plain route, or two routes with a TLS leg between.
+LEG_KINDS = ("plain", "tls-cert", "tls-psk")
+
+
+def build_path(engine: EngineBase, impl: str, kind: str, target: str, certs: Any) -> str:
+    """Routes of ``kind`` in front of ``target``; the address a client connects to."""
+    if kind == "plain":
+        return engine.add_route(Route("plain", "127.0.0.1:0", (target,))).bound
+    if kind == "tls-cert":
+        return tls_pair(engine, target, cert_tls(TlsRole.CLIENT, certs), cert_tls(TlsRole.SERVER, certs))
+    if impl != "native":
+        pytest.skip("TLS PSK needs the native engine")
+    return tls_pair(engine, target, psk_tls(TlsRole.CLIENT), psk_tls(TlsRole.SERVER))
+
+
+def error_count(engine: EngineBase, kind: str) -> int:
+    return sum(r.errors.get(kind, 0) for r in engine.stats().routes.values())
+
+
+ServerFactory = Callable[..., StreamServer]
+
+
+def duplex_server(stream_server: ServerFactory, per_conn: int,
+                  host: str = "127.0.0.1") -> StreamServer:
+    """Each connection: send a distinct stream B while reading stream A to EOF."""
+    seeds = itertools.count(1000)
+    lock = threading.Lock()
+
+    def handler(sock: socket.socket, served: Served) -> None:
+        with lock:
+            seed = next(seeds)
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(send_stream, sock, per_conn, seed)
+            served.results["got"] = recv_stream(sock)
+            served.results["sent"] = sent.result(timeout=600)
+
+    return stream_server(handler, host)
+
+
+def run_duplex_clients(bound: str, n: int, per_conn: int) -> list[tuple[str, tuple[int, str]]]:
+    """n clients each send a distinct stream A and read stream B; returns (sent A, got B)."""
+
+    def one(i: int) -> tuple[str, tuple[int, str]]:
+        with connect(bound, timeout=120) as sock, ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(send_stream, sock, per_conn, i + 1)
+            got = recv_stream(sock)
+            return sent.result(timeout=600), got
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def check_duplex(server: StreamServer, clients: list[tuple[str, tuple[int, str]]], per_conn: int) -> None:
+    served = server.wait_served(len(clients), timeout=120)
+    for s in served:
+        assert s.error is None, f"server side failed: {s.error!r}"
+    # Distinct seeds make every stream's digest unique, so equal multisets mean
+    # every stream arrived whole, in order, on its own connection.
+    assert all(got[0] == per_conn for _, got in clients)
+    assert all(s.results["got"][0] == per_conn for s in served)
+    assert sorted(a for a, _ in clients) == sorted(s.results["got"][1] for s in served)
+    assert sorted(b[1] for _, b in clients) == sorted(s.results["sent"] for s in served)
