@@ -1,0 +1,298 @@
+"""Helpers of the s2ds and native-backend tests: a daemon launcher, an echo server, SHA-256 streams."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scistream.dataplane import native_available
+from scistream.endpoints import parse_endpoint
+from scistream.s2ds.server import probe
+
+S2DS = [sys.executable, "-m", "scistream.s2ds"]
+
+
+def need_native(what: str) -> None:
+    """Skip a test that needs the native engine, or fail under SCISTREAM_REQUIRE_NATIVE=1."""
+    if native_available():
+        return
+    if os.environ.get("SCISTREAM_REQUIRE_NATIVE") == "1":
+        pytest.fail(f"SCISTREAM_REQUIRE_NATIVE=1 but the native engine is not built ({what})")
+    pytest.skip(f"{what} needs the native engine (TLS PSK), which is not built")
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """Terminate (then kill) and reap one process we started."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout)
+
+
+class Daemon:
+    """One `s2ds serve` subprocess with its own state dir; stopped by pid at teardown."""
+
+    def __init__(self, state_dir: Path, *args: str, address: str | None = None) -> None:
+        self.state_dir = state_dir
+        self.address = address or f"ipc://{state_dir / 's2ds.sock'}"
+        self.log_path = state_dir / f"s2ds-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ, SCISTREAM_STATE_DIR=str(state_dir))
+        self.proc = subprocess.Popen(
+            [*S2DS, "serve", "--control", self.address, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def wait_ready(self, timeout: float = 20.0, **probe_kwargs: Any) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"s2ds exited ({self.proc.returncode}): {self.log()}")
+            return probe(self.address, 0.3, **probe_kwargs)
+
+        info = wait_for(ready, timeout)
+        assert info, f"s2ds did not answer within {timeout} s: {self.log()}"
+        return info
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self._log.close()
+
+
+class EchoServer:
+    """A TCP server that echoes every connection until EOF, then half-closes it."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_server((host, 0))
+        self.address = f"{host}:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self._stop = False
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._conns.append(conn)
+            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.close()
+
+
+def connect(endpoint: str, timeout: float = 10.0) -> socket.socket:
+    host, port = parse_endpoint(endpoint)
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def echo_roundtrip(
+    endpoint: str,
+    total: int,
+    *,
+    chunk: int = 1 << 16,
+    pace: float = 0.0,
+    on_first_echo: Callable[[], None] | None = None,
+    timeout: float = 30.0,
+) -> tuple[str, str, int]:
+    """Send ``total`` random bytes through ``endpoint`` to an echo server.
+
+    Returns (sha256 sent, sha256 received, bytes received). ``pace`` sleeps
+    between chunks so a stream stays in flight for a while.
+    """
+    data = os.urandom(total)
+    sent_sha = hashlib.sha256(data).hexdigest()
+    sock = connect(endpoint, timeout)
+    got = hashlib.sha256()
+    received = 0
+    errors: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            view = memoryview(data)
+            for i in range(0, total, chunk):
+                sock.sendall(view[i : i + chunk])
+                if pace:
+                    time.sleep(pace)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    try:
+        while buf := sock.recv(1 << 16):
+            if received == 0 and on_first_echo is not None:
+                on_first_echo()
+            got.update(buf)
+            received += len(buf)
+    finally:
+        t.join(timeout)
+        sock.close()
+    assert not errors, f"sending failed: {errors[0]}"
+    return sent_sha, got.hexdigest(), received
+
+
+def refused(endpoint: str) -> bool:
+    """True if a new connection to ``endpoint`` is refused, or closed before any byte passes."""
+    try:
+        sock = connect(endpoint, timeout=2.0)
+    except OSError:
+        return True
+    with sock:
+        sock.settimeout(2.0)
+        try:
+            sock.sendall(b"ping")
+            return sock.recv(16) == b""
+        except OSError:
+            return True
+
+
+@contextlib.contextmanager
+def echo_server(host: str = "127.0.0.1") -> Iterator[EchoServer]:
+    srv = EchoServer(host)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def make_certs(out: Path) -> tuple[Path, Path, Path]:
+    """(ca, cert, key) PEM files: a CA and a server certificate for 127.0.0.1 / localhost."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "s2ds test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    paths = (out / "ca.pem", out / "cert.pem", out / "key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    paths[2].chmod(0o600)
+    return paths
+
+
+class Forward:
+    """One `s2ds forward` subprocess; ``bound`` is parsed from its first stdout line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*S2DS, "forward", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: list[str] = []
+        self.stderr = ""
+        first = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not first.startswith("listening on "):
+            stop(self.proc)
+            raise AssertionError(
+                f"s2ds forward did not start: {first!r} {self.proc.stderr.read() if self.proc.stderr else ''}"
+            )
+        self.bound = first.split()[2]
+        self.lines.append(first)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def finish(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            stop(self.proc)
+            self.stderr = self.proc.stderr.read() if self.proc.stderr else ""
+            self._reader.join(2)
+        return code

@@ -1,0 +1,152 @@
+"""s2ds forward: the standalone forwarder end to end (plain, TLS cert, TLS PSK pair), and its input errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from s2ds_support import S2DS, Forward, echo_roundtrip, echo_server, make_certs, need_native, stop, wait_for
+
+MiB = 1 << 20
+
+
+def test_plain_forward_with_stats() -> None:
+    with echo_server() as echo:
+        fwd = Forward("--listen", "127.0.0.1:0", "--to", echo.address, "--stats", "--stats-interval", "0.2")
+        try:
+            sent, got, n = echo_roundtrip(fwd.bound, 2 * MiB + 3)
+            assert (got, n) == (sent, 2 * MiB + 3)
+            assert wait_for(lambda: any("2.10 MB" in line for line in fwd.lines[1:]), 5), fwd.lines
+        finally:
+            code = fwd.finish()
+        assert code == 0, fwd.stderr
+        assert "Traceback" not in fwd.stderr
+
+
+def test_forward_round_robin_and_rate_option() -> None:
+    with echo_server() as a, echo_server() as b:
+        fwd = Forward("--listen", "127.0.0.1:0", "--to", f"{a.address},{b.address}", "--rate", "1Gbit")
+        try:
+            assert "125000000 B/s" in fwd.lines[0]
+            for _ in range(4):
+                sent, got, _n = echo_roundtrip(fwd.bound, 4096)
+                assert got == sent
+            assert (a.connections, b.connections) == (2, 2)
+        finally:
+            assert fwd.finish() == 0
+
+
+def test_forward_tls_cert_pair(tmp_path: Path) -> None:
+    ca, cert, key = make_certs(tmp_path)
+    with echo_server() as echo:
+        server = Forward(
+            "--listen",
+            "127.0.0.1:0",
+            "--to",
+            echo.address,
+            "--tls",
+            "server",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+        )
+        try:
+            client = Forward(
+                "--listen",
+                "127.0.0.1:0",
+                "--to",
+                server.bound,
+                "--tls",
+                "client",
+                "--ca",
+                str(ca),
+                "--server-name",
+                "localhost",
+            )
+            try:
+                sent, got, n = echo_roundtrip(client.bound, MiB + 1)
+                assert (got, n) == (sent, MiB + 1)
+            finally:
+                assert client.finish() == 0, client.stderr
+        finally:
+            assert server.finish() == 0, server.stderr
+
+
+@pytest.mark.parametrize("mode", ["psk-file", "uid"])
+def test_forward_tls_psk_pair(tmp_path: Path, mode: str) -> None:
+    need_native("a TLS PSK forwarder pair")
+    if mode == "psk-file":
+        psk = tmp_path / "psk.txt"
+        psk.write_text(f"other:{'x' * 32}\nsession1:{os.urandom(24).hex()}\n")
+        psk.chmod(0o600)
+        tls_args = ["--psk-file", str(psk), "--psk-identity", "session1"]
+    else:
+        tls_args = ["--psk-from-uid", str(uuid.uuid4())]
+    with echo_server() as echo:
+        server = Forward("--listen", "127.0.0.1:0", "--to", echo.address, "--tls", "server", *tls_args)
+        try:
+            client = Forward("--listen", "127.0.0.1:0", "--to", server.bound, "--tls", "client", *tls_args)
+            try:
+                sent, got, n = echo_roundtrip(client.bound, 2 * MiB + 5)
+                assert (got, n) == (sent, 2 * MiB + 5)
+            finally:
+                assert client.finish() == 0, client.stderr
+        finally:
+            assert server.finish() == 0, server.stderr
+    for text in (client.stderr, server.stderr):
+        assert "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--listen", "nowhere", "--to", "127.0.0.1:9"], "not of the form host:port"),
+        (["--listen", "127.0.0.1:0", "--to", "127.0.0.1:99999"], "out of range"),
+        (["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--rate", "fast"], "not a rate"),
+        (
+            [
+                "--listen",
+                "127.0.0.1:0",
+                "--to",
+                "127.0.0.1:9",
+                "--tls",
+                "server",
+                "--psk-file",
+                "/nonexistent/psk",
+            ],
+            "cannot read PSK file",
+        ),
+        (["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--psk-from-uid", "abc"], "need --tls"),
+        (["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--workers", "-1"], "must not be negative"),
+        (["--listen", "127.0.0.1:0"], "--to"),
+    ],
+)
+def test_forward_bad_input(args: list[str], needle: str) -> None:
+    out = subprocess.run([*S2DS, "forward", *args], check=False, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2, out
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert needle in out.stderr and out.stderr.startswith("s2ds: error:")
+
+
+def test_forward_address_in_use_is_one_line() -> None:
+    with echo_server() as echo:
+        fwd = Forward("--listen", "127.0.0.1:0", "--to", echo.address)
+        try:
+            out = subprocess.run(
+                [*S2DS, "forward", "--listen", fwd.bound, "--to", echo.address],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            errors = [ln for ln in out.stderr.splitlines() if "error" in ln.lower()]
+            assert out.returncode == 1 and len(errors) == 1, out.stderr
+            assert errors[0].startswith("s2ds: error:") and "in use" in errors[0]
+            assert "Traceback" not in out.stderr
+        finally:
+            assert fwd.finish() == 0
+            stop(fwd.proc)
