@@ -1,0 +1,165 @@
+"""Route life cycle while streaming: retarget, remove with and without drain, engine drain,
+command errors and per-connection stats."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from dputil import (
+    MiB,
+    Served,
+    ServerFactory,
+    check_duplex,
+    connect,
+    duplex_server,
+    echo_handler,
+    outcome,
+    pattern_block,
+    pattern_digest,
+    recv_stream,
+    run_duplex_clients,
+    send_stream,
+    wait_for,
+)
+
+from scistream.dataplane import (
+    ERROR_KINDS,
+    AddressInUse,
+    EngineBase,
+    InvalidRoute,
+    Route,
+    RouteExists,
+    RouteNotFound,
+)
+from scistream.endpoints import parse_endpoint
+
+HALF = 4 * MiB
+
+
+def gated_server(stream_server: ServerFactory, gate: threading.Event) -> tuple[str, list[Served]]:
+    """Sends HALF bytes, waits for ``gate``, sends HALF more, then FIN: a stream we can hold
+    in mid-flight while the test changes the route."""
+
+    def handler(sock: socket.socket, served: Served) -> None:
+        send_stream(sock, HALF, 21, shutdown=False)
+        served.results["first_half_sent"] = True
+        gate.wait(30)
+        # The second half continues the same pattern, so the whole is one stream of 2*HALF.
+        block = pattern_block(21)
+        for i in range(HALF // MiB, 2 * HALF // MiB):
+            struct.pack_into("<Q", block, 0, i)
+            sock.sendall(block)
+        sock.shutdown(socket.SHUT_WR)
+        served.results["rest"] = recv_stream(sock)
+
+    server = stream_server(handler)
+    return server.address, server.served
+
+
+def test_retarget_while_streaming(engine: EngineBase, stream_server: ServerFactory) -> None:
+    gate = threading.Event()
+    old, _ = gated_server(stream_server, gate)
+    new = duplex_server(stream_server, 1 * MiB)
+    info = engine.add_route(Route("rt", "127.0.0.1:0", (old,)))
+    with connect(info.bound, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+        c.shutdown(socket.SHUT_WR)
+        got = pool.submit(recv_stream, c)
+        assert wait_for(lambda: engine.stats("rt").routes["rt"].bytes_from_target >= HALF)
+        engine.retarget("rt", [new.address])
+        assert engine.stats("rt").routes["rt"].targets == (new.address,)
+        assert [r.route.targets for r in engine.routes()] == [(new.address,)]
+        check_duplex(new, run_duplex_clients(info.bound, 1, 1 * MiB), 1 * MiB)  # new connection: new target
+        gate.set()
+        assert got.result(timeout=30) == (2 * HALF, pattern_digest(2 * HALF, 21))  # old one kept streaming
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_remove_route_while_streaming(engine: EngineBase, stream_server: ServerFactory, drain: bool) -> None:
+    gate = threading.Event()
+    target, _ = gated_server(stream_server, gate)
+    info = engine.add_route(Route("rm", "127.0.0.1:0", (target,)))
+    host, port = parse_endpoint(info.bound)
+    with connect(info.bound, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+        c.shutdown(socket.SHUT_WR)
+        if drain:
+            got = pool.submit(recv_stream, c)
+        assert wait_for(lambda: engine.stats("rm").routes["rm"].bytes_from_target >= HALF)
+        engine.remove_route("rm", drain=drain)
+        assert engine.routes() == []
+        with pytest.raises(RouteNotFound):
+            engine.stats("rm")
+        with pytest.raises(ConnectionRefusedError):  # the listener is closed at once
+            socket.create_connection((host, port), timeout=5).close()
+        if drain:
+            gate.set()
+            assert got.result(timeout=30) == (2 * HALF, pattern_digest(2 * HALF, 21))
+        else:
+            # Closed now: whatever was in flight may still arrive, then the end.
+            c.settimeout(10)
+            ends = "data"
+            while ends == "data":
+                ends = outcome(c, timeout=10)
+            assert ends in ("eof", "reset")
+            gate.set()
+    assert wait_for(lambda: engine.resource_counts().connections in (0, -1), 10), engine.resource_counts()
+
+
+def test_drain(engine: EngineBase, stream_server: ServerFactory) -> None:
+    gate = threading.Event()
+    target, _ = gated_server(stream_server, gate)
+    info = engine.add_route(Route("dr", "127.0.0.1:0", (target,)))
+    host, port = parse_endpoint(info.bound)
+    with connect(info.bound, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+        c.shutdown(socket.SHUT_WR)
+        got = pool.submit(recv_stream, c)
+        assert wait_for(lambda: engine.stats("dr").routes["dr"].bytes_from_target >= HALF)
+        assert engine.drain(timeout=0.3) is False  # one stream still running
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, port), timeout=5).close()
+        gate.set()
+        assert engine.drain(timeout=20) is True
+        assert got.result(timeout=30) == (2 * HALF, pattern_digest(2 * HALF, 21))
+
+
+def test_command_errors(engine: EngineBase, stream_server: ServerFactory) -> None:
+    server = stream_server(echo_handler)
+    info = engine.add_route(Route("a", "127.0.0.1:0", (server.address,)))
+    with pytest.raises(RouteExists):
+        engine.add_route(Route("a", "127.0.0.1:0", (server.address,)))
+    with pytest.raises(AddressInUse):
+        engine.add_route(Route("b", info.bound, (server.address,)))
+    for call in (lambda: engine.remove_route("nope"), lambda: engine.retarget("nope", [server.address]),
+                 lambda: engine.stats("nope")):
+        with pytest.raises(RouteNotFound):
+            call()
+    with pytest.raises(ValueError):
+        engine.retarget("a", ["not an endpoint"])
+    with pytest.raises(InvalidRoute):
+        Route("c", "127.0.0.1:0", ())
+    assert [r.route.route_id for r in engine.routes()] == ["a"]
+    with connect(info.bound) as c:  # the failed commands left the route working
+        c.sendall(b"still here")
+        assert c.recv(32) == b"still here"
+
+
+def test_connection_stats(engine: EngineBase, stream_server: ServerFactory) -> None:
+    server = stream_server(echo_handler)
+    info = engine.add_route(Route("s", "127.0.0.1:0", (server.address,), labels={"uid": "u1"}))
+    with connect(info.bound) as c:
+        c.sendall(b"x" * 1000)
+        got = b""
+        while len(got) < 1000:
+            got += c.recv(1000)
+        st = wait_for(lambda: (r := engine.stats("s", connections=True).routes["s"]).connections and r)
+        assert st.connections_active == 1
+        assert st.labels == {"uid": "u1"}
+        (conn,) = st.connections
+        assert conn.target == server.address
+        assert conn.peer == f"127.0.0.1:{c.getsockname()[1]}"
+        assert conn.bytes_to_target == conn.bytes_from_target == 1000
+        assert set(st.errors) <= set(ERROR_KINDS)
+    assert engine.stats().engine in ("pure", "native")
