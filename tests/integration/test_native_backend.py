@@ -1,0 +1,235 @@
+"""The native backend against a real s2ds it spawns: apply / usage / remove, restarts, TLS pairs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from s2ds_support import connect, echo_roundtrip, echo_server, need_native, refused, wait_for
+
+from scistream.s2cs.backends import create_backend
+from scistream.s2cs.backends.base import BackendError, BackendOptions, RoutePlan, SessionPlan
+from scistream.s2cs.backends.native import NativeBackend, stop_spawned_s2ds
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def state_dirs() -> Iterator[list[Path]]:
+    """Two s2cs state dirs (two gateway nodes); every s2ds spawned in them is stopped by pid."""
+    dirs = [Path(tempfile.mkdtemp(prefix="s2cs-")) for _ in range(2)]
+    try:
+        yield dirs
+    finally:
+        for d in dirs:
+            stop_spawned_s2ds(str(d))
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(n)]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def options(state: Path, **kw: object) -> BackendOptions:
+    return BackendOptions(state_dir=str(state), listener_ip="127.0.0.1", **kw)  # type: ignore[arg-type]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_apply_usage_restart_remove(state_dirs: list[Path]) -> None:
+    state = state_dirs[0]
+    uid = str(uuid.uuid4())
+    with echo_server() as e1, echo_server() as e2:
+        p0, p1 = free_ports(2)
+        plan = SessionPlan(
+            uid=uid,
+            role="PROD",
+            security="plain",
+            routes=(
+                RoutePlan(f"{uid}/0", f"127.0.0.1:{p0}", e1.address),
+                RoutePlan(f"{uid}/1", f"127.0.0.1:{p1}", e2.address),
+            ),
+        )
+
+        async def first_life() -> int:
+            b = create_backend("Native", options(state))
+            assert isinstance(b, NativeBackend)
+            await b.start()
+            pid = int((state / "s2ds.pid").read_text())
+            assert (state / "s2ds.pid").stat().st_mode & 0o777 == 0o600
+            await b.apply(plan)
+            for port in (p0, p1):
+                sent, got, n = await asyncio.to_thread(echo_roundtrip, f"127.0.0.1:{port}", MiB + port % 7)
+                assert (got, n) == (sent, MiB + port % 7)
+            usage = await b.usage(uid)
+            expected = 2 * MiB + p0 % 7 + p1 % 7
+            assert usage.bytes_to_target == expected and usage.connections_total == 2
+            assert await b.running_sessions() == {uid}
+
+            # A stream held open survives re-applying the same plan (nothing is recreated).
+            held = connect(f"127.0.0.1:{p0}")
+            held.sendall(b"a")
+            assert held.recv(1) == b"a"
+            await b.apply(plan)
+            usage = await b.usage(uid)
+            assert usage.connections_active == 1 and len(usage.connections) == 1
+            assert usage.connections[0].listener == f"127.0.0.1:{p0}"
+            held.sendall(b"b")
+            assert held.recv(1) == b"b"
+
+            # Only the target changed: the route is retargeted, the held stream keeps going.
+            moved = SessionPlan(
+                uid=uid,
+                role="PROD",
+                security="plain",
+                routes=(RoutePlan(f"{uid}/0", f"127.0.0.1:{p0}", e2.address), plan.routes[1]),
+            )
+            before = e2.connections
+            await b.apply(moved)
+            sent, got, _ = await asyncio.to_thread(echo_roundtrip, f"127.0.0.1:{p0}", 1000)
+            assert got == sent and e2.connections == before + 1
+            held.sendall(b"c")
+            assert held.recv(1) == b"c"
+            held.close()
+
+            # One route fewer: the dropped one stops listening.
+            await b.apply(SessionPlan(uid=uid, role="PROD", security="plain", routes=moved.routes[:1]))
+            assert await asyncio.to_thread(refused, f"127.0.0.1:{p1}")
+            await b.close()  # leaves s2ds (and the session) running
+            return pid
+
+        pid = asyncio.run(first_life())
+        assert pid_alive(pid)
+        sent, got, _ = echo_roundtrip(f"127.0.0.1:{p0}", 4096)  # streams outlive the control server
+        assert got == sent
+
+        async def second_life() -> None:
+            b = NativeBackend(options(state))
+            await b.start()  # finds the running daemon instead of spawning one
+            assert int((state / "s2ds.pid").read_text()) == pid
+            assert await b.running_sessions() == {uid}
+            await b.remove(uid, drain=True)
+            await b.remove(uid)  # no session: no error
+            assert await b.running_sessions() == set()
+            assert (await b.usage(uid)).bytes_to_target is None
+            await b.close()
+
+        asyncio.run(second_life())
+        assert refused(f"127.0.0.1:{p0}")
+    assert stop_spawned_s2ds(str(state)) is True
+    assert not pid_alive(pid)
+    assert not (state / "s2ds.pid").exists()
+
+
+def test_apply_is_all_or_nothing_and_rate_is_split(state_dirs: list[Path]) -> None:
+    state = state_dirs[0]
+    uid = str(uuid.uuid4())
+    with echo_server() as echo, socket.create_server(("127.0.0.1", 0)) as taken:
+        (p0,) = free_ports(1)
+        busy = taken.getsockname()[1]
+        bad = SessionPlan(
+            uid=uid,
+            role="CONS",
+            security="plain",
+            rate_limit=1000,
+            routes=(
+                RoutePlan(f"{uid}/0", f"127.0.0.1:{p0}", echo.address),
+                RoutePlan(f"{uid}/1", f"127.0.0.1:{busy}", echo.address),
+            ),
+        )
+
+        async def run() -> None:
+            b = NativeBackend(options(state))
+            await b.start()
+            with pytest.raises(BackendError, match="in use"):
+                await b.apply(bad)
+            assert await b.running_sessions() == set()  # route 0 was taken back
+            good = SessionPlan(
+                uid=uid,
+                role="CONS",
+                security="plain",
+                rate_limit=1000,
+                routes=(*bad.routes[:1], RoutePlan(f"{uid}/1", "127.0.0.1:0", echo.address)),
+            )
+            await b.apply(good)
+            infos = {i.route.route_id: i.route for i in await b.client.routes()}
+            assert {r.rate_limit for r in infos.values()} == {500}
+            assert all(dict(r.labels) == {"uid": uid, "role": "CONS"} for r in infos.values())
+            await b.remove(uid)
+            await b.close()
+
+        asyncio.run(run())
+
+
+def test_no_spawn_reports_missing_daemon(state_dirs: list[Path]) -> None:
+    async def run() -> None:
+        b = NativeBackend(options(state_dirs[0], spawn_s2ds=False))
+        with pytest.raises(BackendError, match="no s2ds answers"):
+            await b.start()
+
+    asyncio.run(run())
+    assert not (state_dirs[0] / "s2ds.pid").exists()
+
+
+@pytest.mark.parametrize("security", ["tls", "compat"])
+def test_tls_session_pair(state_dirs: list[Path], security: str) -> None:
+    """A PROD gateway and a CONS gateway (two s2ds) carry a stream over a PSK TLS leg."""
+    need_native("a TLS session between two gateways")
+    uid = str(uuid.uuid4())
+    key = os.urandom(32) if security == "tls" else b""
+    identity = uid if security == "tls" else "client1"
+    with echo_server() as producer:
+        prod_port, cons_port = free_ports(2)
+        prod = SessionPlan(
+            uid=uid,
+            role="PROD",
+            security=security,
+            psk_identity=identity,
+            psk_key=key,  # type: ignore[arg-type]
+            routes=(RoutePlan(f"{uid}/0", f"127.0.0.1:{prod_port}", producer.address),),
+        )
+        cons = SessionPlan(
+            uid=uid,
+            role="CONS",
+            security=security,
+            psk_identity=identity,
+            psk_key=key,  # type: ignore[arg-type]
+            routes=(RoutePlan(f"{uid}/0", f"127.0.0.1:{cons_port}", f"127.0.0.1:{prod_port}"),),
+        )
+
+        async def run() -> None:
+            bp, bc = NativeBackend(options(state_dirs[0])), NativeBackend(options(state_dirs[1]))
+            await bp.start()
+            await bc.start()
+            await bp.apply(prod)
+            await bc.apply(cons)
+            await bc.apply(cons)  # idempotent with a key s2ds never echoes
+            sent, got, n = await asyncio.to_thread(echo_roundtrip, f"127.0.0.1:{cons_port}", 2 * MiB)
+            assert (got, n) == (sent, 2 * MiB)
+            assert (await bp.usage(uid)).bytes_to_target == 2 * MiB
+            for b in (bp, bc):
+                await b.remove(uid)
+                await b.close()
+
+        asyncio.run(run())
+    if key:
+        for d in state_dirs:
+            assert wait_for(lambda d=d: (d / "s2ds.log").exists())
+            assert key.hex() not in (d / "s2ds.log").read_text()
