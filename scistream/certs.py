@@ -1,0 +1,263 @@
+"""Certificates for the s2cs control channel, without openssl incantations.
+
+Two shapes: a self-signed server certificate (what the 1.x tutorials make with
+``openssl req -x509 ... -addext subjectAltName=IP:...``; clients pin the file
+itself) and a small CA plus a leaf it signs (clients pin the CA). Keys are
+written mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+@dataclass(frozen=True)
+class CaAndLeaf:
+    ca_cert: Path
+    ca_key: Path
+    cert: Path
+    key: Path
+
+
+def _new_key(key_type: str) -> PrivateKey:
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if key_type == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise ValueError(f"key type {key_type!r} is not 'ec' or 'rsa'")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Create with 0600 from the start: never a window where the key is readable.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _write_key(path: Path, key: PrivateKey) -> None:
+    _write_private(
+        path,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.chmod(0o644)
+
+
+def _sans(ip_addresses: list[str], dns_names: list[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for ip in ip_addresses:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise ValueError(f"{ip!r} is not an IP address") from None
+    names.extend(x509.DNSName(name) for name in dns_names)
+    if not names:
+        raise ValueError("a server certificate needs at least one IP address or DNS name")
+    return names
+
+
+def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
+    now = dt.datetime.now(dt.UTC)
+    # Backdate a little: peers with a slightly slow clock must accept it too.
+    return now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+
+
+def _leaf(
+    subject_cn: str,
+    key: PrivateKey,
+    *,
+    issuer: x509.Name,
+    issuer_key: PrivateKey,
+    sans: list[x509.GeneralName],
+    days: int,
+    self_signed: bool,
+) -> x509.Certificate:
+    not_before, not_after = _validity(days)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject if self_signed else issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        # A self-signed server cert is its own trust anchor when pinned, so it must
+        # be allowed to act as one (OpenSSL refuses CA:FALSE roots for verification).
+        .add_extension(x509.BasicConstraints(ca=self_signed, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if not self_signed:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_self_signed(
+    directory: str | os.PathLike[str],
+    ip_addresses: list[str] | None = None,
+    dns_names: list[str] | None = None,
+    *,
+    name: str = "server",
+    common_name: str | None = None,
+    days: int = 365,
+    key_type: str = "ec",
+) -> tuple[Path, Path]:
+    """Write ``<name>.crt`` and ``<name>.key`` (0600) into ``directory``; return their paths."""
+    ips, dns = list(ip_addresses or []), list(dns_names or [])
+    sans = _sans(ips, dns)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    key = _new_key(key_type)
+    cn = common_name or (ips[0] if ips else dns[0])
+    cert = _leaf(cn, key, issuer=x509.Name([]), issuer_key=key, sans=sans, days=days, self_signed=True)
+    cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return cert_path, key_path
+
+
+def make_ca_and_leaf(
+    directory: str | os.PathLike[str],
+    ip_addresses: list[str] | None = None,
+    dns_names: list[str] | None = None,
+    *,
+    name: str = "server",
+    ca_name: str = "ca",
+    common_name: str | None = None,
+    days: int = 365,
+    key_type: str = "ec",
+) -> CaAndLeaf:
+    """A CA (``ca.crt``/``ca.key``) and a server leaf it signs (``server.crt``/``server.key``)."""
+    ips, dns = list(ip_addresses or []), list(dns_names or [])
+    sans = _sans(ips, dns)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    ca_key = _new_key(key_type)
+    ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "SciStream control CA")])
+    not_before, not_after = _validity(days)
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_subject)
+        .issuer_name(ca_subject)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = _new_key(key_type)
+    cn = common_name or (ips[0] if ips else dns[0])
+    leaf = _leaf(cn, key, issuer=ca_subject, issuer_key=ca_key, sans=sans, days=days, self_signed=False)
+    paths = CaAndLeaf(
+        out / f"{ca_name}.crt", out / f"{ca_name}.key", out / f"{name}.crt", out / f"{name}.key"
+    )
+    _write_key(paths.ca_key, ca_key)
+    _write_cert(paths.ca_cert, ca_cert)
+    _write_key(paths.key, key)
+    _write_cert(paths.cert, leaf)
+    return paths
+
+
+@click.command("certs")
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory to write the files into.",
+)
+@click.option("--ip", "ips", multiple=True, help="IP address the s2cs is reached at (repeatable, or a,b).")
+@click.option("--dns", "dns", multiple=True, help="DNS name the s2cs is reached at (repeatable, or a,b).")
+@click.option("--name", default="server", show_default=True, help="File stem: NAME.crt / NAME.key.")
+@click.option("--ca", "with_ca", is_flag=True, help="Also make a CA and sign the server certificate with it.")
+@click.option("--days", default=365, show_default=True, type=click.IntRange(1, 36500))
+@click.option(
+    "--key-type", "--key_type", "key_type", type=click.Choice(["ec", "rsa"]), default="ec", show_default=True
+)
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def certs(
+    *,
+    out: str,
+    ips: tuple[str, ...],
+    dns: tuple[str, ...],
+    name: str,
+    with_ca: bool,
+    days: int,
+    key_type: str,
+    force: bool,
+) -> None:
+    """Make the s2cs control-channel certificate (self-signed, or --ca for CA + leaf).
+
+    Without --ip/--dns it covers 127.0.0.1 and localhost. Give s2cs NAME.crt and
+    NAME.key (--server_crt/--server_key) and clients the certificate to pin
+    (--server_cert NAME.crt, or ca.crt with --ca).
+    """
+    ip_list = [p.strip() for v in ips for p in v.split(",") if p.strip()]
+    dns_list = [p.strip() for v in dns for p in v.split(",") if p.strip()]
+    if not ip_list and not dns_list:
+        ip_list, dns_list = ["127.0.0.1"], ["localhost"]
+    target = Path(out)
+    names = [f"{name}.crt", f"{name}.key"] + (["ca.crt", "ca.key"] if with_ca else [])
+    existing = [n for n in names if (target / n).exists()]
+    if existing and not force:
+        raise click.ClickException(f"{target / existing[0]} exists; use --force to overwrite")
+    try:
+        if with_ca:
+            made = make_ca_and_leaf(target, ip_list, dns_list, name=name, days=days, key_type=key_type)
+            click.echo(f"CA certificate:     {made.ca_cert} (clients: --server_cert {made.ca_cert})")
+            click.echo(f"CA key:             {made.ca_key} (keep offline)")
+            click.echo(f"server certificate: {made.cert}")
+            click.echo(f"server key:         {made.key}")
+        else:
+            cert_path, key_path = make_self_signed(
+                target, ip_list, dns_list, name=name, days=days, key_type=key_type
+            )
+            click.echo(f"server certificate: {cert_path} (s2cs --server_crt, clients --server_cert)")
+            click.echo(f"server key:         {key_path} (s2cs --server_key)")
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"subjectAltName:     {', '.join([f'IP:{i}' for i in ip_list] + [f'DNS:{d}' for d in dns_list])}"
+    )

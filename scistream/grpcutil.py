@@ -1,0 +1,203 @@
+"""Client-side gRPC helpers shared by s2uc and appctrl.
+
+Channels pin the s2cs certificate file as the only trust root (the 1.x
+``--server_cert`` semantics), every call carries a deadline, and every gRPC
+failure becomes a :class:`ControlError`: one human sentence plus an exit code,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from scistream.endpoints import InvalidEndpoint, parse_endpoint
+
+INVALID_TOKEN = "INVALID_TOKEN"
+# 1.2.1 holds a req open until the hello arrives, for up to 180 s.
+REQ_DEADLINE_S = 190.0
+CALL_DEADLINE_S = 15.0
+
+
+class ExitCode(enum.IntEnum):
+    """Distinct exit codes so scripts can tell failures apart (2 is click's usage error)."""
+
+    FAILURE = 1
+    USAGE = 2
+    UNREACHABLE = 3
+    AUTH = 4
+    NOT_FOUND = 5
+    UNSUPPORTED = 6
+    TIMEOUT = 7
+
+
+class ControlError(Exception):
+    """A failure to report to the user as one line."""
+
+    def __init__(self, message: str, exit_code: int = ExitCode.FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = int(exit_code)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check_address(address: str) -> str:
+    """Validate a ``host:port`` s2cs address; gRPC would otherwise fail obscurely."""
+    try:
+        parse_endpoint(address)
+    except InvalidEndpoint as exc:
+        raise ControlError(f"s2cs address: {exc}", ExitCode.USAGE) from None
+    return address
+
+
+def _read_cert(server_cert: str | os.PathLike[str]) -> bytes:
+    path = Path(server_cert)
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        raise ControlError(
+            f"server certificate {str(path)!r} not found: give the s2cs certificate with --server_cert, "
+            "or --no-ssl for a plaintext s2cs",
+            ExitCode.USAGE,
+        ) from None
+    except OSError as exc:
+        raise ControlError(
+            f"cannot read server certificate {str(path)!r}: {exc.strerror}", ExitCode.USAGE
+        ) from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ControlError(f"{str(path)!r} is not a PEM certificate", ExitCode.USAGE)
+    return pem
+
+
+# Keepalives keep long req calls (blocked until hello) alive across idle NAT/firewalls.
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.enable_retries", 0),
+]
+
+
+def channel_credentials(server_cert: str | os.PathLike[str]) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates=_read_cert(server_cert))
+
+
+def open_channel(
+    address: str, *, server_cert: str | os.PathLike[str] | None, ssl: bool = True
+) -> grpc.Channel:
+    """A blocking channel to an s2cs; TLS pinned to ``server_cert`` unless ``ssl`` is False."""
+    check_address(address)
+    if not ssl:
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    if server_cert is None:
+        raise ControlError("TLS needs the s2cs certificate: give --server_cert", ExitCode.USAGE)
+    return grpc.secure_channel(address, channel_credentials(server_cert), options=_CHANNEL_OPTIONS)
+
+
+def open_aio_channel(
+    address: str, *, server_cert: str | os.PathLike[str] | None, ssl: bool = True
+) -> grpc.aio.Channel:
+    """The asyncio twin of :func:`open_channel` (appctrl's library API)."""
+    check_address(address)
+    if not ssl:
+        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    if server_cert is None:
+        raise ControlError("TLS needs the s2cs certificate: give --server_cert", ExitCode.USAGE)
+    return grpc.aio.secure_channel(address, channel_credentials(server_cert), options=_CHANNEL_OPTIONS)
+
+
+def auth_metadata(token: str | None) -> list[tuple[str, str]]:
+    """1.x sends the raw access token, or the literal INVALID_TOKEN when it has none."""
+    return [("authorization", token or INVALID_TOKEN)]
+
+
+_TLS_HINTS = ("ssl", "handshake", "certificate", "tsi_", "peer name", "alpn")
+
+
+def _first_line(text: str | None, limit: int = 300) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe_rpc_error(
+    err: grpc.RpcError, address: str, method: str, *, timeout: float | None = None, ssl: bool = True
+) -> ControlError:
+    """Turn a gRPC failure into one sentence a user can act on."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    detail = _first_line(details)
+    low = (details or "").lower()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if ssl and any(h in low for h in _TLS_HINTS):
+            return ControlError(
+                f"TLS handshake with s2cs at {address} failed: its certificate does not match --server_cert "
+                "(or it does not speak TLS; --no-ssl for a plaintext s2cs)",
+                ExitCode.UNREACHABLE,
+            )
+        if "socket closed" in low or "connection reset" in low or "end of tcp stream" in low:
+            hint = (
+                " (is it a TLS server? drop --no-ssl)"
+                if not ssl
+                else " (is it a plaintext s2cs? try --no-ssl)"
+            )
+            return ControlError(f"s2cs at {address} closed the connection{hint}", ExitCode.UNREACHABLE)
+        return ControlError(
+            f"cannot reach s2cs at {address}: {detail or 'unavailable'}", ExitCode.UNREACHABLE
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        within = f" within {timeout:g} s" if timeout else ""
+        what = "the application's hello did not arrive" if method == "req" else f"{method} did not complete"
+        return ControlError(f"s2cs at {address}: {what}{within}", ExitCode.TIMEOUT)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ControlError(
+            f"s2cs at {address} rejected the credentials: {detail or 'unauthenticated'} "
+            "(log in with `s2uc login --scope <scope>`)",
+            ExitCode.AUTH,
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return ControlError(
+            f"s2cs at {address} refused {method}: {detail or 'permission denied'}", ExitCode.AUTH
+        )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ControlError(f"s2cs at {address}: {detail or 'no such session'}", ExitCode.NOT_FOUND)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return ControlError(
+            f"this s2cs (SciStream 1.x) has no {method} command ({address})", ExitCode.UNSUPPORTED
+        )
+    if code == grpc.StatusCode.CANCELLED:
+        return ControlError(f"{method} to s2cs at {address} was cancelled", ExitCode.FAILURE)
+    label = code.name.lower().replace("_", " ") if isinstance(code, grpc.StatusCode) else "error"
+    return ControlError(f"s2cs at {address} failed {method} ({label}): {detail or 'no details'}")
+
+
+def is_unimplemented(err: BaseException) -> bool:
+    return isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def call(
+    method: Any,
+    request: Any,
+    *,
+    address: str,
+    name: str,
+    token: str | None,
+    timeout: float,
+    ssl: bool = True,
+) -> Any:
+    """Invoke a blocking stub method with a deadline and auth metadata; errors become ControlError."""
+    try:
+        return method(request, timeout=timeout, metadata=auth_metadata(token))
+    except grpc.RpcError as err:
+        raise describe_rpc_error(err, address, name, timeout=timeout, ssl=ssl) from None
+
+
+def split_csv(values: Sequence[str] | str) -> list[str]:
+    """``a,b`` / ``["a,b", "c"]`` -> ``["a", "b", "c"]``: options take lists both ways."""
+    items = [values] if isinstance(values, str) else list(values)
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
