@@ -1,0 +1,212 @@
+/* Structures shared by the engine's translation units (not part of the API). */
+#ifndef SCISTREAM_INTERNAL_H
+#define SCISTREAM_INTERNAL_H
+
+#include <netinet/in.h>
+#include <openssl/ssl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "engine.h"
+
+#define S2_NS 1000000000LL
+
+/* ---- debug resource counters ------------------------------------------ */
+#ifdef SCISTREAM_DEBUG
+#define DBG_ADD(e, field, n) atomic_fetch_add_explicit(&(e)->dbg_##field, (n), memory_order_relaxed)
+#else
+#define DBG_ADD(e, field, n) ((void)(e))
+#endif
+
+/* ---- epoll tags: every epoll data.ptr points at one of these ----------- */
+enum tag_kind { TAG_EVENTFD = 1, TAG_LISTENER = 2, TAG_SIDE = 3 };
+
+/* ---- rate limit (ratelimit.c) ------------------------------------------ */
+struct bucket {
+    uint64_t rate;        /* bytes per second; 0 = unlimited */
+    int64_t burst_ns;     /* credit cap, expressed as time */
+    _Atomic int64_t tat;  /* GCRA "theoretical arrival time" (ns, monotonic) */
+};
+void bucket_init(struct bucket *b, uint64_t rate, int64_t now);
+/* Grant up to want bytes (0 = out of tokens; *wait_ns says when to retry). */
+size_t bucket_take(struct bucket *b, size_t want, int64_t now, int64_t *wait_ns);
+void bucket_refund(struct bucket *b, size_t n);
+
+/* ---- TLS configuration (tls.c) ----------------------------------------- */
+struct tls_conf {
+    int role, mode;
+    char *identity;
+    unsigned char *key;
+    size_t key_len;
+    char *server_name;
+    SSL_CTX *ctx;
+};
+int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, size_t errlen);
+void tls_conf_clear(struct tls_conf *tc);
+SSL *tls_new_ssl(struct tls_conf *tc, int fd);
+
+/* ---- routes ------------------------------------------------------------ */
+struct target {
+    struct sockaddr_storage addr;
+    socklen_t addrlen;      /* 0: did not resolve at add time */
+    char *text;             /* "host:port" as given */
+};
+
+struct targets {
+    struct target *v;
+    int n;
+};
+
+struct route {
+    int kind;               /* TAG_LISTENER: epoll tag for the listening socket */
+    _Atomic int refs;       /* registry + each connection */
+    struct s2_engine *e;
+    char *id;
+    int listen_fd;
+    char bound[80];
+    _Atomic int accepting;
+    pthread_mutex_t tlock;  /* protects targets (taken once per accept) */
+    struct targets tg;
+    _Atomic uint64_t seq;   /* connection k goes to targets[k % n] */
+    struct tls_conf tls;    /* role S2_TLS_NONE: plain */
+    struct bucket bucket;
+    int max_conns;
+    double started_at;
+    _Atomic uint64_t bytes_to, bytes_from, total, key_updates;
+    _Atomic int64_t active;
+    _Atomic uint64_t errors[S2_E_COUNT];
+    struct route *next;     /* registry list (engine->rlock) */
+};
+void route_unref(struct route *r);
+void route_error(struct route *r, int kind);
+
+/* ---- connections ------------------------------------------------------- */
+struct conn;
+struct side {
+    int kind;               /* TAG_SIDE */
+    int fd;
+    SSL *ssl;
+    struct conn *c;
+    int is_target;
+};
+
+struct dir {
+    struct side *src, *dst;
+    int use_pipe;
+    int pipe_r, pipe_w;
+    size_t pipe_bytes, pipe_cap;
+    unsigned char *buf;
+    size_t cap, head, tail;
+    int eof;                /* source finished (FIN or close_notify) */
+    int shut;               /* destination write side closed */
+    uint64_t bytes;
+    uint64_t key_bytes;     /* bytes sent under the current TLS key */
+};
+
+enum conn_state { ST_HANDSHAKE_A, ST_CONNECTING, ST_HANDSHAKE_B, ST_ESTABLISHED, ST_DEAD };
+
+struct worker;
+struct conn {
+    struct worker *w;
+    struct route *r;
+    uint64_t id;
+    int state;
+    struct side a, b;       /* a: accepted client, b: target */
+    struct dir d[2];        /* d[0]: a -> b (to_target), d[1]: b -> a */
+    char peer[80];
+    char *target;           /* "host:port" as given */
+    struct sockaddr_storage taddr;
+    socklen_t taddrlen;
+    double started_at;
+    int64_t deadline;       /* connect/handshake deadline (ns), 0 = none */
+    int64_t rate_wake;      /* when to retry after running out of tokens */
+    int64_t last_active;
+    int resume;             /* fairness bound hit: pump again from the timer scan */
+    struct conn *prev, *next;
+};
+
+/* ---- commands ---------------------------------------------------------- */
+enum cmd_type { CMD_ADD_LISTENER, CMD_DEL_LISTENER, CMD_CLOSE_ROUTE_CONNS, CMD_SNAPSHOT, CMD_STOP };
+
+struct cmd {
+    int type;
+    struct route *route;
+    pthread_mutex_t m;
+    pthread_cond_t cv;
+    int pending;            /* workers that still have to run it */
+    /* CMD_SNAPSHOT output (appended under m) */
+    s2_conn_stats *conns;
+    const struct route **conn_routes;
+    size_t nconns, capconns;
+    int failed;
+};
+
+struct cmd_node {
+    struct cmd *cmd;
+    struct cmd_node *next;
+};
+
+struct worker {
+    struct s2_engine *e;
+    int idx;
+    pthread_t th;
+    int started;
+    int epfd;
+    int evfd_kind;          /* TAG_EVENTFD */
+    int evfd;
+    pthread_mutex_t qlock;
+    struct cmd_node *qhead, *qtail;
+    struct conn *conns;     /* live connections of this worker */
+    struct conn *dead;      /* freed at the end of the event batch */
+    int64_t now;
+    int64_t next_check;     /* earliest timer to look at (ns), INT64_MAX = none */
+    int reserve_fd;         /* released on EMFILE to shed one connection */
+    int stop;
+};
+
+struct log_entry {
+    int level;
+    char msg[240];
+};
+#define S2_LOG_RING 256
+
+struct s2_engine {
+    s2_tuning t;
+    int nworkers;
+    struct worker *w;
+    pthread_mutex_t rlock;  /* route registry, serialises control commands */
+    struct route *routes;
+    _Atomic int64_t active; /* connections alive, all routes */
+    _Atomic uint64_t next_conn_id;
+    _Atomic int congestion_warned;
+    pthread_mutex_t loglock;
+    struct log_entry logs[S2_LOG_RING];
+    unsigned log_head, log_count, log_dropped;
+#ifdef SCISTREAM_DEBUG
+    _Atomic int64_t dbg_fds, dbg_pipes, dbg_ssl, dbg_conns;
+#endif
+};
+
+void s2_log(struct s2_engine *e, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+int64_t mono_ns(void);
+double wall_now(void);
+void format_sockaddr(const struct sockaddr *sa, char *out, size_t outlen);
+
+/* worker.c */
+void *worker_main(void *arg);
+void worker_wake(struct worker *w);
+void worker_post(struct worker *w, struct cmd_node *node);
+
+/* conn.c */
+void conn_accept(struct worker *w, struct route *r, int fd);
+void conn_event(struct side *s, uint32_t events);
+void conn_close(struct conn *c, int reset_a, int reset_b);
+void conn_timers(struct conn *c);
+void conn_free(struct conn *c);
+void conn_set_timer(struct conn *c, int64_t at);
+void sock_tune(struct s2_engine *e, int fd);
+
+#endif
