@@ -310,3 +310,56 @@ def check_duplex(server: StreamServer, clients: list[tuple[str, tuple[int, str]]
     assert all(s.results["got"][0] == per_conn for s in served)
     assert sorted(a for a, _ in clients) == sorted(s.results["got"][1] for s in served)
     assert sorted(b[1] for _, b in clients) == sorted(s.results["sent"] for s in served)
+
+
+class EchoLoop:
+    """A single-threaded epoll echo server: cheap for thousands of connections."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        import selectors
+
+        self.sel = selectors.DefaultSelector()
+        self.lsock = socket.socket()
+        self.lsock.bind((host, 0))
+        self.lsock.listen(4096)
+        self.lsock.setblocking(False)
+        self.address = f"{host}:{self.lsock.getsockname()[1]}"
+        self.sel.register(self.lsock, selectors.EVENT_READ)
+        self.accepted = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import selectors
+
+        while not self.stop.is_set():
+            for key, _ in self.sel.select(0.1):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self.lsock:
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            conn, _ = self.lsock.accept()
+                            conn.setblocking(False)
+                            self.sel.register(conn, selectors.EVENT_READ)
+                            self.accepted += 1
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except (BlockingIOError, ConnectionError):
+                    data = b""
+                if data:
+                    sock.setblocking(True)  # small payloads: a blocking sendall is fine
+                    sock.sendall(data)
+                    sock.setblocking(False)
+                else:
+                    self.sel.unregister(sock)
+                    sock.close()
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        self.sel.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
