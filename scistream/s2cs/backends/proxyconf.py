@@ -35,8 +35,8 @@ DEFAULT_IDLE_TIMEOUT_S = 7 * 24 * 3600
 DEFAULT_CONNECT_TIMEOUT_S = 10
 #: stunnel accepts TLS 1.3 external PSKs only with SHA-256 suites.
 STUNNEL_TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
-#: stunnel refuses PSKs shorter than this many characters.
-STUNNEL_MIN_PSK_CHARS = 16
+#: stunnel refuses PSKs shorter than this many bytes.
+STUNNEL_MIN_PSK_BYTES = 16
 #: HAProxy's best configuration here (BENCHMARKING.md): forced splice, 1 MiB pipes.
 HAPROXY_PIPESIZE = 1 << 20
 #: nginx stream buffer per direction (BENCHMARKING.md: 1 MiB).
@@ -80,18 +80,26 @@ def split_endpoint(text: str) -> tuple[str, int]:
         raise BackendError(str(exc)) from None
 
 
-def render_psk_key(key: bytes) -> str:
-    """The text of a PSK in stunnel's ``identity:key`` file.
+def _is_hex_text(key: bytes) -> bool:
+    return len(key) % 2 == 0 and all(c in b"0123456789abcdefABCDEF" for c in key)
 
-    stunnel uses the text itself as the key bytes, so printable ASCII keys
-    (the 64-hex-character session keys s2cs generates, the 1.x uid keys) are
-    written as they are and every backend derives identical bytes; any other
-    key is written as hex, which then *is* the key stunnel uses.
+
+def render_psk_key(key: bytes, *, compat: bool = False) -> str:
+    """The key text of stunnel's ``identity:key`` line for the key bytes ``key``.
+
+    stunnel 5.68 decodes a key text made only of hex digits as hex (it uses
+    any other text as raw bytes). So the text is ``key.hex()``: stunnel then
+    uses exactly ``key``, the bytes the native engine and the peer gateway use.
+
+    1.x interop (``compat``): a 1.x gateway writes ``client1:<uid without
+    dashes>`` and stunnel decodes those 32 hex digits to 16 key bytes. A compat
+    key given in that hex-text form is written verbatim, so it means what it
+    means to a 1.x stunnel; raw key bytes are hex-encoded as above.
     """
-    printable = bool(key) and all(0x21 <= b <= 0x7E for b in key)
-    text = key.decode("ascii") if printable else key.hex()
-    if len(text) < STUNNEL_MIN_PSK_CHARS:
-        raise BackendError(f"stunnel needs a pre-shared key of at least {STUNNEL_MIN_PSK_CHARS} characters")
+    verbatim = compat and bool(key) and _is_hex_text(key)
+    text = key.decode("ascii") if verbatim else key.hex()
+    if len(text) // 2 < STUNNEL_MIN_PSK_BYTES:
+        raise BackendError(f"stunnel needs a pre-shared key of at least {STUNNEL_MIN_PSK_BYTES} bytes")
     return text
 
 
@@ -99,7 +107,7 @@ def stunnel_psk_file(plan: SessionPlan) -> str:
     """``identity:key`` for stunnel's PSKsecrets (mode 0600 on disk; never logged)."""
     if not _SAFE_IDENTITY.match(plan.psk_identity or ""):
         raise BackendError("the session's PSK identity is empty or has characters stunnel cannot use")
-    return f"{plan.psk_identity}:{render_psk_key(plan.psk_key)}\n"
+    return f"{plan.psk_identity}:{render_psk_key(plan.psk_key, compat=plan.security == 'compat')}\n"
 
 
 def stunnel_config(

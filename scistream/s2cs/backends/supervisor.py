@@ -24,6 +24,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -74,21 +75,36 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
-def last_log_line(path: Path, *, limit: int = 300) -> str:
-    """The last non-empty line of a log file (the proxy's reason when it fails), shortened."""
+_FAILURE = re.compile(r"(?i)already in use|cannot|could not|can't|failed|failure|error|invalid|"
+                      r"unknown|denied|not found|\[emerg\]|\[alert\]|\[crit\]")
+_STUNNEL_MARK = re.compile(r"^\[[ .:!]\]\s*")
+
+
+def _tail_lines(path: Path, size: int = 16384) -> list[str]:
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 8192))
+            end = f.tell()
+            f.seek(max(0, end - size))
             tail = f.read().decode("utf-8", "replace")
     except OSError:
-        return ""
-    for raw in reversed(tail.splitlines()):
-        line = raw.strip()
-        if line:
-            return line[:limit]
-    return ""
+        return []
+    return [line.strip() for line in tail.splitlines() if line.strip()]
+
+
+def last_log_line(path: Path, *, limit: int = 300) -> str:
+    """The last line of a proxy's log (what it said before it went away), shortened."""
+    lines = _tail_lines(path)
+    return _STUNNEL_MARK.sub("", lines[-1])[:limit] if lines else ""
+
+
+def failure_reason(path: Path, *, limit: int = 300) -> str:
+    """Why a proxy failed to start: the first line of its log that reads like an error
+    (stunnel, HAProxy and nginx state the cause first and "exiting" after it), else the
+    last line; shortened, stunnel's severity mark removed."""
+    lines = _tail_lines(path)
+    chosen = next((line for line in lines if _FAILURE.search(line)), lines[-1] if lines else "")
+    return _STUNNEL_MARK.sub("", chosen)[:limit]
 
 
 class Child:
@@ -223,12 +239,12 @@ def wait_listening(child: Child, ports: Iterable[int], *, timeout: float, what: 
     delay = 0.005
     while True:
         if child.exited.wait(0):
-            line = child.last_line or last_log_line(child.log_path)
+            line = failure_reason(child.log_path)
             raise BackendError(f"{what} failed to start: {line or f'exit status {child.returncode}'}")
         if wanted <= _listening_ports(_socket_inodes(child.pid)):
             return
         if time.monotonic() > deadline:
-            line = last_log_line(child.log_path)
+            line = failure_reason(child.log_path)
             raise BackendError(
                 f"{what} was not listening on every port after {timeout:g} s"
                 + (f": {line}" if line else "")
@@ -420,8 +436,9 @@ class SubprocessBackend(Backend):
 
     def _child_exited(self, uid: str) -> Callable[[Child], None]:
         def record(child: Child) -> None:
-            if not child.unexpected_exit:
-                return
+            session = self._sessions.get(uid)
+            if not child.unexpected_exit or session is None or session.child is not child:
+                return  # asked to stop, or failed while starting (apply reports that)
             message = (f"{self.name} for session {uid} exited unexpectedly (status {child.returncode})"
                        + (f": {child.last_line}" if child.last_line else ""))
             self._failures[uid] = message

@@ -1,0 +1,318 @@
+"""Shared pieces of the subprocess-backend tests: servers, duplex SHA-256 transfers, a PROD+CONS pair.
+
+Every process and socket started here is stopped by its owner's ``close``/context
+exit, also on failure; ports come from the kernel (bind port 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import ipaddress
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scistream.s2cs.backends import create_backend
+from scistream.s2cs.backends.base import Backend, BackendOptions, RoutePlan, Security, SessionPlan
+
+CHUNK = 1 << 20
+LOOP_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def chunks(seed: int, total: int) -> Iterator[bytes]:
+    """Deterministic, distinct pseudo-random chunks (a reordering would change the hash)."""
+    rng = random.Random(seed)
+    left = total
+    while left > 0:
+        n = min(CHUNK, left)
+        yield rng.randbytes(n)
+        left -= n
+
+
+def digest_of(seed: int, total: int) -> str:
+    h = hashlib.sha256()
+    for c in chunks(seed, total):
+        h.update(c)
+    return h.hexdigest()
+
+
+def _send_all(sock: socket.socket, seed: int, total: int) -> None:
+    for c in chunks(seed, total):
+        sock.sendall(c)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def _recv_digest(sock: socket.socket) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        b = sock.recv(CHUNK)
+        if not b:
+            return h.hexdigest(), n
+        h.update(b)
+        n += len(b)
+
+
+class DuplexServer:
+    """A producer stand-in: per connection, sends ``send_bytes`` (seeded) and hashes what arrives."""
+
+    def __init__(self, seed: int, send_bytes: int) -> None:
+        self.seed = seed
+        self.send_bytes = send_bytes
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.received: list[tuple[str, int]] = []
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(LOOP_TIMEOUT)
+            sender = threading.Thread(target=self._send, args=(conn,), daemon=True)
+            sender.start()
+            try:
+                self.received.append(_recv_digest(conn))
+            except OSError as exc:
+                self.errors.append(exc)
+            sender.join(LOOP_TIMEOUT)
+
+    def _send(self, conn: socket.socket) -> None:
+        try:
+            _send_all(conn, self.seed, self.send_bytes)
+        except OSError as exc:
+            self.errors.append(exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(5)
+
+
+def duplex_transfer(endpoint: str, *, seed: int, send_bytes: int, timeout: float = LOOP_TIMEOUT
+                    ) -> tuple[str, int]:
+    """Connect, send ``send_bytes`` while reading to EOF; returns (sha256, length) of what came back."""
+    host, port = endpoint.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        sender = threading.Thread(target=_send_all, args=(s, seed, send_bytes), daemon=True)
+        sender.start()
+        result = _recv_digest(s)
+        sender.join(timeout)
+        return result
+
+
+def wait_for(predicate: object, timeout: float = 10.0) -> bool:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def pid_gone(pid: int) -> bool:
+    """True when the process no longer exists at all (exited *and* reaped: no zombie)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def group_gone(pgid: int) -> bool:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: pgrp
+            return False
+    return True
+
+
+@dataclass
+class Pair:
+    """A PROD and a CONS backend of one kind, each with its own state dir, for one session."""
+
+    kind: str
+    security: Security
+    runner: asyncio.Runner
+    prod: Backend
+    cons: Backend
+    uid: str
+    servers: list[DuplexServer]
+    client_endpoints: list[str]
+    prod_endpoints: list[str] = field(default_factory=list)
+
+    def run(self, coro: object) -> object:
+        return self.runner.run(coro)  # type: ignore[arg-type]
+
+
+def make_backend(kind: str, state_dir: Path, extra: dict[str, str] | None = None) -> Backend:
+    return create_backend(kind, BackendOptions(state_dir=str(state_dir), listener_ip="127.0.0.1",
+                                               extra=extra or {}))
+
+
+def plans(uid: str, security: Security, targets: list[str], *, key: bytes,
+          identity: str) -> tuple[SessionPlan, SessionPlan, list[str], list[str]]:
+    prod_ports = [free_port() for _ in targets]
+    cons_ports = [free_port() for _ in targets]
+    prod_eps = [f"127.0.0.1:{p}" for p in prod_ports]
+    cons_eps = [f"127.0.0.1:{p}" for p in cons_ports]
+    if security == "plain":
+        identity, key = "", b""
+    prod_routes = tuple(RoutePlan(f"{uid}/{i}", prod_eps[i], t) for i, t in enumerate(targets))
+    prod = SessionPlan(uid, "PROD", prod_routes, security, identity, key)
+    cons = SessionPlan(uid, "CONS", tuple(RoutePlan(f"{uid}/{i}", cons_eps[i], prod_eps[i])
+                                          for i in range(len(targets))), security, identity, key)
+    return prod, cons, prod_eps, cons_eps
+
+
+@contextlib.contextmanager
+def running_pair(kind: str, security: Security, tmp_path: Path, *, routes: int = 2,
+                 server_bytes: int = CHUNK, prod_extra: dict[str, str] | None = None,
+                 cons_extra: dict[str, str] | None = None, uid: str = "",
+                 key: bytes = b"", identity: str = "") -> Iterator[Pair]:
+    uid = uid or "sess-" + os.urandom(4).hex()
+    if security == "compat":
+        key = key or uid.replace("-", "").encode().ljust(32, b"0")
+        identity = identity or "client1"
+    else:
+        key = key or os.urandom(32).hex().encode()
+        identity = identity or uid
+    servers = [DuplexServer(seed=1000 + i, send_bytes=server_bytes) for i in range(routes)]
+    runner = asyncio.Runner()
+    prod = make_backend(kind, tmp_path / "prod", prod_extra)
+    cons = make_backend(kind, tmp_path / "cons", cons_extra)
+    prod_plan, cons_plan, prod_eps, cons_eps = plans(uid, security, [s.endpoint for s in servers],
+                                                     key=key, identity=identity)
+    try:
+        runner.run(prod.start())
+        runner.run(cons.start())
+        runner.run(prod.apply(prod_plan))
+        runner.run(cons.apply(cons_plan))
+        yield Pair(kind, security, runner, prod, cons, uid, servers, cons_eps, prod_eps)
+    finally:
+        for b in (cons, prod):
+            with contextlib.suppress(Exception):
+                runner.run(b.close())
+        runner.close()
+        for s in servers:
+            s.close()
+
+
+def check_duplex(pair: Pair, *, big: int) -> None:
+    """Route i reaches server i; route 0 carries ``big`` bytes each way, the others 1 MiB; SHA-256 exact."""
+    for i, endpoint in enumerate(pair.client_endpoints):
+        size = big if i == 0 else CHUNK
+        server = pair.servers[i]
+        server.send_bytes = size
+        got = duplex_transfer(endpoint, seed=7 + i, send_bytes=size)
+        assert got == (digest_of(server.seed, size), size), f"route {i}: bytes from the producer differ"
+        assert wait_for(lambda s=server: len(s.received) >= 1), f"route {i}: the producer saw no connection"
+        assert server.received[-1] == (digest_of(7 + i, size), size), f"route {i}: bytes to producer differ"
+        assert not server.errors
+
+
+def check_removed(pair: Pair) -> None:
+    """remove() leaves no child (exited and reaped, its group too) and no session files."""
+    procs = []
+    for b in (pair.prod, pair.cons):
+        pid = b.child_pid(pair.uid)  # type: ignore[attr-defined]
+        assert pid is not None and not pid_gone(pid)
+        procs.append(pid)
+    for b in (pair.cons, pair.prod):
+        pair.run(b.remove(pair.uid))
+        assert pair.run(b.running_sessions()) == set()
+    for pid in procs:
+        assert pid_gone(pid), f"proxy pid {pid} still exists (running or zombie) after remove"
+        assert wait_for(lambda p=pid: group_gone(p), 5), f"processes of group {pid} survived remove"
+    for b in (pair.prod, pair.cons):
+        session_dir = Path(b.options.state_dir) / "sessions" / pair.uid
+        assert not session_dir.exists(), f"{session_dir} left behind"
+
+
+@dataclass(frozen=True)
+class CertSet:
+    ca: Path
+    cert: Path
+    key: Path
+    server_name: str = "gateway.test"
+
+    def extra(self, *, role: str) -> dict[str, str]:
+        extra = {"tls_ca": str(self.ca), "tls_server_name": self.server_name}
+        extra |= {"tls_cert": str(self.cert), "tls_key": str(self.key)}
+        return extra
+
+
+def make_certs(directory: Path, server_name: str = "gateway.test") -> CertSet:
+    """A throwaway CA and one leaf (serverAuth + clientAuth, SAN DNS + 127.0.0.1) signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "scistream test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(not_before).not_valid_after(not_after)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)]))
+            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName(server_name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = CertSet(directory / "ca.pem", directory / "gw.pem", directory / "gw.key", server_name)
+    paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths.key.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM,
+                                                 serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    os.chmod(paths.key, 0o600)
+    return paths
