@@ -635,7 +635,10 @@ class PyEngine(EngineBase):
 
     def _retarget(self, route_id: str, targets: tuple[str, ...]) -> None:
         state = self._route(route_id)
-        state.route = dataclasses.replace(state.route, targets=targets)  # validates the targets
+        try:
+            state.route = dataclasses.replace(state.route, targets=targets)  # validates the targets
+        except ValueError as exc:
+            raise InvalidRoute(str(exc)) from None
 
     def remove_route(self, route_id: str, *, drain: bool = False) -> None:
         self._await(self._remove_route(route_id, drain))

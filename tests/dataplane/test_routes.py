@@ -3,10 +3,12 @@ command errors and per-connection stats."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from dputil import (
@@ -77,34 +79,45 @@ def test_retarget_while_streaming(engine: EngineBase, stream_server: ServerFacto
         assert got.result(timeout=30) == (2 * HALF, pattern_digest(2 * HALF, 21))  # old one kept streaming
 
 
+def read_some(sock: socket.socket, digest: Any, limit: int | None) -> int:
+    """Read up to ``limit`` bytes (None: to EOF) into ``digest``; return how many."""
+    got = 0
+    while limit is None or got < limit:
+        data = sock.recv(min(1 << 20, limit - got) if limit is not None else 1 << 20)
+        if not data:
+            break
+        digest.update(data)
+        got += len(data)
+    return got
+
+
 @pytest.mark.parametrize("drain", [True, False])
 def test_remove_route_while_streaming(engine: EngineBase, stream_server: ServerFactory, drain: bool) -> None:
     gate = threading.Event()
     target, _ = gated_server(stream_server, gate)
     info = engine.add_route(Route("rm", "127.0.0.1:0", (target,)))
     host, port = parse_endpoint(info.bound)
-    with connect(info.bound, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+    with connect(info.bound, timeout=30) as c:
         c.shutdown(socket.SHUT_WR)
-        if drain:
-            got = pool.submit(recv_stream, c)
-        assert wait_for(lambda: engine.stats("rm").routes["rm"].bytes_from_target >= HALF)
+        digest = hashlib.sha256()
+        assert read_some(c, digest, HALF) == HALF  # mid-stream: the target waits for the gate
         engine.remove_route("rm", drain=drain)
         assert engine.routes() == []
         with pytest.raises(RouteNotFound):
             engine.stats("rm")
         with pytest.raises(ConnectionRefusedError):  # the listener is closed at once
             socket.create_connection((host, port), timeout=5).close()
+        gate.set()
         if drain:
-            gate.set()
-            assert got.result(timeout=30) == (2 * HALF, pattern_digest(2 * HALF, 21))
+            assert HALF + read_some(c, digest, None) == 2 * HALF
+            assert digest.hexdigest() == pattern_digest(2 * HALF, 21)
         else:
-            # Closed now: whatever was in flight may still arrive, then the end.
+            # Closed now: the stream ends (EOF or reset) without the second half.
             c.settimeout(10)
             ends = "data"
             while ends == "data":
                 ends = outcome(c, timeout=10)
             assert ends in ("eof", "reset")
-            gate.set()
     assert wait_for(lambda: engine.resource_counts().connections in (0, -1), 10), engine.resource_counts()
 
 
@@ -136,7 +149,7 @@ def test_command_errors(engine: EngineBase, stream_server: ServerFactory) -> Non
                  lambda: engine.stats("nope")):
         with pytest.raises(RouteNotFound):
             call()
-    with pytest.raises(ValueError):
+    with pytest.raises((ValueError, InvalidRoute)):
         engine.retarget("a", ["not an endpoint"])
     with pytest.raises(InvalidRoute):
         Route("c", "127.0.0.1:0", ())
