@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s2ds_support import connect, echo_roundtrip, echo_server, need_native, refused, wait_for
+from s2ds_support import S2DS, connect, echo_roundtrip, echo_server, need_native, refused, wait_for
 
+from scistream.dataplane import compat_key_from_uid
 from scistream.s2cs.backends import create_backend
 from scistream.s2cs.backends.base import BackendError, BackendOptions, RoutePlan, SessionPlan
 from scistream.s2cs.backends.native import NativeBackend, stop_spawned_s2ds
@@ -221,6 +224,18 @@ def test_tls_session_pair(state_dirs: list[Path], security: str) -> None:
             await bp.apply(prod)
             await bc.apply(cons)
             await bc.apply(cons)  # idempotent with a key s2ds never echoes
+            (info,) = await bc.client.routes()
+            assert info.route.tls is not None and info.route.tls.psk_key == b""
+            listed = subprocess.run(
+                [*S2DS, "ctl", "--control", bc.address, "list"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout
+            assert json.loads(listed)[0]["tls"]["mode"] == ("psk" if security == "tls" else "compat")
+            secret = key or compat_key_from_uid(uid)
+            assert secret.hex() not in listed and secret.decode("latin-1") not in listed
             sent, got, n = await asyncio.to_thread(echo_roundtrip, f"127.0.0.1:{cons_port}", 2 * MiB)
             assert (got, n) == (sent, 2 * MiB)
             assert (await bp.usage(uid)).bytes_to_target == 2 * MiB

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 import zmq
-from s2ds_support import S2DS, Daemon, echo_roundtrip, echo_server, refused, stop, wait_for
+from s2ds_support import S2DS, Daemon, echo_roundtrip, echo_server, need_native, refused, stop, wait_for
 
 from scistream._proto import dataplane_pb2 as pb
 from scistream.dataplane import AddressInUse, Route, RouteExists, RouteNotFound
@@ -40,8 +40,12 @@ def state_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def daemon(state_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(state_dir)
+def daemon(state_dir: Path, request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """An s2ds with the default engine, or the one named by indirect parametrization."""
+    engine: str | None = getattr(request, "param", None)
+    if engine == "native":
+        need_native("the native engine behind s2ds")
+    d = Daemon(state_dir, *(["--engine", engine] if engine else []))
     try:
         d.wait_ready()
         yield d
@@ -68,6 +72,10 @@ def raw_command(address: str, cmd: bytes) -> pb.Reply:
         return pb.Reply.FromString(s.recv())
 
 
+BOTH_ENGINES = pytest.mark.parametrize("daemon", ["pure", "native"], indirect=True)
+
+
+@BOTH_ENGINES
 def test_routes_bytes_and_stats(daemon: Daemon) -> None:
     with echo_server() as echo:
         info = call(
@@ -174,6 +182,7 @@ def test_second_daemon_refused_and_stale_socket_reclaimed(state_dir: Path) -> No
     assert third.proc.returncode == 0
 
 
+@BOTH_ENGINES
 def test_sigterm_drains_under_load(daemon: Daemon) -> None:
     with echo_server() as echo:
         info = call(
@@ -204,6 +213,7 @@ def test_sigterm_drains_under_load(daemon: Daemon) -> None:
         assert "draining" in daemon.log()
 
 
+@BOTH_ENGINES
 def test_second_signal_exits_promptly(daemon: Daemon) -> None:
     with echo_server() as echo:
         info = call(
