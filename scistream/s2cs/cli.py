@@ -1,0 +1,349 @@
+"""``s2cs``: the SciStream control server command line.
+
+Every option spelling SciStream 1.x users type works (``--listener_ip`` and
+``--listener-ip``, ``--type``/``-t`` in any case, ``--v``/``--verbose``,
+``--ssl False``...). Settings come from, in rising priority: built-in defaults,
+a TOML file (``--config``; top-level keys or an ``[s2cs]`` table, named like the
+options with underscores), ``SCISTREAM_<OPTION>`` environment variables (e.g.
+``SCISTREAM_LISTENER_IP``, ``SCISTREAM_CLIENT_SECRET``), then the command line.
+
+Defaults that differ from 1.x, and why:
+
+* ``--listener_ip`` is 127.0.0.1: listeners are advertised at this address, so a
+  real deployment names its reachable address (every tutorial does); 1.x's
+  0.0.0.0 advertised an address no peer can connect to.
+* ``--type`` is ``native`` (our data plane); the 1.x names still work.
+* ``--security`` is ``tls`` (a random per-session key, real encryption);
+  ``--scistream1-compat`` is the explicit 1.x interoperability mode.
+* 1.x ``rate`` is stored, not enforced; ``--enforce-rate`` reads it as kB/s
+  (rate x 1000 bytes/s). A request's ``rate_limit`` (bytes/s) is always enforced.
+* ``--metrics-port`` is off unless given (0 = an ephemeral port); metrics bind to
+  127.0.0.1. Events are on, on an ephemeral loopback port advertised by
+  ``server_info``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import tomllib
+from typing import Any
+
+import click
+
+from scistream import __version__
+from scistream.endpoints import InvalidEndpoint, parse_port_range
+from scistream.s2cs.backends import BACKENDS, backend_names
+from scistream.s2cs.config import DEFAULT_CLIENT_ID, SECURITY_MODES, ServerConfig, default_state_dir
+
+log = logging.getLogger("scistream.s2cs")
+
+_SECRET_FROM_ENV = "\0from-env"  # --client-secret given with no value (the VM tutorial)
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return value
+    try:
+        with open(value, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{value} is not valid TOML: {exc}") from None
+    table = data.get("s2cs", data)
+    if not isinstance(table, dict):
+        raise click.BadParameter(f"{value}: [s2cs] must be a table")
+    defaults: dict[str, Any] = {}
+    known = {p.name for p in ctx.command.params if p.name}
+    for key, val in table.items():
+        name = str(key).replace("-", "_")
+        if name == "type":
+            name = "type_"
+        if name not in known:
+            raise click.BadParameter(f"{value}: unknown setting {key!r}")
+        defaults[name] = val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _setup_logging(verbose: bool, log_file: str) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(fmt)
+    root.addHandler(stderr)
+    if log_file:
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.close(fd)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    # Third-party debug chatter (HTTP bodies of introspection) stays out of our logs.
+    for noisy in ("globus_sdk", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "SCISTREAM"})
+@click.version_option(__version__, prog_name="s2cs")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_config_file,
+    is_eager=True,
+    expose_value=False,
+    help="TOML file with settings (names as the options, underscores).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=5000,
+    show_default=True,
+    help="gRPC control port (0 = any free port).",
+)
+@click.option("--bind", default="0.0.0.0", show_default=True, help="Address the control port listens on.")
+@click.option(
+    "--listener_ip",
+    "--listener-ip",
+    "listener_ip",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address data listeners bind to and advertise to peers.",
+)
+@click.option(
+    "--port_range",
+    "--port-range",
+    "port_range",
+    default="5100-5200",
+    show_default=True,
+    help="Data ports, LOW-HIGH inclusive.",
+)
+@click.option(
+    "--type",
+    "-t",
+    "type_",
+    default="native",
+    show_default=True,
+    help=f"Data-plane backend, any case: {', '.join(backend_names())}.",
+)
+@click.option("--s2ds", "s2ds", default="", help="native backend: s2ds control address (default: spawn/ipc).")
+@click.option(
+    "--client_id",
+    "--client-id",
+    "client_id",
+    default=DEFAULT_CLIENT_ID,
+    show_default=True,
+    help="Globus Auth client id of this gateway.",
+)
+@click.option(
+    "--client_secret",
+    "--client-secret",
+    "client_secret",
+    default="",
+    is_flag=False,
+    flag_value=_SECRET_FROM_ENV,
+    show_default=False,
+    help="Globus Auth client secret; enables token checks. Given with no value, it is read "
+    "from $SCISTREAM_CLIENT_SECRET.",
+)
+@click.option(
+    "--allowed-identity",
+    "--allowed_identity",
+    "allowed_identity",
+    multiple=True,
+    help="Only these identities (sub or username) may create sessions (repeatable).",
+)
+@click.option(
+    "--allowed-domain",
+    "--allowed_domain",
+    "allowed_domain",
+    multiple=True,
+    help="Only usernames in these domains may create sessions (repeatable).",
+)
+@click.option(
+    "--server_crt",
+    "--server-crt",
+    "server_crt",
+    default="server.crt",
+    show_default=True,
+    help="PEM certificate of the control channel.",
+)
+@click.option(
+    "--server_key",
+    "--server-key",
+    "server_key",
+    default="server.key",
+    show_default=True,
+    help="PEM private key of the control channel.",
+)
+@click.option(
+    "--ssl",
+    type=click.BOOL,
+    default=True,
+    show_default=True,
+    help="TLS on the control channel; False = plaintext (testing only).",
+)
+@click.option(
+    "--security",
+    type=click.Choice(SECURITY_MODES, case_sensitive=False),
+    default="tls",
+    show_default=True,
+    help="Data-channel security of requests that do not name one.",
+)
+@click.option(
+    "--scistream1-compat",
+    "--scistream1_compat",
+    "scistream1_compat",
+    is_flag=True,
+    help="SciStream 1.x interoperability: default security 'compat' (TLS 1.2 PSK from the uid).",
+)
+@click.option(
+    "--enforce-rate",
+    "--enforce_rate",
+    "enforce_rate",
+    is_flag=True,
+    help="Enforce the 1.x `rate` field, read as kB/s (rate x 1000 bytes/s).",
+)
+@click.option(
+    "--allow-target",
+    "--allow_target",
+    "allow_target",
+    multiple=True,
+    help="CIDR that targets may be in (repeatable); default: any unicast network.",
+)
+@click.option(
+    "--state-dir",
+    "--state_dir",
+    "state_dir",
+    default=None,
+    help="Session store, audit log, backend files (default $SCISTREAM_STATE_DIR, "
+    "/var/lib/scistream as root, else ~/.scistream).",
+)
+@click.option(
+    "--hello-timeout",
+    "--hello_timeout",
+    "hello_timeout",
+    type=click.FloatRange(min=0.01),
+    default=180.0,
+    show_default=True,
+    help="Seconds a req waits for its hello.",
+)
+@click.option(
+    "--reserved-timeout",
+    "--reserved_timeout",
+    "reserved_timeout",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    help="Seconds a helloed session may wait for its update (0=never).",
+)
+@click.option(
+    "--idle-timeout",
+    "--idle_timeout",
+    "idle_timeout",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds without traffic before a session expires (0 = never).",
+)
+@click.option(
+    "--metrics-port",
+    "--metrics_port",
+    "metrics_port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Prometheus metrics on 127.0.0.1:PORT (0 = any free port; default off).",
+)
+@click.option(
+    "--events",
+    default="tcp://127.0.0.1:0",
+    show_default=True,
+    help="ZMQ PUB address for session events ('off' to disable).",
+)
+@click.option(
+    "--audit-log", "--audit_log", "audit_log", default="", help="Audit log (default <state dir>/audit.log)."
+)
+@click.option("--log-file", "--log_file", "log_file", default="", help="Also log to this file (0600).")
+@click.option("--v", "--verbose", "-v", "verbose", is_flag=True, help="Debug logging.")
+def main(**opts: Any) -> None:
+    """SciStream control server (s2cs): gRPC control of data-plane sessions."""
+    config = build_config(opts)
+    _setup_logging(bool(opts["verbose"]), config.log_file)
+    from scistream.s2cs.server import StartupError, serve
+
+    try:
+        code = asyncio.run(serve(config))
+    except StartupError as exc:
+        click.echo(f"s2cs: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+def build_config(opts: dict[str, Any]) -> ServerConfig:
+    """Check the options and turn them into a ServerConfig (UsageError = exit 2)."""
+    type_name = str(opts["type_"]).strip()
+    if type_name.lower() not in BACKENDS:
+        raise click.UsageError(
+            f"unknown --type {type_name!r}; valid types (any case): {', '.join(backend_names())}"
+        )
+    try:
+        port_range = parse_port_range(str(opts["port_range"]))
+    except InvalidEndpoint as exc:
+        raise click.UsageError(str(exc)) from None
+    secret = opts["client_secret"] or ""
+    if secret == _SECRET_FROM_ENV:
+        secret = os.environ.get("SCISTREAM_CLIENT_SECRET", "")
+        if not secret:
+            raise click.UsageError(
+                "--client-secret was given without a value and $SCISTREAM_CLIENT_SECRET is not set"
+            )
+    security = str(opts["security"]).lower()
+    compat = bool(opts["scistream1_compat"]) or security == "compat"
+    if opts["scistream1_compat"]:
+        security = "compat"
+    events = str(opts["events"] or "")
+    if events.lower() in ("off", "none", "no", "false"):
+        events = ""
+    import ipaddress
+
+    for cidr in opts["allow_target"]:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise click.UsageError(f"--allow-target {cidr!r} is not a network (e.g. 10.0.0.0/8)") from None
+    return ServerConfig(
+        port=int(opts["port"]),
+        bind=str(opts["bind"]),
+        ssl=bool(opts["ssl"]),
+        server_crt=str(opts["server_crt"]),
+        server_key=str(opts["server_key"]),
+        listener_ip=str(opts["listener_ip"]),
+        port_range=port_range,
+        backend_type=type_name,
+        s2ds_address=str(opts["s2ds"] or ""),
+        default_security=security,
+        compat_allowed=compat,
+        enforce_rate=bool(opts["enforce_rate"]),
+        allow_targets=list(opts["allow_target"]),
+        client_id=str(opts["client_id"]),
+        client_secret=secret,
+        allowed_identities=list(opts["allowed_identity"]),
+        allowed_domains=list(opts["allowed_domain"]),
+        hello_timeout=float(opts["hello_timeout"]),
+        reserved_timeout=float(opts["reserved_timeout"]),
+        idle_timeout=float(opts["idle_timeout"]),
+        state_dir=str(opts["state_dir"] or default_state_dir()),
+        events=events,
+        metrics_port=opts["metrics_port"],
+        audit_log=str(opts["audit_log"] or ""),
+        log_file=str(opts["log_file"] or ""),
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

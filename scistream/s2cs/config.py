@@ -1,0 +1,70 @@
+"""Everything an s2cs instance is configured with, in one typed object.
+
+The CLI (cli.py) fills it from options, ``SCISTREAM_*`` environment variables
+and a TOML file; tests build it directly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CLIENT_ID = "c42c0dac-0a52-408e-a04f-5d31bfe0aef8"
+SECURITY_MODES = ("tls", "plain", "compat")
+
+
+def default_state_dir() -> str:
+    """$SCISTREAM_STATE_DIR, else /var/lib/scistream as root, else ~/.scistream."""
+    env = os.environ.get("SCISTREAM_STATE_DIR")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/scistream"
+    return str(Path.home() / ".scistream")
+
+
+@dataclass
+class ServerConfig:
+    # control channel
+    port: int = 5000
+    bind: str = "0.0.0.0"  # the gRPC port's address; 1.x listens on every interface
+    ssl: bool = True
+    server_crt: str = "server.crt"
+    server_key: str = "server.key"
+    # data plane
+    listener_ip: str = "127.0.0.1"
+    port_range: tuple[int, int] = (5100, 5200)
+    backend_type: str = "native"
+    s2ds_address: str = ""
+    backend_extra: dict[str, str] = field(default_factory=dict)
+    # security of the data channel
+    default_security: str = "tls"
+    compat_allowed: bool = False  # --scistream1-compat
+    enforce_rate: bool = False  # 1.x `rate` as kB/s (rate * 1000 bytes/s)
+    allow_targets: list[str] = field(default_factory=list)  # CIDRs; empty = every unicast net
+    # auth
+    client_id: str = DEFAULT_CLIENT_ID
+    client_secret: str = ""
+    allowed_identities: list[str] = field(default_factory=list)
+    allowed_domains: list[str] = field(default_factory=list)
+    introspect_timeout: float = 5.0
+    # sessions
+    hello_timeout: float = 180.0
+    reserved_timeout: float = 3600.0  # helloed but never updated
+    idle_timeout: float = 0.0  # 0 = off: an idle stream is never cut by default
+    early_hello_limit: int = 1024
+    max_num_conn: int = 64
+    poll_interval: float = 2.0  # data-plane usage polling (active detection, metrics)
+    # operations
+    state_dir: str = field(default_factory=default_state_dir)
+    events: str = "tcp://127.0.0.1:0"  # ZMQ PUB bind; "" = off
+    metrics_port: int | None = None  # None = off; 0 = ephemeral
+    audit_log: str = ""  # "" = <state_dir>/audit.log
+    log_file: str = ""
+
+    def audit_path(self) -> str:
+        return self.audit_log or os.path.join(self.state_dir, "audit.log")
+
+    def db_path(self) -> str:
+        return os.path.join(self.state_dir, "s2cs.db")

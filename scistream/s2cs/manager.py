@@ -1,0 +1,668 @@
+"""The session manager: req / hello / update / release and every timeout, with their I/O.
+
+All methods run on the server's asyncio loop. Lookups and state changes that
+must be atomic (uid registration, port allocation) happen with no ``await`` in
+between, so concurrent RPCs never see half a session. Backend calls for one
+session are serialised by that session's lock.
+
+Every way out of a session (release, hello timeout, requester gone, reserved or
+idle expiry, failure, restart reconciliation) goes through :meth:`_end`, which
+removes the routes, returns the ports, deletes the stored row and publishes an
+event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from scistream.dataplane.api import COMPAT_PSK_IDENTITY, compat_key_from_uid
+from scistream.endpoints import format_endpoint
+from scistream.events import SessionEvent
+from scistream.s2cs import validate
+from scistream.s2cs.audit import AuditLog
+from scistream.s2cs.auth import Identity
+from scistream.s2cs.backends.base import Backend, RoutePlan, SessionPlan, SessionUsage
+from scistream.s2cs.config import SECURITY_MODES, ServerConfig
+from scistream.s2cs.errors import ControlError, not_found, precondition
+from scistream.s2cs.events import EventPublisher
+from scistream.s2cs.metrics import Metrics, SessionSample, Snapshot
+from scistream.s2cs.ports import PortAllocator, PortsExhausted
+from scistream.s2cs.sessions import Event, IllegalTransition, SessionMachine, State
+from scistream.s2cs.store import SessionStore
+from scistream.s2cs.targets import TargetPolicy, TargetRefused
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+#: How long a CONS hello that came before its req waits for the req, to answer
+#: with the listeners (a PROD hello needs no listeners and is answered at once).
+EARLY_HELLO_ANSWER_WAIT = 5.0
+
+
+@dataclass
+class Session:
+    uid: str
+    role: str  # "PROD" | "CONS"
+    owner: str
+    owner_name: str
+    num_conn: int
+    rate: int
+    rate_limit: int
+    security: str
+    ports: list[int]
+    listeners: list[str]
+    machine: SessionMachine
+    psk: bytes = field(default=b"", repr=False)
+    psk_identity: str = ""
+    prod_listeners: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+    last_activity: float = field(default_factory=time.time)
+    hello_at: float = 0.0
+    error: str = ""
+    # runtime only
+    waiter: asyncio.Future[None] | None = field(default=None, repr=False)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    usage: SessionUsage = field(default_factory=SessionUsage, repr=False)
+    ending: bool = False
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "role": self.role,
+            "owner": self.owner,
+            "owner_name": self.owner_name,
+            "num_conn": self.num_conn,
+            "rate": self.rate,
+            "rate_limit": self.rate_limit,
+            "security": self.security,
+            "ports": self.ports,
+            "listeners": self.listeners,
+            "state": self.state.value,
+            "psk_identity": self.psk_identity,
+            "prod_listeners": self.prod_listeners,
+            "targets": self.targets,
+            "created_at": self.created_at,
+            "last_activity": self.last_activity,
+            "hello_at": self.hello_at,
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any], psk: bytes) -> Session:
+        return cls(
+            uid=str(data["uid"]),
+            role=str(data["role"]),
+            owner=str(data.get("owner", "anonymous")),
+            owner_name=str(data.get("owner_name", "")),
+            num_conn=int(data["num_conn"]),
+            rate=int(data.get("rate", 0)),
+            rate_limit=int(data.get("rate_limit", 0)),
+            security=str(data["security"]),
+            ports=[int(p) for p in data["ports"]],
+            listeners=[str(x) for x in data["listeners"]],
+            machine=SessionMachine(State(data["state"])),
+            psk=psk,
+            psk_identity=str(data.get("psk_identity", "")),
+            prod_listeners=[str(x) for x in data.get("prod_listeners", [])],
+            targets=[str(x) for x in data.get("targets", [])],
+            created_at=float(data.get("created_at", time.time())),
+            last_activity=float(data.get("last_activity", time.time())),
+            hello_at=float(data.get("hello_at", 0.0)),
+        )
+
+    def plan(self) -> SessionPlan:
+        routes = tuple(
+            RoutePlan(f"{self.uid}/{i}", self.listeners[i], self.targets[i]) for i in range(self.num_conn)
+        )
+        return SessionPlan(
+            uid=self.uid,
+            role="PROD" if self.role == "PROD" else "CONS",
+            routes=routes,
+            security=self.security,  # type: ignore[arg-type]
+            psk_identity=self.psk_identity,
+            psk_key=self.psk,
+            rate_limit=self.rate_limit,
+        )
+
+
+@dataclass
+class EarlyHello:
+    prod_listeners: list[str]
+    role: str
+    expires_at: float
+    answered: asyncio.Future[list[str]]
+
+
+class SessionManager:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        backend: Backend,
+        ports: PortAllocator,
+        policy: TargetPolicy,
+        store: SessionStore,
+        events: EventPublisher,
+        audit: AuditLog,
+        metrics: Metrics,
+        auth_enabled: bool,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.ports = ports
+        self.policy = policy
+        self.store = store
+        self.events = events
+        self.audit = audit
+        self.metrics = metrics
+        self.auth_enabled = auth_enabled
+        self.sessions: dict[str, Session] = {}
+        self.early: OrderedDict[str, EarlyHello] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bg: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ helpers
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _persist(self, s: Session) -> None:
+        if s.state.terminal:
+            return
+        self.store.save(s.uid, s.record(), s.psk)
+
+    def _publish(self, s: Session, kind: str) -> None:
+        self.events.publish(
+            SessionEvent(
+                event=kind,  # type: ignore[arg-type]
+                uid=s.uid,
+                role=s.role,
+                state=s.state.value,
+                listeners=list(s.listeners),
+                prod_listeners=list(s.prod_listeners),
+                targets=list(s.targets),
+                security=s.security,
+                error=s.error,
+            )
+        )
+
+    def _fire(self, s: Session, event: Event) -> State:
+        try:
+            return s.machine.fire(event)
+        except IllegalTransition as exc:
+            raise precondition(f"session {s.uid}: {exc}") from None
+
+    def _owned(self, identity: Identity, uid: str) -> Session:
+        s = self.sessions.get(uid)
+        if s is None:
+            raise not_found(uid)
+        if self.auth_enabled and s.owner != identity.sub:
+            raise ControlError(
+                grpc.StatusCode.PERMISSION_DENIED, f"session {uid!r} belongs to another identity"
+            )
+        return s
+
+    def max_num_conn(self) -> int:
+        return min(self.config.max_num_conn, self.ports.size)
+
+    def _security(self, requested: str) -> str:
+        mode = (requested or self.config.default_security).strip().lower()
+        if mode not in SECURITY_MODES:
+            raise validate.invalid(f"security {requested[:40]!r} is not one of {', '.join(SECURITY_MODES)}")
+        if mode == "compat" and not self.config.compat_allowed:
+            raise precondition(
+                "the SciStream 1.x compatibility mode is off on this gateway; "
+                "its operator enables it with --scistream1-compat"
+            )
+        return mode
+
+    async def _check_targets(self, endpoints: list[str]) -> None:
+        for ep in dict.fromkeys(endpoints):
+            try:
+                await self.policy.check(ep)
+            except TargetRefused as exc:
+                raise ControlError(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
+
+    # ------------------------------------------------------------------ req
+
+    async def req(
+        self,
+        identity: Identity,
+        uid: str,
+        *,
+        role: str,
+        num_conn: int,
+        rate: int,
+        security: str = "",
+        rate_limit: int = 0,
+    ) -> Session:
+        uid = validate.uid(uid)
+        role = validate.role(role)
+        num_conn = validate.num_conn(num_conn, self.max_num_conn())
+        rate = validate.non_negative("rate", rate)
+        rate_limit = validate.non_negative("rate_limit", rate_limit)
+        mode = self._security(security)
+        if self._closing:
+            raise ControlError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+        if uid in self.sessions:
+            raise ControlError(grpc.StatusCode.ALREADY_EXISTS, f"a session with uid {uid!r} already exists")
+        try:
+            ports = self.ports.allocate(num_conn)
+        except PortsExhausted as exc:
+            raise ControlError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        effective_rate = rate_limit or (rate * 1000 if self.config.enforce_rate else 0)
+        psk, psk_identity = b"", ""
+        if mode == "tls":
+            psk_identity = uid
+            if role == "PROD":
+                psk = secrets.token_bytes(KEY_BYTES)
+        elif mode == "compat":
+            psk, psk_identity = compat_key_from_uid(uid), COMPAT_PSK_IDENTITY
+        machine = SessionMachine()
+        machine.fire(Event.REQ)
+        s = Session(
+            uid=uid,
+            role=role,
+            owner=identity.sub,
+            owner_name=identity.username,
+            num_conn=num_conn,
+            rate=rate,
+            rate_limit=effective_rate,
+            security=mode,
+            ports=ports,
+            listeners=[format_endpoint(self.config.listener_ip, p) for p in ports],
+            machine=machine,
+            psk=psk,
+            psk_identity=psk_identity,
+        )
+        s.waiter = asyncio.get_running_loop().create_future()
+        self.sessions[uid] = s
+        try:
+            self._persist(s)
+        except Exception:
+            self.sessions.pop(uid, None)
+            self.ports.release(ports)
+            raise
+        log.info("session %s: req %s num_conn=%d security=%s by %s", uid, role, num_conn, mode, identity)
+        self._publish(s, "created")
+        early = self.early.pop(uid, None)
+        if early is not None:
+            await self._consume_early_hello(s, early)
+        await self._wait_for_hello(s)
+        return s
+
+    async def _wait_for_hello(self, s: Session) -> None:
+        assert s.waiter is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(s.waiter), self.config.hello_timeout)
+        except TimeoutError:
+            await self._end(s, Event.TIMEOUT, f"no hello arrived within {self.config.hello_timeout:g} s")
+            raise ControlError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no hello for session {s.uid!r} arrived within {self.config.hello_timeout:g} s; "
+                "its ports were released",
+            ) from None
+        except asyncio.CancelledError:
+            # The requester gave up (deadline or disconnect): give everything back.
+            if not s.state.helloed:
+                self._spawn(self._end(s, Event.RELEASE, "the requester went away before the hello"))
+            raise
+        if s.state.terminal:
+            if self._closing:
+                raise ControlError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+            raise precondition(f"session {s.uid!r} ended before its hello arrived: {s.error}")
+
+    # ------------------------------------------------------------------ hello
+
+    def _accept_hello(self, s: Session, prod_listeners: list[str]) -> None:
+        self._fire(s, Event.HELLO)
+        now = time.time()
+        s.prod_listeners = prod_listeners
+        s.hello_at = s.last_activity = now
+        self.metrics.hello_latency.observe(max(0.0, now - s.created_at))
+        self._persist(s)
+        self._publish(s, "hello")
+        if s.waiter is not None and not s.waiter.done():
+            s.waiter.set_result(None)
+        log.info("session %s: hello with %d endpoint(s)", s.uid, len(prod_listeners))
+
+    async def _consume_early_hello(self, s: Session, early: EarlyHello) -> None:
+        try:
+            if s.role == "PROD":
+                await self._check_targets(early.prod_listeners)
+        except ControlError as exc:
+            log.warning("session %s: early hello refused: %s", s.uid, exc.message)
+            if not early.answered.done():
+                early.answered.set_exception(exc)
+            return
+        if s.state is State.WAITING_HELLO:
+            self._accept_hello(s, early.prod_listeners)
+            if not early.answered.done():
+                early.answered.set_result(list(s.listeners))
+
+    async def hello(self, uid: str, prod_listeners: list[str], role: str) -> tuple[str, list[str]]:
+        """Authorised by knowledge of the uid, as in 1.x (appctrl sends no token).
+        It can never change the endpoints of a session that already had its hello."""
+        uid = validate.uid(uid)
+        prod_listeners = validate.endpoints("prod_listeners", list(prod_listeners), required=False)
+        s = self.sessions.get(uid)
+        if s is None:
+            return await self._early_hello(uid, prod_listeners, role)
+        if s.state.helloed:
+            if prod_listeners == s.prod_listeners:
+                return self._hello_answer(s)
+            raise precondition(f"session {uid!r} already received its hello; its endpoints cannot be changed")
+        if s.state is not State.WAITING_HELLO:
+            raise precondition(f"session {uid!r} is {s.state.value}")
+        if s.role == "PROD":
+            await self._check_targets(prod_listeners)
+        if s.state is State.WAITING_HELLO and self.sessions.get(uid) is s:
+            self._accept_hello(s, prod_listeners)
+        return self._hello_answer(s)
+
+    def _hello_answer(self, s: Session) -> tuple[str, list[str]]:
+        msg = "Hello message sent successfully"
+        return msg, ([] if s.role == "PROD" else list(s.listeners))
+
+    async def _early_hello(self, uid: str, prod_listeners: list[str], role: str) -> tuple[str, list[str]]:
+        now = time.time()
+        self._expire_early(now)
+        early = self.early.get(uid)
+        if early is None:
+            if len(self.early) >= self.config.early_hello_limit:
+                raise ControlError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "too many hellos are waiting for their request; send the request first",
+                )
+            early = EarlyHello(
+                prod_listeners,
+                role.strip().upper(),
+                now + self.config.hello_timeout,
+                asyncio.get_running_loop().create_future(),
+            )
+            self.early[uid] = early
+            log.info("session %s: hello arrived before its req; kept", uid)
+        elif early.prod_listeners != prod_listeners:
+            raise precondition(f"a different hello for {uid!r} is already waiting for its request")
+        if early.role == "PROD":
+            return "Hello message recorded; it will be used when the request arrives", []
+        try:
+            listeners = await asyncio.wait_for(asyncio.shield(early.answered), EARLY_HELLO_ANSWER_WAIT)
+        except TimeoutError:
+            return "Hello message recorded; it will be used when the request arrives", []
+        return "Hello message sent successfully", listeners
+
+    def _expire_early(self, now: float) -> None:
+        for uid in [u for u, e in self.early.items() if e.expires_at <= now]:
+            e = self.early.pop(uid)
+            if not e.answered.done():
+                e.answered.cancel()
+
+    # ------------------------------------------------------------------ update
+
+    async def update(
+        self, identity: Identity, uid: str, remote_listeners: list[str], role: str, session_key: bytes
+    ) -> Session:
+        uid = validate.uid(uid)
+        s = self._owned(identity, uid)
+        targets = validate.endpoints("remote_listeners", list(remote_listeners), required=True)
+        if role.strip() and role.strip().upper() not in ("PROD", "CONS"):
+            raise validate.invalid(f"role {role[:40]!r} is not PROD or CONS")
+        if s.state is State.WAITING_HELLO:
+            raise precondition(
+                f"session {uid!r} has not received its hello yet; update it after the req returns"
+            )
+        if not s.state.helloed:
+            raise precondition(f"session {uid!r} is {s.state.value}")
+        psk = s.psk
+        if s.security == "tls" and s.role == "CONS":
+            if session_key:
+                if not 16 <= len(session_key) <= 64:
+                    raise validate.invalid("session_key must be between 16 and 64 bytes")
+                psk = bytes(session_key)
+            elif not psk:
+                raise precondition(
+                    "this gateway encrypts the data channel (security tls) and the update carries "
+                    "no session key: use the SciStream s2uc of this release (it carries the key "
+                    "from the producer side), or ask both operators for the 1.x compatibility "
+                    "mode (s2cs --scistream1-compat)"
+                )
+        await self._check_targets(targets)
+        expanded = [targets[i % len(targets)] for i in range(s.num_conn)]
+        async with s.lock:
+            if self.sessions.get(uid) is not s or not s.state.helloed:
+                raise precondition(f"session {uid!r} ended while it was being updated")
+            old_targets, old_psk = s.targets, s.psk
+            s.targets, s.psk = expanded, psk
+            try:
+                await self.backend.apply(s.plan())
+            except Exception as exc:
+                s.targets, s.psk = old_targets, old_psk
+                msg = str(exc) or type(exc).__name__
+                log.error("session %s: the data plane refused the routes: %s", uid, msg)
+                raise ControlError(
+                    grpc.StatusCode.UNAVAILABLE, f"the data plane could not set up the routes: {msg}"
+                ) from None
+            first = s.state is State.RESERVED
+            self._fire(s, Event.UPDATE)
+            s.last_activity = time.time()
+            self._persist(s)
+        if first:
+            self._publish(s, "ready")
+        log.info("session %s: routes to %s", uid, ", ".join(expanded))
+        return s
+
+    # ------------------------------------------------------------------ release / end
+
+    async def release(self, identity: Identity, uid: str) -> None:
+        uid = validate.uid(uid)
+        s = self._owned(identity, uid)
+        await self._end(s, Event.RELEASE, "released by its owner")
+
+    async def _end(self, s: Session, event: Event, reason: str) -> None:
+        if s.ending:
+            return
+        s.ending = True
+        # Unregister first: the uid is free again as soon as release returns.
+        if self.sessions.get(s.uid) is s:
+            del self.sessions[s.uid]
+        async with s.lock:
+            usage = await self._usage(s) if s.state.routed else s.usage
+            try:
+                final = s.machine.fire(event)
+            except IllegalTransition:
+                final = s.machine.fire(Event.ERROR) if s.machine.allows(Event.ERROR) else s.state
+            s.error = "" if event is Event.RELEASE else reason
+            if s.waiter is not None and not s.waiter.done():
+                s.waiter.set_result(None)
+            try:
+                await self.backend.remove(s.uid)
+            except Exception as exc:
+                log.error("session %s: the data plane failed to remove its routes: %s", s.uid, exc)
+            self.ports.release(s.ports)
+            try:
+                self.store.delete(s.uid)
+            except Exception as exc:
+                log.error("session %s: cannot delete its stored row: %s", s.uid, exc)
+        log.info("session %s: %s (%s)", s.uid, final.value, reason)
+        self._publish(s, final.value)
+        self.metrics.sessions_ended.labels(final.value).inc()
+        self.audit.record(
+            event="session_end",
+            uid=s.uid,
+            identity=s.owner,
+            state=final.value,
+            reason=reason,
+            bytes_to_target=usage.bytes_to_target or 0,
+            bytes_from_target=usage.bytes_from_target or 0,
+            connections_total=usage.connections_total or 0,
+        )
+
+    async def _usage(self, s: Session) -> SessionUsage:
+        try:
+            u = await asyncio.wait_for(self.backend.usage(s.uid), 5.0)
+        except Exception as exc:
+            log.debug("session %s: usage unavailable: %s", s.uid, exc)
+            return s.usage
+        if (u.bytes_to_target or 0) + (u.bytes_from_target or 0) + (u.connections_total or 0) > (
+            (s.usage.bytes_to_target or 0)
+            + (s.usage.bytes_from_target or 0)
+            + (s.usage.connections_total or 0)
+        ):
+            s.last_activity = time.time()
+        s.usage = u
+        return u
+
+    # ------------------------------------------------------------------ status
+
+    async def status(self, identity: Identity, uid: str) -> list[Session]:
+        if uid:
+            uid = validate.uid(uid)
+            chosen = [self._owned(identity, uid)]
+        else:
+            chosen = [s for s in self.sessions.values() if not self.auth_enabled or s.owner == identity.sub]
+        for s in chosen:
+            if s.state.routed:
+                await self._usage(s)
+        return chosen
+
+    # ------------------------------------------------------------------ background
+
+    def start(self) -> None:
+        self._bg = asyncio.ensure_future(self._background())
+
+    def _tick(self) -> float:
+        cands = [1.0, self.config.poll_interval, self.config.reserved_timeout / 4]
+        if self.config.idle_timeout > 0:
+            cands.append(self.config.idle_timeout / 4)
+        return max(0.05, min(cands))
+
+    async def _background(self) -> None:
+        next_poll = 0.0
+        while True:
+            await asyncio.sleep(self._tick())
+            try:
+                now = time.time()
+                self._expire_early(now)
+                if now >= next_poll:
+                    next_poll = now + self.config.poll_interval
+                    await self._poll_usage()
+                await self._expire_sessions(time.time())
+                self._update_snapshot()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("session housekeeping failed; continuing")
+
+    async def _poll_usage(self) -> None:
+        for s in list(self.sessions.values()):
+            if not s.state.routed or s.ending:
+                continue
+            u = await self._usage(s)
+            seen = (u.bytes_to_target or 0) + (u.bytes_from_target or 0) + (u.connections_total or 0) > 0
+            if seen and s.state is State.READY and self.sessions.get(s.uid) is s:
+                s.machine.fire(Event.DATA_SEEN)
+                self._persist(s)
+                self._publish(s, "active")
+
+    async def _expire_sessions(self, now: float) -> None:
+        cfg = self.config
+        for s in list(self.sessions.values()):
+            if s.ending:
+                continue
+            if s.state is State.RESERVED and cfg.reserved_timeout > 0:
+                if now - max(s.hello_at, s.last_activity) > cfg.reserved_timeout:
+                    await self._end(
+                        s, Event.TIMEOUT, f"no update arrived within {cfg.reserved_timeout:g} s of the hello"
+                    )
+            elif s.state.routed and cfg.idle_timeout > 0 and now - s.last_activity > cfg.idle_timeout:
+                await self._end(s, Event.TIMEOUT, f"idle for more than {cfg.idle_timeout:g} s")
+
+    def _update_snapshot(self) -> None:
+        by_state: dict[str, int] = {st.value: 0 for st in State if not st.terminal}
+        samples = []
+        for s in list(self.sessions.values()):
+            by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
+            samples.append(
+                SessionSample(
+                    s.uid,
+                    s.role,
+                    s.state.value,
+                    s.usage.bytes_to_target or 0,
+                    s.usage.bytes_from_target or 0,
+                    s.usage.connections_active or 0,
+                )
+            )
+        self.metrics.set_snapshot(Snapshot(by_state, tuple(samples)))
+
+    # ------------------------------------------------------------------ restart
+
+    async def reconcile(self) -> None:
+        """Bring back stored sessions and match them with the routes the data plane has."""
+        records = self.store.load()
+        try:
+            running = await self.backend.running_sessions()
+        except Exception as exc:
+            log.error("cannot list the data plane's sessions (%s); re-applying every routed session", exc)
+            running = set()
+        for data, psk in records:
+            try:
+                s = Session.from_record(data, psk)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.error("dropping an unreadable stored session: %s", exc)
+                continue
+            if s.uid in self.sessions:
+                continue
+            self.ports.claim(s.ports)
+            self.sessions[s.uid] = s
+            if s.state is State.WAITING_HELLO:
+                await self._end(s, Event.ERROR, "s2cs restarted while the session waited for its hello")
+            elif s.state.routed and s.uid not in running:
+                try:
+                    await self.backend.apply(s.plan())
+                    log.info("session %s: routes re-applied after restart", s.uid)
+                except Exception as exc:
+                    await self._end(s, Event.ERROR, f"routes could not be re-applied after restart: {exc}")
+            else:
+                log.info("session %s: restored (%s)", s.uid, s.state.value)
+        for uid in running - set(self.sessions):
+            log.warning("removing data-plane routes of unknown session %s", uid)
+            try:
+                await self.backend.remove(uid)
+            except Exception as exc:
+                log.error("cannot remove orphan routes of %s: %s", uid, exc)
+        self._update_snapshot()
+
+    async def shutdown(self) -> None:
+        """Stop housekeeping; fail sessions still waiting for a hello (their callers are
+        being cut off). Routed sessions stay: their routes outlive s2cs."""
+        self._closing = True
+        if self._bg is not None:
+            self._bg.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._bg
+        for s in list(self.sessions.values()):
+            if s.state is State.WAITING_HELLO:
+                await self._end(s, Event.ERROR, "s2cs stopped while the session waited for its hello")
+        for e in self.early.values():
+            if not e.answered.done():
+                e.answered.cancel()
+        self.early.clear()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,236 @@
+"""Assembling and running one s2cs: state dir, store, backend, gRPC server, health.
+
+Start order: state directory (0700) → store → backend.start → reconcile stored
+sessions with the data plane → events / metrics → gRPC server → health SERVING.
+Stop (SIGTERM/SIGINT): health NOT_SERVING, stop taking RPCs, fail sessions still
+waiting for a hello, leave routed sessions in the store and their routes running
+(``backend.close()``; with the native backend s2ds keeps forwarding), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from scistream._proto import scistream_pb2_grpc
+from scistream.s2cs.audit import AuditLog
+from scistream.s2cs.auth import Authenticator, make_authenticator
+from scistream.s2cs.backends import create_backend
+from scistream.s2cs.backends.base import Backend, BackendOptions
+from scistream.s2cs.config import ServerConfig
+from scistream.s2cs.events import EventPublisher
+from scistream.s2cs.manager import SessionManager
+from scistream.s2cs.metrics import Metrics
+from scistream.s2cs.ports import PortAllocator
+from scistream.s2cs.servicer import ControlServicer
+from scistream.s2cs.store import SessionStore, ensure_private_dir
+from scistream.s2cs.targets import TargetPolicy
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "scistream.Control"
+
+
+class StartupError(Exception):
+    """s2cs cannot start; the message is one sentence for the operator."""
+
+
+class S2CSServer:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        backend: Backend | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
+        self.config = config
+        self._backend_override = backend
+        self._auth_override = authenticator
+        self.port = 0
+        self.manager: SessionManager | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._closers: list[Any] = []
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            ensure_private_dir(cfg.state_dir)
+        except OSError as exc:
+            raise StartupError(f"cannot create the state directory {cfg.state_dir}: {exc.strerror}") from None
+        backend = self._backend_override or create_backend(
+            cfg.backend_type,
+            BackendOptions(
+                state_dir=cfg.state_dir,
+                listener_ip=cfg.listener_ip,
+                s2ds_address=cfg.s2ds_address,
+                extra=dict(cfg.backend_extra),
+            ),
+        )
+        auth = self._auth_override or make_authenticator(
+            cfg.client_id,
+            cfg.client_secret,
+            timeout=cfg.introspect_timeout,
+            allowed_identities=cfg.allowed_identities,
+            allowed_domains=cfg.allowed_domains,
+        )
+        store = SessionStore(cfg.db_path())
+        self._closers.append(store.close)
+        audit = AuditLog(cfg.audit_path())
+        self._closers.append(audit.close)
+        metrics = Metrics()
+        events = EventPublisher(cfg.events)
+        self._closers.append(events.close)
+        if cfg.metrics_port is not None:
+            metrics.serve(cfg.metrics_port)
+            self._closers.append(metrics.close)
+        policy = TargetPolicy(
+            cfg.listener_ip, cfg.allow_targets, own_ports=[cfg.port, metrics.port, events.port]
+        )
+        lo, hi = cfg.port_range
+        ports = PortAllocator(lo, hi, cfg.listener_ip if cfg.listener_ip else "0.0.0.0")
+        try:
+            await backend.start()
+        except Exception as exc:
+            raise StartupError(f"the {backend.name} data plane could not start: {exc}") from None
+        self._closers.insert(0, backend.close)
+        manager = SessionManager(
+            cfg,
+            backend=backend,
+            ports=ports,
+            policy=policy,
+            store=store,
+            events=events,
+            audit=audit,
+            metrics=metrics,
+            auth_enabled=auth.enabled,
+        )
+        self.manager = manager
+        await manager.reconcile()
+
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 1 << 20), ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=None,
+        )
+        servicer = ControlServicer(manager, auth, lambda: {"events": events.endpoint, "metrics": metrics.url})
+        scistream_pb2_grpc.add_ControlServicer_to_server(servicer, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.bind}:{cfg.port}" if ":" not in cfg.bind else f"[{cfg.bind}]:{cfg.port}"
+        try:
+            if cfg.ssl:
+                creds = self._credentials()
+                self.port = server.add_secure_port(address, creds)
+            else:
+                log.warning(
+                    "the control channel is PLAINTEXT (--ssl False): tokens and session keys travel "
+                    "unencrypted; use this only for testing"
+                )
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            raise StartupError(f"cannot listen on {address} (in use or not a local address)") from None
+        if not self.port:
+            raise StartupError(f"cannot listen on {address} (in use or not a local address)")
+        policy.add_own_port(self.port)
+        await server.start()
+        self._server = server
+        manager.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "s2cs %s listening on %s:%d (backend %s, security %s, data ports %d-%d on %s, events %s)",
+            "TLS" if cfg.ssl else "plaintext",
+            cfg.bind,
+            self.port,
+            backend.name,
+            cfg.default_security,
+            lo,
+            hi,
+            cfg.listener_ip,
+            events.endpoint or "off",
+        )
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        cfg = self.config
+        try:
+            with open(cfg.server_crt, "rb") as f:
+                crt = f.read()
+            with open(cfg.server_key, "rb") as f:
+                key = f.read()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot read the control-channel certificate or key ({exc.filename}: {exc.strerror}); "
+                "give --server_crt and --server_key, or --ssl False for a plaintext test server"
+            ) from None
+        return grpc.ssl_server_credentials([(key, crt)])
+
+    async def _set_health(self, status: int) -> None:
+        if self._health is not None:
+            await self._health.set("", status)
+            await self._health.set(SERVICE_NAME, status)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Idempotent orderly stop (see module docstring)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.manager is not None:
+            self.manager._closing = True
+        if self._server is not None:
+            # Pending reqs are failed by the manager below; give in-flight calls a moment.
+            stop = asyncio.ensure_future(self._server.stop(grace))
+            if self.manager is not None:
+                await self.manager.shutdown()
+            await stop
+        elif self.manager is not None:
+            await self.manager.shutdown()
+        for close in self._closers:
+            try:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await asyncio.wait_for(result, 10)
+            except Exception as exc:
+                log.error("error while stopping: %s", exc)
+        self._closers.clear()
+        log.info("s2cs stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; 0 on an orderly stop."""
+    server = S2CSServer(config)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        stop_requested.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, on_signal)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    await stop_requested.wait()
+    log.info("stopping on signal")
+    await server.stop()
+    return 0
