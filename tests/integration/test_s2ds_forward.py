@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
-from s2ds_support import S2DS, Forward, echo_roundtrip, echo_server, make_certs, need_native, stop, wait_for
+from s2ds_support import (
+    S2DS,
+    Forward,
+    connect,
+    echo_roundtrip,
+    echo_server,
+    make_certs,
+    need_native,
+    refused,
+    stop,
+    wait_for,
+)
 
 MiB = 1 << 20
 
@@ -150,3 +164,42 @@ def test_forward_address_in_use_is_one_line() -> None:
         finally:
             assert fwd.finish() == 0
             stop(fwd.proc)
+
+
+def test_forward_ctrl_c_drains_then_second_signal_exits() -> None:
+    with echo_server() as echo:
+        fwd = Forward("--listen", "127.0.0.1:0", "--to", echo.address)
+        try:
+            first_echo = threading.Event()
+            result: dict[str, tuple[str, str, int]] = {}
+
+            def stream() -> None:
+                result["r"] = echo_roundtrip(
+                    fwd.bound, MiB, chunk=32 << 10, pace=0.03, on_first_echo=first_echo.set
+                )
+
+            t = threading.Thread(target=stream)
+            t.start()
+            assert first_echo.wait(10)
+            fwd.proc.send_signal(signal.SIGINT)
+            assert wait_for(lambda: refused(fwd.bound), 3)
+            t.join(30)
+            sent, got, n = result["r"]
+            assert (got, n) == (sent, MiB)
+            assert fwd.proc.wait(10) == 0
+        finally:
+            stop(fwd.proc)
+
+        fwd = Forward("--listen", "127.0.0.1:0", "--to", echo.address)
+        held = connect(fwd.bound)
+        try:
+            held.sendall(b"x")
+            assert held.recv(1) == b"x"
+            fwd.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert fwd.proc.poll() is None  # an idle stream is not cut by the drain
+            t0 = time.monotonic()
+            code = fwd.finish(signal.SIGTERM, timeout=5)
+            assert time.monotonic() - t0 < 2.0 and code == 128 + signal.SIGTERM
+        finally:
+            held.close()
