@@ -55,5 +55,3 @@ def stub_for() -> Iterator[Callable[[ServerThread], scistream_pb2_grpc.ControlSt
 @pytest.fixture
 def stub(s2cs: ServerThread, stub_for: Callable[[ServerThread], scistream_pb2_grpc.ControlStub]) -> Any:
     return stub_for(s2cs)
-
-

@@ -240,7 +240,8 @@ def test_hello_timeout_releases_everything(s2cs_factory: Any, stub_for: Any) -> 
 
 def test_requester_giving_up_frees_ports(s2cs: Any, stub: Any) -> None:
     uid = new_uid()
-    code, _ = code_of(lambda m, timeout: stub.req(m, timeout=0.5), pb.Request(uid=uid, role="PROD", num_conn=2))
+    msg = pb.Request(uid=uid, role="PROD", num_conn=2)
+    code, _ = code_of(lambda m, timeout: stub.req(m, timeout=0.5), msg)
     assert code is SC.DEADLINE_EXCEEDED
     deadline = time.time() + 1.0
     while time.time() < deadline and (s2cs.manager.ports.in_use or uid in s2cs.manager.sessions):
