@@ -270,7 +270,7 @@ class CertSet:
     key: Path
     server_name: str = "gateway.test"
 
-    def extra(self, *, role: str) -> dict[str, str]:
+    def extra(self) -> dict[str, str]:
         extra = {"tls_ca": str(self.ca), "tls_server_name": self.server_name}
         extra |= {"tls_cert": str(self.cert), "tls_key": str(self.key)}
         return extra
@@ -316,3 +316,113 @@ def make_certs(directory: Path, server_name: str = "gateway.test") -> CertSet:
                                                  serialization.NoEncryption()))
     os.chmod(paths.key, 0o600)
     return paths
+
+
+def check_kill_detected(pair: Pair) -> None:
+    """SIGKILL of the PROD proxy: reaped, its whole group gone, reported, and remove() still cleans up."""
+    import signal
+
+    failures: list[tuple[str, str]] = []
+    pair.prod.on_session_failed = lambda uid, msg: failures.append((uid, msg))  # type: ignore[attr-defined]
+    pid = pair.prod.child_pid(pair.uid)  # type: ignore[attr-defined]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: pid_gone(pid), 5), "the killed proxy was not reaped"
+    assert wait_for(lambda: group_gone(pid), 5), "processes of the killed proxy's group survived"
+    assert wait_for(lambda: not pair.run(pair.prod.running_sessions()), 5)
+    error = pair.prod.session_error(pair.uid)  # type: ignore[attr-defined]
+    assert error and "exited unexpectedly" in error
+    assert failures and failures[0][0] == pair.uid
+    usage = pair.run(pair.prod.usage(pair.uid))
+    assert usage.errors.get("proxy_exited") == 1  # type: ignore[attr-defined]
+    pair.run(pair.prod.remove(pair.uid))
+    assert not (Path(pair.prod.options.state_dir) / "sessions" / pair.uid).exists()
+
+
+def check_port_in_use(kind: str, tmp_path: Path, security: Security = "plain",
+                      extra: dict[str, str] | None = None, key: bytes = b"") -> str:
+    """A listener port held by someone else: BackendError naming the cause, nothing left behind."""
+    from scistream.s2cs.backends.base import BackendError
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    runner = asyncio.Runner()
+    backend = make_backend(kind, tmp_path, extra)
+    try:
+        plan = SessionPlan("busy", "PROD", (RoutePlan("busy/0", f"127.0.0.1:{port}", "127.0.0.1:9"),),
+                           security, "busy" if key else "", key)
+        try:
+            runner.run(backend.apply(plan))
+        except BackendError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError("apply() succeeded on a port in use")
+        assert f"{kind} for session busy failed to start" in message
+        assert "already in use" in message.lower(), message
+        assert runner.run(backend.running_sessions()) == set()
+        assert not (tmp_path / "sessions" / "busy").exists()
+        return message
+    finally:
+        runner.run(backend.close())
+        runner.close()
+        blocker.close()
+
+
+def check_refused(kind: str, tmp_path: Path, security: Security, role: str, expected: str,
+                  extra: dict[str, str] | None = None) -> None:
+    """apply() of a plan the backend cannot carry: BackendError saying ``expected``; no child, no files."""
+    from scistream.s2cs.backends.base import BackendError
+
+    runner = asyncio.Runner()
+    backend = make_backend(kind, tmp_path, extra)
+    try:
+        plan = SessionPlan("nope", role, (RoutePlan("nope/0", f"127.0.0.1:{free_port()}", "127.0.0.1:9"),),
+                           security, "nope", os.urandom(32).hex().encode())
+        try:
+            runner.run(backend.apply(plan))
+        except BackendError as exc:
+            assert expected in str(exc), str(exc)
+        else:
+            raise AssertionError(f"{kind} accepted a {security} plan it cannot carry")
+        assert runner.run(backend.running_sessions()) == set()
+        assert not (tmp_path / "sessions" / "nope").exists()
+    finally:
+        runner.run(backend.close())
+        runner.close()
+
+
+def check_wan_leg_is_tls13_only(pair: Pair) -> None:
+    """Plain TCP and TLS 1.2 clients on the PROD listener never reach the producer."""
+    import subprocess
+
+    listener = pair.prod_endpoints[0]
+    before = pair.servers[0].accepted
+    host, port = listener.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s, contextlib.suppress(OSError):
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        s.settimeout(5)
+        s.recv(100)
+    subprocess.run(["openssl", "s_client", "-tls1_2", "-connect", listener], input=b"x",
+                   capture_output=True, timeout=15, check=False)
+    time.sleep(0.2)
+    assert pair.servers[0].accepted == before, "a non-TLS-1.3 client reached the producer"
+
+
+def check_untrusted_server_is_refused(kind: str, tmp_path: Path) -> None:
+    """A CONS whose CA did not sign the PROD certificate sends nothing to the producer."""
+    certs = make_certs(tmp_path / "pki")
+    other = make_certs(tmp_path / "other-pki")
+    cons_extra = certs.extra() | {"tls_ca": str(other.ca)}
+    with running_pair(kind, "tls", tmp_path, routes=1, prod_extra=certs.extra(),
+                      cons_extra=cons_extra) as pair:
+        try:
+            _, n = duplex_transfer(pair.client_endpoints[0], seed=1, send_bytes=4096, timeout=10)
+        except ConnectionError:
+            n = 0
+        assert n == 0, "the consumer got data through a PROD gateway its CA did not sign"
+        server = pair.servers[0]
+        # nginx checks the peer only after its handshake completes, so the PROD side may
+        # open (and at once lose) a connection to the producer; no byte may arrive there.
+        assert wait_for(lambda: len(server.received) == server.accepted, 5)
+        assert all(n == 0 for _, n in server.received), "the consumer's bytes reached the producer"

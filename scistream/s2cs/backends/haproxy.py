@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 import signal
 import socket
 from pathlib import Path
@@ -62,17 +63,23 @@ def parse_show_stat(text: str) -> SessionUsage:
                         connections_active=active, connections_total=total)
 
 
-def _query_stats(path: str, timeout: float = 2.0) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(b"show stat\n")
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+def _query_stats(session_dir: Path, timeout: float = 2.0) -> str:
+    # A state dir path can exceed the 107 bytes of a unix socket address:
+    # reach the socket through a descriptor of its directory.
+    dirfd = os.open(session_dir, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(f"/proc/self/fd/{dirfd}/{_STATS_SOCKET}")
+            s.sendall(b"show stat\n")
+            chunks = []
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        os.close(dirfd)
     return b"".join(chunks).decode("utf-8", "replace")
 
 
@@ -92,7 +99,7 @@ class HaproxyBackend(SubprocessBackend):
             certs = CertFiles(cert=certs.cert, key=certs.key, ca=certs.ca,
                               server_name=certs.server_name, combined_pem=str(combined))
         conf = path / "haproxy.cfg"
-        write_private(conf, haproxy_config(plan, stats_socket=str(path / _STATS_SOCKET), certs=certs,
+        write_private(conf, haproxy_config(plan, stats_socket=_STATS_SOCKET, certs=certs,
                                            idle_timeout_s=self._idle_timeout(),
                                            connect_timeout_s=self._connect_timeout()))
         return [self.binary, "-db", "-f", str(conf)]
@@ -103,7 +110,7 @@ class HaproxyBackend(SubprocessBackend):
         if session is None or not session.child.alive:
             return SessionUsage(errors=errors)
         try:
-            text = await asyncio.to_thread(_query_stats, str(session.path / _STATS_SOCKET))
+            text = await asyncio.to_thread(_query_stats, session.path)
         except OSError:
             return SessionUsage(errors=errors)
         stats = parse_show_stat(text)
