@@ -149,6 +149,7 @@ class Options:
     seed: int
     engine: str
     timeout: float
+    corrupt_at: int = -1  # tests: the producer flips the byte at this offset
 
 
 @dataclass
@@ -335,7 +336,8 @@ class Demo:
         host: netns.Host | None = "producer" if self.topo else None
         listen = format_endpoint(netns.ADDR["producer"] if self.topo else "127.0.0.1", 0)
         proc = self.popen(host, [sys.executable, "-m", "scistream.demo_apps", "producer", "--listen",
-                                 listen, "--seed", str(self.opts.seed)], "producer-app",
+                                 listen, "--seed", str(self.opts.seed),
+                                 "--corrupt-at", str(self.opts.corrupt_at)], "producer-app",
                           stdout=subprocess.PIPE)
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -610,8 +612,10 @@ def _parse_size(text: str) -> int:
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds the consumer waits on a silent connection.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+@click.option("--corrupt-at", type=int, default=-1, hidden=True,
+              help="Self-test: the producer flips the byte at this offset; the demo must fail.")
 def demo(*, size: str, num_conn: int, security: str, backend: str, use_netns: bool, keep: bool,
-         seed: int | None, engine: str | None, timeout: float, as_json: bool) -> None:
+         seed: int | None, engine: str | None, timeout: float, as_json: bool, corrupt_at: int) -> None:
     """Two gateways, a producer, a consumer, real TLS: stream and verify every byte.
 
     Certificates, two s2cs (each with its s2ds), a producer application and the
@@ -626,7 +630,7 @@ def demo(*, size: str, num_conn: int, security: str, backend: str, use_netns: bo
     opts = Options(size=_parse_size(size), num_conn=num_conn, security=security, backend=backend,
                    use_netns=use_netns, keep=keep,
                    seed=seed if seed is not None else secrets.randbelow(2**31),
-                   engine=engine or "", timeout=timeout)
+                   engine=engine or "", timeout=timeout, corrupt_at=corrupt_at)
     console = Console(stderr=as_json)
     report = run_demo(opts, console, show_progress=not as_json and console.is_terminal)
     clean = report.released and report.ports_rebindable and not report.processes_left

@@ -92,14 +92,21 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _serve_one(conn: socket.socket, stream: Stream) -> None:
+def _serve_one(conn: socket.socket, stream: Stream, corrupt_at: int) -> None:
     with conn:
         try:
             magic, offset, length = HEADER.unpack(_recv_exact(conn, HEADER.size))
             if magic != MAGIC:
                 return
+            pos = offset
             for chunk in stream.chunks(offset, length):
-                conn.sendall(chunk)
+                out: bytes | memoryview = chunk
+                if pos <= corrupt_at < pos + len(chunk):  # the demo's self-test of its check
+                    bad = bytearray(chunk)
+                    bad[corrupt_at - pos] ^= 0xFF
+                    out = bytes(bad)
+                conn.sendall(out)
+                pos += len(chunk)
             conn.shutdown(socket.SHUT_WR)
             # Wait for the consumer to close so the last bytes are not cut by a reset.
             conn.settimeout(30)
@@ -109,7 +116,7 @@ def _serve_one(conn: socket.socket, stream: Stream) -> None:
             pass  # the consumer went away; it reports that side
 
 
-def run_producer(listen: str, seed: int) -> None:
+def run_producer(listen: str, seed: int, corrupt_at: int = -1) -> None:
     host, port = parse_endpoint(listen, allow_port_zero=True)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     srv = socket.socket(family, socket.SOCK_STREAM)
@@ -120,7 +127,7 @@ def run_producer(listen: str, seed: int) -> None:
     _emit({"listening": format_endpoint(host, srv.getsockname()[1])})
     while True:
         conn, _ = srv.accept()
-        threading.Thread(target=_serve_one, args=(conn, stream), daemon=True).start()
+        threading.Thread(target=_serve_one, args=(conn, stream, corrupt_at), daemon=True).start()
 
 
 # --------------------------------------------------------------------------- consumer
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("producer")
     p.add_argument("--listen", required=True)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--corrupt-at", type=int, default=-1, help=argparse.SUPPRESS)
     c = sub.add_parser("consumer")
     c.add_argument("--connect", required=True, help="comma-separated host:port, one per connection")
     c.add_argument("--size", type=int, required=True)
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.role == "producer":
-            run_producer(args.listen, args.seed)
+            run_producer(args.listen, args.seed, args.corrupt_at)
             return 0
         return run_consumer([e for e in args.connect.split(",") if e], args.size, args.timeout,
                             args.interval)
