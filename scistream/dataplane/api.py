@@ -73,8 +73,16 @@ COMPAT_PSK_IDENTITY = "client1"
 
 
 def compat_key_from_uid(uid: str) -> bytes:
-    """The 1.x data-channel key: the uid without dashes, as ASCII bytes."""
-    return uid.replace("-", "").encode("ascii")
+    """The key bytes a SciStream 1.x stunnel gateway uses for ``uid``.
+
+    1.x writes ``client1:<uid without dashes>`` to stunnel's PSKsecrets, and
+    stunnel 5.68 decodes a key text made only of hex digits as hex (any other
+    text is used as raw bytes). A uuid uid therefore means 16 key bytes.
+    """
+    text = uid.replace("-", "")
+    if text and len(text) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return bytes.fromhex(text)
+    return text.encode("utf-8")
 
 
 @dataclass(frozen=True)
