@@ -79,7 +79,12 @@ def compat_key_from_uid(uid: str) -> bytes:
     stunnel 5.68 decodes a key text made only of hex digits as hex (any other
     text is used as raw bytes). A uuid uid therefore means 16 key bytes.
     """
-    text = uid.replace("-", "")
+    return psk_key_from_text(uid.replace("-", ""))
+
+
+def psk_key_from_text(text: str) -> bytes:
+    """The key bytes stunnel 5.68 uses for the KEY text of a PSKsecrets line:
+    hex-decoded when the text is only hex digits (even length), else the raw text."""
     if text and len(text) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in text):
         return bytes.fromhex(text)
     return text.encode("utf-8")
