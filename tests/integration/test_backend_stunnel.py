@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -35,7 +36,9 @@ pytestmark = [pytest.mark.stunnel, pytest.mark.skipif(STUNNEL is None, reason="s
 
 
 @pytest.mark.parametrize("security", ["tls", "compat"])
-def test_pair_moves_exact_bytes_both_ways_and_remove_cleans_up(tmp_path: Path, security: str) -> None:
+def test_pair_moves_exact_bytes_both_ways_and_remove_cleans_up(tmp_path: Path, security: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     with running_pair("stunnel", security, tmp_path) as pair:  # type: ignore[arg-type]
         session_dir = Path(pair.prod.options.state_dir) / "sessions" / pair.uid
         assert session_dir.stat().st_mode & 0o777 == 0o700
@@ -47,6 +50,7 @@ def test_pair_moves_exact_bytes_both_ways_and_remove_cleans_up(tmp_path: Path, s
         key = (session_dir / "psk.txt").read_text().split(":", 1)[1].strip()
         assert key not in log
         check_removed(pair)
+    assert key not in caplog.text and bytes.fromhex(key).hex() not in caplog.text
 
 
 def test_apply_is_idempotent_and_replaces_a_changed_plan(tmp_path: Path) -> None:

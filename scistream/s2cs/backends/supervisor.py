@@ -297,13 +297,15 @@ def _ignore_missing(func: Callable[..., object], path: str, exc_info: object) ->
     raise exc if isinstance(exc, BaseException) else OSError(f"cannot remove {path}")
 
 
-def sweep_stale_sessions(state_dir: str, owner: str) -> list[str]:
+def sweep_stale_sessions(state_dir: str, owner: str, keep: set[str] | None = None) -> list[str]:
     """Remove session directories this backend left behind (s2cs was killed); returns their uids."""
     root = Path(state_dir) / "sessions"
     removed: list[str] = []
     if not root.is_dir():
         return removed
     for entry in sorted(root.iterdir()):
+        if keep and entry.name in keep:
+            continue
         marker = entry / OWNER_FILE
         try:
             if entry.is_symlink() or marker.read_text().strip() != owner:
@@ -357,6 +359,7 @@ class SubprocessBackend(Backend):
         self._locks: dict[str, asyncio.Lock] = {}
         self._failures: dict[str, str] = {}
         self.binary = ""
+        self._swept = False
         #: Called (from a reaper thread) with (uid, message) when a child dies unasked.
         self.on_session_failed: Callable[[str, str], None] | None = None
 
@@ -390,7 +393,11 @@ class SubprocessBackend(Backend):
         self.binary = find_binary(self.options.extra.get(f"{self.name}_bin"), self.default_binary(),
                                   self.package)
         await self._check_binary()
-        for uid in sweep_stale_sessions(self.options.state_dir, self.name):
+        if self._swept:
+            return
+        self._swept = True
+        # Children die with s2cs, so directories found now belong to a previous s2cs.
+        for uid in sweep_stale_sessions(self.options.state_dir, self.name, keep=set(self._sessions)):
             log.info("removed the files %s left for session %s before s2cs restarted", self.name, uid)
 
     def default_binary(self) -> str:
