@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,18 +353,42 @@ class Demo:
         return self.run_cmd(host, [*_exe("s2uc"), *args], timeout)
 
     def setup_stream(self) -> list[str]:
-        """The two-sided set-up; returns where the consumer connects."""
+        """The two-sided set-up as users type it: ``s2uc stream --appctrl`` on the
+        consumer's gateway while each application's controller says hello to its
+        own gateway (``appctrl mock``, as in the tutorial). Returns where the
+        consumer connects."""
         prod, cons = self.facilities["producer"], self.facilities["consumer"]
-        args = ["stream", "--prod-s2cs", prod.control, "--cons-s2cs", cons.control,
-                "--server_cert", str(self.cert), "--num_conn", str(self.opts.num_conn),
-                "--security", self.opts.security, "--producer", self.producer_endpoint, "--json"]
+        uid = str(uuid.uuid1())
+        self.report.uid = uid
+        s2uc_host: netns.Host | None = "cons_gw" if self.topo else None
         t0 = time.monotonic()
-        res = self.s2uc(args, timeout=120)
+        s2uc = self.popen(s2uc_host, [
+            *_exe("s2uc"), "stream", "--prod-s2cs", prod.control, "--cons-s2cs", cons.control,
+            "--server_cert", str(self.cert), "--num_conn", str(self.opts.num_conn),
+            "--security", self.opts.security, "--uid", uid, "--appctrl", "--json"],
+            "s2uc", stdout=subprocess.PIPE)
+        app_host, app_port = parse_endpoint(self.producer_endpoint)
+        hellos = [
+            self.popen("producer" if self.topo else None, [
+                *_exe("appctrl"), "mock", uid, prod.hello_control, "INVALID_TOKEN", "PROD", app_host,
+                "--ports", str(app_port), "--server_cert", str(self.cert)], "appctrl-producer"),
+            self.popen("consumer" if self.topo else None, [
+                *_exe("appctrl"), "mock", uid, cons.hello_control, "INVALID_TOKEN", "CONS",
+                netns.ADDR["consumer"] if self.topo else "127.0.0.1", "--ports", "5074",
+                "--server_cert", str(self.cert)], "appctrl-consumer"),
+        ]
+        try:
+            out, _ = s2uc.communicate(timeout=120)
+            for h in hellos:
+                h.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise DemoError("the stream set-up took more than 2 minutes") from None
         self.report.setup_seconds = time.monotonic() - t0
-        if res.returncode != 0:
-            raise DemoError(f"s2uc stream failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
-        doc = json.loads(res.stdout)
-        self.report.uid = doc["uid"]
+        for name, proc in (("s2uc", s2uc), ("appctrl-producer", hellos[0]),
+                           ("appctrl-consumer", hellos[1])):
+            if proc.returncode != 0:
+                raise DemoError(f"{name} failed: {self.log_tail(name, 2)}")
+        doc = json.loads(out)
         self.report.listeners = {"producer": list(doc["producer"]["listeners"]),
                                  "consumer": list(doc["consumer"]["listeners"])}
         return list(doc["connect"])
@@ -496,7 +521,7 @@ def _render(report: Report, console: Any) -> None:
     table.add_row("data channel", f"{report.security}, backend {report.backend}, "
                                   f"{report.num_conn} connection(s)")
     table.add_row("session", report.uid or "-")
-    table.add_row("set-up (s2uc stream, both sides)", f"{report.setup_seconds * 1000:.0f} ms")
+    table.add_row("set-up (s2uc stream + hellos)", f"{report.setup_seconds * 1000:.0f} ms")
     table.add_row("transferred", f"{report.size / 2**20:.1f} MiB in {report.transfer_seconds:.2f} s")
     table.add_row("throughput", f"{report.gbps:.2f} Gbit/s")
     for side, cpu in report.gateway_cpu.items():
@@ -557,7 +582,7 @@ def run_demo(opts: Options, console: Any, show_progress: bool) -> Report:
                     demo.start_gateways()
                     demo.start_producer()
                 demo.start_expected()
-                with status("setting the stream up: s2uc stream (req, hello, update on both sides)"):
+                with status("setting the stream up: s2uc stream + appctrl hellos on both sides"):
                     connect = demo.setup_stream()
                 progress = Progress(TextColumn("consumer"), BarColumn(), DownloadColumn(binary_units=True),
                                     TransferSpeedColumn(), TimeRemainingColumn(), console=console,
