@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import socket
 import ssl
@@ -411,6 +412,7 @@ class _Conn:
         self.client: _Leg | None = None
         self.target_leg: _Leg | None = None
         self.setup: asyncio.Task[None] | None = None
+        self.setup_done = False  # set by the setup task itself, which cannot ask setup.done()
         self.finished = False
         self.failed = False
         self.handshake_failed = False
@@ -493,7 +495,7 @@ class _Conn:
     def maybe_finish(self) -> None:
         if self.finished:
             return
-        if self.setup is not None and not self.setup.done():
+        if not self.setup_done:
             return
         if any(not leg.lost for leg in self.legs()):
             return
@@ -690,6 +692,17 @@ class PyEngine(EngineBase):
             conn = _Conn(self, state, self._next_conn_id, peer, state.next_target())
             self._next_conn_id += 1
             conn.setup = self.loop.create_task(self._setup(conn, csock))
+            conn.setup.add_done_callback(functools.partial(self._setup_ended, conn, csock))
+
+    def _setup_ended(self, conn: _Conn, csock: socket.socket, _task: asyncio.Task[None]) -> None:
+        if conn.setup_done:
+            return
+        # Cancelled before it ever ran (close or remove_route right after accept): the
+        # accepted socket is still ours to close.
+        csock.close()
+        self.n_fds -= 1
+        conn.setup_done = True
+        conn.maybe_finish()
 
     def _backoff_accept(self, state: _RouteState) -> None:
         sock = state.sock
@@ -736,6 +749,7 @@ class PyEngine(EngineBase):
                 if leg.transport is not None and not leg.lost:
                     leg.transport.abort()
         finally:
+            conn.setup_done = True
             conn.maybe_finish()
 
     async def _connect(self, conn: _Conn, timeout: float) -> str | None:
