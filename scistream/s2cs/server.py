@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from scistream._proto import scistream_pb2_grpc
 from scistream.s2cs.audit import AuditLog
 from scistream.s2cs.auth import Authenticator, make_authenticator
 from scistream.s2cs.backends import create_backend
@@ -29,7 +28,7 @@ from scistream.s2cs.events import EventPublisher
 from scistream.s2cs.manager import SessionManager
 from scistream.s2cs.metrics import Metrics
 from scistream.s2cs.ports import PortAllocator
-from scistream.s2cs.servicer import ControlServicer
+from scistream.s2cs.servicer import ControlServicer, add_to_server
 from scistream.s2cs.store import SessionStore, ensure_private_dir
 from scistream.s2cs.targets import TargetPolicy
 
@@ -121,7 +120,7 @@ class S2CSServer:
             maximum_concurrent_rpcs=None,
         )
         servicer = ControlServicer(manager, auth, lambda: {"events": events.endpoint, "metrics": metrics.url})
-        scistream_pb2_grpc.add_ControlServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

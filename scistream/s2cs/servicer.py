@@ -226,3 +226,53 @@ class ControlServicer(scistream_pb2_grpc.ControlServicer):
         # What the server is, not who uses it: answered without a token (like a
         # health check) so clients can choose their flow before logging in.
         return await self._run("server_info", request, context, body, authenticate=False)
+
+
+class _Malformed:
+    """A request body that did not parse (gRPC would otherwise answer UNKNOWN)."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _parser(cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except Exception:
+            return _Malformed(cls.__name__)
+
+    return parse
+
+
+def _guarded(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Any:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {request.type_name} message"
+            )
+        return await method(request, context)
+
+    return handler
+
+
+def add_to_server(servicer: ControlServicer, server: grpc.aio.Server) -> None:
+    """Register the Control service with parsers that turn an undecodable message into
+    INVALID_ARGUMENT (the generated registration lets gRPC answer UNKNOWN)."""
+    table: dict[str, tuple[Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], Any]] = {
+        "req": (servicer.req, scistream_pb2.Request),
+        "update": (servicer.update, scistream_pb2.UpdateTargets),
+        "release": (servicer.release, scistream_pb2.Release),
+        "hello": (servicer.hello, scistream_pb2.Hello),
+        "status": (servicer.status, scistream_pb2.StatusRequest),
+        "server_info": (servicer.server_info, scistream_pb2.ServerInfoRequest),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            _guarded(method),
+            request_deserializer=_parser(cls),
+            response_serializer=lambda msg: msg.SerializeToString(),
+        )
+        for name, (method, cls) in table.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("scistream.Control", handlers),))

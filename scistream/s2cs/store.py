@@ -3,7 +3,8 @@
 The data-channel key is stored too: after a restart a session whose routes are
 gone must be re-applied with the same key its peer holds. The database file is
 mode 0600 in a 0700 directory and the key never appears in a log. A session's
-row is deleted when it ends.
+row is deleted when it ends, with secure_delete and a WAL truncation so
+its key does not linger in free pages or old WAL frames.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class SessionStore:
         # not fsync on every session change (hundreds of sessions per second).
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # A deleted row (with its key) is overwritten, not left in a free page.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute(_SCHEMA)
         for suffix in ("-wal", "-shm"):
             if os.path.exists(path + suffix):
@@ -55,6 +58,9 @@ class SessionStore:
 
     def delete(self, uid: str) -> None:
         self._db.execute("DELETE FROM sessions WHERE uid = ?", (uid,))
+        # Old WAL frames still hold the row: fold them into the (zeroed) database file
+        # and truncate the WAL, so a released session's key is gone from disk.
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def load(self) -> list[tuple[dict[str, Any], bytes]]:
         rows = self._db.execute("SELECT data, psk FROM sessions ORDER BY rowid").fetchall()

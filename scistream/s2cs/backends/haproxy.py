@@ -32,8 +32,12 @@ def operator_certs(extra: dict[str, str] | object, proxy: str) -> CertFiles | No
     get = getattr(extra, "get", None)
     if get is None:
         return None
-    files = CertFiles(cert=get("tls_cert", ""), key=get("tls_key", ""), ca=get("tls_ca", ""),
-                      server_name=get("tls_server_name", ""))
+    files = CertFiles(
+        cert=get("tls_cert", ""),
+        key=get("tls_key", ""),
+        ca=get("tls_ca", ""),
+        server_name=get("tls_server_name", ""),
+    )
     for label, path in (("tls_cert", files.cert), ("tls_key", files.key), ("tls_ca", files.ca)):
         if path and not Path(path).is_file():
             raise BackendError(f"{proxy} setting {label}: {path} is not a readable file")
@@ -59,8 +63,12 @@ def parse_show_stat(text: str) -> SessionUsage:
         from_target += int(row.get("bout") or 0)
         active += int(row.get("scur") or 0)
         total += int(row.get("stot") or 0)
-    return SessionUsage(bytes_to_target=to_target, bytes_from_target=from_target,
-                        connections_active=active, connections_total=total)
+    return SessionUsage(
+        bytes_to_target=to_target,
+        bytes_from_target=from_target,
+        connections_active=active,
+        connections_total=total,
+    )
 
 
 def _query_stats(session_dir: Path, timeout: float = 2.0) -> str:
@@ -96,12 +104,24 @@ class HaproxyBackend(SubprocessBackend):
             combined = path / "gateway.pem"
             pem = Path(certs.cert).read_text() + "\n" + Path(certs.key).read_text()
             write_private(combined, pem)
-            certs = CertFiles(cert=certs.cert, key=certs.key, ca=certs.ca,
-                              server_name=certs.server_name, combined_pem=str(combined))
+            certs = CertFiles(
+                cert=certs.cert,
+                key=certs.key,
+                ca=certs.ca,
+                server_name=certs.server_name,
+                combined_pem=str(combined),
+            )
         conf = path / "haproxy.cfg"
-        write_private(conf, haproxy_config(plan, stats_socket=_STATS_SOCKET, certs=certs,
-                                           idle_timeout_s=self._idle_timeout(),
-                                           connect_timeout_s=self._connect_timeout()))
+        write_private(
+            conf,
+            haproxy_config(
+                plan,
+                stats_socket=_STATS_SOCKET,
+                certs=certs,
+                idle_timeout_s=self._idle_timeout(),
+                connect_timeout_s=self._connect_timeout(),
+            ),
+        )
         return [self.binary, "-db", "-f", str(conf)]
 
     async def usage(self, uid: str) -> SessionUsage:
@@ -114,6 +134,10 @@ class HaproxyBackend(SubprocessBackend):
         except OSError:
             return SessionUsage(errors=errors)
         stats = parse_show_stat(text)
-        return SessionUsage(bytes_to_target=stats.bytes_to_target, bytes_from_target=stats.bytes_from_target,
-                            connections_active=stats.connections_active,
-                            connections_total=stats.connections_total, errors=errors)
+        return SessionUsage(
+            bytes_to_target=stats.bytes_to_target,
+            bytes_from_target=stats.bytes_from_target,
+            connections_active=stats.connections_active,
+            connections_total=stats.connections_total,
+            errors=errors,
+        )

@@ -52,6 +52,7 @@ from scistream.s2ds.client import S2dsClient, S2dsUnavailable
 from scistream.s2ds.convert import route_to_spec
 from scistream.s2ds.keys import CurveKeyError, load_keypair, load_public
 from scistream.s2ds.paths import default_control_address, ipc_path
+from scistream.s2ds.psk import as_stunnel_key
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ def session_routes(plan: SessionPlan) -> list[Route]:
     if plan.security in ("tls", "compat"):
         compat = plan.security == "compat"
         key = plan.psk_key or (compat_key_from_uid(plan.uid) if compat else b"")
+        if compat:
+            # A 1.x stunnel peer decodes the uid-derived key text as hex; so must we.
+            key = as_stunnel_key(key)
         if not key:
             raise BackendError(f"session {plan.uid} asks for TLS but has no key")
         tls = Tls(
@@ -93,8 +97,14 @@ def session_routes(plan: SessionPlan) -> list[Route]:
     if tls is not None:
         labels["key_fp"] = key_fingerprint(tls.psk_key)
     return [
-        Route(route_id=rp.route_id, listen=rp.listen, targets=(rp.target,), tls=tls,
-              rate_limit=per_route, labels=labels)
+        Route(
+            route_id=rp.route_id,
+            listen=rp.listen,
+            targets=(rp.target,),
+            tls=tls,
+            rate_limit=per_route,
+            labels=labels,
+        )
         for rp in plan.routes
     ]
 
@@ -120,8 +130,15 @@ def spawn_s2ds(address: str, state_dir: str, extra_args: list[str] | None = None
     env = dict(os.environ, SCISTREAM_STATE_DIR=str(state.absolute()))
     log_fd = os.open(state / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                env=env, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
     finally:
         os.close(log_fd)
     _spawned[proc.pid] = proc
@@ -214,9 +231,14 @@ class NativeBackend(Backend):
             if server_key or client_key:
                 if not (server_key and client_key):
                     raise BackendError(
-                        "a CURVE s2ds needs both s2ds_curve_server_key and s2ds_curve_client_key")
-                return S2dsClient(self.address, curve_server_public=load_public(server_key),
-                                  curve_keys=load_keypair(client_key), timeout=timeout)
+                        "a CURVE s2ds needs both s2ds_curve_server_key and s2ds_curve_client_key"
+                    )
+                return S2dsClient(
+                    self.address,
+                    curve_server_public=load_public(server_key),
+                    curve_keys=load_keypair(client_key),
+                    timeout=timeout,
+                )
             return S2dsClient(self.address, timeout=timeout)
         except (CurveKeyError, ValueError) as exc:
             raise BackendError(f"cannot reach s2ds at {self.address}: {exc}") from None
@@ -232,11 +254,17 @@ class NativeBackend(Backend):
         try:
             if await self._answers(client, 1.0):
                 info = await client.ping()
-                log.info("using s2ds %s (pid %d, engine %s) at %s",
-                         info["version"], info["pid"], info["engine"], self.address)
+                log.info(
+                    "using s2ds %s (pid %d, engine %s) at %s",
+                    info["version"],
+                    info["pid"],
+                    info["engine"],
+                    self.address,
+                )
             elif not self.options.spawn_s2ds or ipc_path(self.address) is None:
-                raise BackendError(f"no s2ds answers on {self.address}; start one with "
-                                   f"`s2ds serve --control {self.address}`")
+                raise BackendError(
+                    f"no s2ds answers on {self.address}; start one with `s2ds serve --control {self.address}`"
+                )
             else:
                 await self._spawn_and_wait(client)
         except BaseException:
@@ -263,8 +291,9 @@ class NativeBackend(Backend):
             proc = _spawned.get(pid)
             if proc is not None and proc.poll() is not None:
                 _spawned.pop(pid, None)
-                raise BackendError(f"s2ds exited at start (code {proc.returncode}): "
-                                   f"{_last_log_line(self.options.state_dir)}")
+                raise BackendError(
+                    f"s2ds exited at start (code {proc.returncode}): {_last_log_line(self.options.state_dir)}"
+                )
             if await self._answers(client, 0.5):
                 return
             await asyncio.sleep(0.1)
@@ -274,8 +303,11 @@ class NativeBackend(Backend):
         desired = session_routes(plan)
         added: list[str] = []
         try:
-            existing = {i.route.route_id: i.route for i in await self.client.routes()
-                        if i.route.labels.get("uid") == plan.uid}
+            existing = {
+                i.route.route_id: i.route
+                for i in await self.client.routes()
+                if i.route.labels.get("uid") == plan.uid
+            }
             for route in desired:
                 current = existing.pop(route.route_id, None)
                 if current is not None:
@@ -338,10 +370,16 @@ class NativeBackend(Backend):
             connections_active=sum(rs.connections_active for rs in mine),
             connections_total=sum(rs.connections_total for rs in mine),
             connections=tuple(
-                ConnectionUsage(listener=rs.bound, peer=c.peer, target=c.target,
-                                bytes_to_target=c.bytes_to_target, bytes_from_target=c.bytes_from_target,
-                                started_at=c.started_at)
-                for rs in mine for c in rs.connections
+                ConnectionUsage(
+                    listener=rs.bound,
+                    peer=c.peer,
+                    target=c.target,
+                    bytes_to_target=c.bytes_to_target,
+                    bytes_from_target=c.bytes_from_target,
+                    started_at=c.started_at,
+                )
+                for rs in mine
+                for c in rs.connections
             ),
             errors=errors,
         )

@@ -38,15 +38,18 @@ class NginxBackend(SubprocessBackend):
 
     async def _check_binary(self) -> None:
         proc = await asyncio.create_subprocess_exec(
-            self.binary, "-V", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            self.binary, "-V", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
         out, _ = await proc.communicate()
         build = out.decode("utf-8", "replace")
         module = self.options.extra.get("nginx_stream_module", "")
         if "--with-stream=dynamic" in build or module:
             module = module or DEFAULT_STREAM_MODULE
             if not Path(module).is_file():
-                raise BackendError(f"nginx has no stream module ({module} is missing); "
-                                   "install libnginx-mod-stream or set nginx_stream_module")
+                raise BackendError(
+                    f"nginx has no stream module ({module} is missing); "
+                    "install libnginx-mod-stream or set nginx_stream_module"
+                )
             self.stream_module = module
         elif "--with-stream" not in build:
             raise BackendError("this nginx was built without the stream module; the nginx backend needs it")
@@ -60,8 +63,16 @@ class NginxBackend(SubprocessBackend):
     def _write_files(self, plan: SessionPlan, path: Path) -> list[str]:
         certs = operator_certs(self.options.extra, "nginx")
         conf = path / "nginx.conf"
-        write_private(conf, nginx_config(plan, pid_file=str(path / "nginx.pid"),
-                                         stream_module=self.stream_module, certs=certs,
-                                         idle_timeout_s=self._idle_timeout(),
-                                         connect_timeout_s=self._connect_timeout(), workers=self._workers()))
+        write_private(
+            conf,
+            nginx_config(
+                plan,
+                pid_file=str(path / "nginx.pid"),
+                stream_module=self.stream_module,
+                certs=certs,
+                idle_timeout_s=self._idle_timeout(),
+                connect_timeout_s=self._connect_timeout(),
+                workers=self._workers(),
+            ),
+        )
         return [self.binary, "-p", f"{path}/", "-c", str(conf), "-e", "stderr"]

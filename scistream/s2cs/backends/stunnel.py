@@ -34,6 +34,13 @@ class StunnelBackend(SubprocessBackend):
         psk = path / "psk.txt"
         write_private(psk, stunnel_psk_file(plan))
         conf = path / "stunnel.conf"
-        write_private(conf, stunnel_config(plan, psk_file=str(psk), idle_timeout_s=self._idle_timeout(),
-                                           connect_timeout_s=self._connect_timeout()))
+        write_private(
+            conf,
+            stunnel_config(
+                plan,
+                psk_file=str(psk),
+                idle_timeout_s=self._idle_timeout(),
+                connect_timeout_s=self._connect_timeout(),
+            ),
+        )
         return [self.binary, str(conf)]

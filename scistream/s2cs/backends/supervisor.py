@@ -75,8 +75,10 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
-_FAILURE = re.compile(r"(?i)already in use|cannot|could not|can't|failed|failure|error|invalid|"
-                      r"unknown|denied|not found|\[emerg\]|\[alert\]|\[crit\]")
+_FAILURE = re.compile(
+    r"(?i)already in use|cannot|could not|can't|failed|failure|error|invalid|"
+    r"unknown|denied|not found|\[emerg\]|\[alert\]|\[crit\]"
+)
 _STUNNEL_MARK = re.compile(r"^\[[ .:!]\]\s*")
 
 
@@ -151,8 +153,13 @@ class Child:
         if not self.stopping:
             self.unexpected_exit = True
             self.last_line = last_log_line(self.log_path)
-            log.warning("%s (pid %d) exited unexpectedly with status %d: %s",
-                        self.name, self.pid, code, self.last_line or "no log output")
+            log.warning(
+                "%s (pid %d) exited unexpectedly with status %d: %s",
+                self.name,
+                self.pid,
+                code,
+                self.last_line or "no log output",
+            )
         # Workers the leader left behind (nginx) must not keep the ports.
         self._kill_group(signal.SIGKILL)
         self.exited.set()
@@ -175,8 +182,9 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
 
-    def stop(self, *, timeout: float = 5.0, first: signal.Signals = signal.SIGTERM,
-             grace: float = 0.0) -> None:
+    def stop(
+        self, *, timeout: float = 5.0, first: signal.Signals = signal.SIGTERM, grace: float = 0.0
+    ) -> None:
         """Signal, wait up to ``grace + timeout`` seconds, then SIGKILL the group; always reaps.
 
         Blocking: the backends call it in a worker thread.
@@ -246,8 +254,7 @@ def wait_listening(child: Child, ports: Iterable[int], *, timeout: float, what: 
         if time.monotonic() > deadline:
             line = failure_reason(child.log_path)
             raise BackendError(
-                f"{what} was not listening on every port after {timeout:g} s"
-                + (f": {line}" if line else "")
+                f"{what} was not listening on every port after {timeout:g} s" + (f": {line}" if line else "")
             )
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
@@ -390,8 +397,9 @@ class SubprocessBackend(Backend):
 
     # -- Backend ----------------------------------------------------------------------------
     async def start(self) -> None:
-        self.binary = find_binary(self.options.extra.get(f"{self.name}_bin"), self.default_binary(),
-                                  self.package)
+        self.binary = find_binary(
+            self.options.extra.get(f"{self.name}_bin"), self.default_binary(), self.package
+        )
         await self._check_binary()
         if self._swept:
             return
@@ -419,18 +427,32 @@ class SubprocessBackend(Backend):
             if current is not None:
                 await self._stop_session(plan.uid, drain=False)
             if plan.rate_limit > 0 and not self.enforces_rate_limit:
-                log.warning("session %s asks for a rate limit of %d B/s, which the %s backend cannot "
-                            "enforce; it runs unlimited", plan.uid, plan.rate_limit, self.name)
+                log.warning(
+                    "session %s asks for a rate limit of %d B/s, which the %s backend cannot "
+                    "enforce; it runs unlimited",
+                    plan.uid,
+                    plan.rate_limit,
+                    self.name,
+                )
             ports = [split_endpoint(r.listen)[1] for r in plan.routes]
             path = make_session_dir(self.options.state_dir, plan.uid, self.name)
             child: Child | None = None
             try:
                 argv = self._write_files(plan, path)
-                child = Child(f"{self.name}[{plan.uid}]", argv, log_path=path / "proxy.log", cwd=path,
-                              on_exit=self._child_exited(plan.uid))
-                await asyncio.to_thread(wait_listening, child, ports,
-                                        timeout=self._setting_float("start_timeout", 10.0),
-                                        what=f"{self.name} for session {plan.uid}")
+                child = Child(
+                    f"{self.name}[{plan.uid}]",
+                    argv,
+                    log_path=path / "proxy.log",
+                    cwd=path,
+                    on_exit=self._child_exited(plan.uid),
+                )
+                await asyncio.to_thread(
+                    wait_listening,
+                    child,
+                    ports,
+                    timeout=self._setting_float("start_timeout", 10.0),
+                    what=f"{self.name} for session {plan.uid}",
+                )
             except BaseException:
                 if child is not None:
                     await asyncio.to_thread(child.stop, timeout=self._setting_float("stop_timeout", 5.0))
@@ -438,16 +460,23 @@ class SubprocessBackend(Backend):
                 raise
             self._failures.pop(plan.uid, None)
             self._sessions[plan.uid] = _Session(plan, path, child)
-            log.info("%s session %s: %s %d route(s), pid %d", self.name, plan.uid, plan.role,
-                     len(plan.routes), child.pid)
+            log.info(
+                "%s session %s: %s %d route(s), pid %d",
+                self.name,
+                plan.uid,
+                plan.role,
+                len(plan.routes),
+                child.pid,
+            )
 
     def _child_exited(self, uid: str) -> Callable[[Child], None]:
         def record(child: Child) -> None:
             session = self._sessions.get(uid)
             if not child.unexpected_exit or session is None or session.child is not child:
                 return  # asked to stop, or failed while starting (apply reports that)
-            message = (f"{self.name} for session {uid} exited unexpectedly (status {child.returncode})"
-                       + (f": {child.last_line}" if child.last_line else ""))
+            message = f"{self.name} for session {uid} exited unexpectedly (status {child.returncode})" + (
+                f": {child.last_line}" if child.last_line else ""
+            )
             self._failures[uid] = message
             if self.on_session_failed is not None:
                 self.on_session_failed(uid, message)
@@ -460,8 +489,12 @@ class SubprocessBackend(Backend):
             return
         stop_timeout = self._setting_float("stop_timeout", 5.0)
         if drain and self.drain_signal is not None:
-            await asyncio.to_thread(session.child.stop, timeout=stop_timeout, first=self.drain_signal,
-                                    grace=self._setting_float("drain_timeout", 30.0))
+            await asyncio.to_thread(
+                session.child.stop,
+                timeout=stop_timeout,
+                first=self.drain_signal,
+                grace=self._setting_float("drain_timeout", 30.0),
+            )
         else:
             await asyncio.to_thread(session.child.stop, timeout=stop_timeout)
         remove_session_dir(session.path)
@@ -496,5 +529,4 @@ class SubprocessBackend(Backend):
         return SessionUsage(errors=self._base_errors(uid))
 
     async def close(self) -> None:
-        await asyncio.gather(*(self.remove(uid) for uid in list(self._sessions)),
-                             return_exceptions=True)
+        await asyncio.gather(*(self.remove(uid) for uid in list(self._sessions)), return_exceptions=True)
