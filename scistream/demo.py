@@ -496,9 +496,9 @@ class Demo:
             f"  logs: {self.workdir}/*.log",
             "Press Ctrl-C to release the session and stop everything.",
         ]
-        for line in lines:
-            self.echo(line)
-        with contextlib.suppress(KeyboardInterrupt):
+        with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C already while printing counts
+            for line in lines:
+                self.echo(line)
             while all(p.poll() is None for f in self.facilities.values() for p in f.procs):
                 time.sleep(0.5)
             self.echo("a gateway process exited; cleaning up")
