@@ -89,12 +89,15 @@ def s_client(address: str, *args: str, stdin: bytes = b"GET-SOMETHING\n",
                           input=stdin, capture_output=True, timeout=20, check=False)
 
 
+@pytest.mark.parametrize("mode", [TlsMode.PSK, TlsMode.COMPAT])
 def test_wrong_psk_refused(make_native_engine: Callable[..., EngineBase],
-                           stream_server: ServerFactory) -> None:
+                           stream_server: ServerFactory, mode: TlsMode) -> None:
     engine = make_native_engine()
     target = recording_target(stream_server)
-    bound = tls_pair(engine, target.address, psk_tls(TlsRole.CLIENT, key=b"w" * 32),
-                     psk_tls(TlsRole.SERVER, key=KEY))
+    identity = IDENTITY if mode is TlsMode.PSK else COMPAT_PSK_IDENTITY
+    bound = tls_pair(engine, target.address,
+                     psk_tls(TlsRole.CLIENT, key=b"w" * 32, mode=mode, identity=identity),
+                     psk_tls(TlsRole.SERVER, key=KEY, mode=mode, identity=identity))
     with connect(bound) as c:
         c.sendall(b"payload that must not reach the target")
         assert outcome(c, timeout=10) in ("eof", "reset"), "the client got data through a wrong key"
