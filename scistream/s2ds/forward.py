@@ -25,8 +25,8 @@ from scistream.dataplane import (
     Tls,
     TlsMode,
     TlsRole,
-    compat_key_from_uid,
 )
+from scistream.s2ds.psk import compat_key, stunnel_key_bytes
 from scistream.s2ds.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ class ForwardError(Exception):
 def read_psk_file(path: str | os.PathLike[str], identity: str = "") -> tuple[str, bytes]:
     """(identity, key) from a stunnel PSKsecrets file of ``IDENTITY:KEY`` lines.
 
-    As in stunnel, the key is the text after the first colon, used as bytes.
-    The first entry is used unless ``identity`` names another.
+    As in stunnel, the key is the text after the first colon, decoded as hex
+    when it is hex digits and used as bytes otherwise (see psk.py). The first
+    entry is used unless ``identity`` names another.
     """
     p = Path(path)
     try:
@@ -61,9 +62,10 @@ def read_psk_file(path: str | os.PathLike[str], identity: str = "") -> tuple[str
         ident, sep, key_text = line.partition(":")
         if not sep or not ident or not key_text:
             raise ForwardError(f"line {n} of PSK file {p} is not IDENTITY:KEY")
-        if len(key_text.encode()) < MIN_PSK_BYTES:
+        key = stunnel_key_bytes(key_text)
+        if len(key) < MIN_PSK_BYTES:
             raise ForwardError(f"the key of {ident!r} in {p} is shorter than {MIN_PSK_BYTES} bytes")
-        entries.append((ident, key_text.encode()))
+        entries.append((ident, key))
     if not entries:
         raise ForwardError(f"PSK file {p} holds no IDENTITY:KEY line")
     if not identity:
@@ -106,7 +108,7 @@ def build_tls(
             identity, secret = read_psk_file(psk_file, psk_identity)
         elif psk_from_uid:
             identity = psk_identity or COMPAT_PSK_IDENTITY
-            secret = compat_key_from_uid(psk_from_uid.strip())
+            secret = compat_key(psk_from_uid)
         else:
             raise ForwardError(f"--tls-mode {mode} needs --psk-file or --psk-from-uid")
     elif has_psk:

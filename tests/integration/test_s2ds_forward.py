@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -203,3 +205,73 @@ def test_forward_ctrl_c_drains_then_second_signal_exits() -> None:
             assert time.monotonic() - t0 < 2.0 and code == 128 + signal.SIGTERM
         finally:
             held.close()
+
+
+STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.stunnel
+@pytest.mark.parametrize("our_side", ["client", "server"])
+def test_forward_compat_interoperates_with_a_1x_stunnel(tmp_path: Path, our_side: str) -> None:
+    """`s2ds forward --psk-from-uid` speaks to a stunnel configured exactly as SciStream 1.x does
+    (client1:<uid without dashes>, ciphers = eNULL), in either role."""
+    need_native("TLS 1.2 PSK against stunnel")
+    if STUNNEL is None:
+        pytest.skip("stunnel4 is not installed")
+    uid = str(uuid.uuid4())
+    psk = tmp_path / "legacy.psk"
+    psk.write_text(f"client1:{uid.replace('-', '')}\n")
+    psk.chmod(0o600)
+    ours: Forward | None = None
+    with echo_server() as echo, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        legacy_port = s.getsockname()[1]
+        s.close()
+        if our_side == "client":
+            # compute node: our forwarder; gateway: a 1.x stunnel server in front of the app
+            legacy_cfg = f"accept = 127.0.0.1:{legacy_port}\nconnect = {echo.address}\n"
+        else:
+            # gateway: our forwarder (TLS server); compute node: a 1.x stunnel client
+            ours = Forward(
+                "--listen", "127.0.0.1:0", "--to", echo.address, "--tls", "server", "--psk-from-uid", uid
+            )
+            legacy_cfg = f"client = yes\naccept = 127.0.0.1:{legacy_port}\nconnect = {ours.bound}\n"
+        conf = tmp_path / "legacy.conf"
+        conf.write_text(
+            "foreground = yes\npid =\ndebug = 5\n[legacy]\n"
+            + legacy_cfg
+            + f"ciphers = eNULL\nsslVersionMax = TLSv1.2\nPSKsecrets = {psk}\nsecurityLevel = 0\n"
+        )
+        log = (tmp_path / "legacy.log").open("wb")
+        legacy = subprocess.Popen([STUNNEL, str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: port_open(legacy_port) or legacy.poll() is not None, 10)
+            if our_side == "client":
+                ours = Forward(
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--to",
+                    f"127.0.0.1:{legacy_port}",
+                    "--tls",
+                    "client",
+                    "--psk-from-uid",
+                    uid,
+                )
+                entry = ours.bound
+            else:
+                entry = f"127.0.0.1:{legacy_port}"
+            sent, got, n = echo_roundtrip(entry, MiB)
+            assert (got, n) == (sent, MiB), (tmp_path / "legacy.log").read_text()
+            assert ours.finish() == 0, ours.stderr
+        finally:
+            stop(legacy)
+            log.close()
+            if ours is not None:
+                stop(ours.proc)
+        legacy_log = (tmp_path / "legacy.log").read_text()
+        assert "AECDH" not in legacy_log  # a PSK suite was agreed on, never the anonymous one

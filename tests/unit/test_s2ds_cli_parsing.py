@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scistream.dataplane import InvalidRoute, TlsMode, TlsRole, Tuning, compat_key_from_uid
+from scistream.dataplane import InvalidRoute, TlsMode, TlsRole, Tuning
 from scistream.s2ds.forward import ForwardError, build_tls, read_psk_file
 from scistream.s2ds.knobs import KNOBS, tuning_from_options, tuning_options
 from scistream.s2ds.paths import default_control_address
+from scistream.s2ds.psk import as_stunnel_key, stunnel_key_bytes
 from scistream.s2ds.units import parse_rate, parse_size
 
 
@@ -61,10 +62,12 @@ def test_parsers_raise_only_value_error(text: str) -> None:
 
 def test_psk_file_stunnel_format(tmp_path: Path) -> None:
     f = tmp_path / "psk.txt"
-    f.write_text("# comment\n\nfirst:0123456789abcdef0123\nsecond:with:colons-in-the-key\n")
+    hex_key = "00112233445566778899AABBCCDDEEFF"
+    f.write_text(f"# comment\n\nfirst:a text key, not hex\nsecond:with:colons-in-the-key\nhexed:{hex_key}\n")
     f.chmod(0o600)
-    assert read_psk_file(f) == ("first", b"0123456789abcdef0123")
+    assert read_psk_file(f) == ("first", b"a text key, not hex")
     assert read_psk_file(f, "second") == ("second", b"with:colons-in-the-key")
+    assert read_psk_file(f, "hexed") == ("hexed", bytes.fromhex(hex_key))  # as stunnel decodes it
     with pytest.raises(ForwardError, match="no identity"):
         read_psk_file(f, "third")
 
@@ -75,6 +78,7 @@ def test_psk_file_stunnel_format(tmp_path: Path) -> None:
         ("", "holds no"),
         ("no-colon-here\n", "not IDENTITY:KEY"),
         ("id:short\n", "shorter than 16"),
+        ("id:00112233445566778899aabbccddee\n", "shorter than 16"),
         (":0123456789abcdef\n", "not IDENTITY:KEY"),
     ],
 )
@@ -94,7 +98,7 @@ def test_build_tls_modes(tmp_path: Path) -> None:
         TlsRole.CLIENT,
         TlsMode.COMPAT,
         "client1",
-        compat_key_from_uid(uid),
+        bytes.fromhex(uid.replace("-", "")),  # what a 1.x stunnel makes of the uid
     )
     upgraded = build_tls("server", "psk", psk_from_uid=uid)
     assert upgraded is not None and upgraded.mode is TlsMode.PSK
@@ -142,3 +146,19 @@ def test_default_control_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("SCISTREAM_STATE_DIR", str(tmp_path))
     assert default_control_address() == f"ipc://{tmp_path}/s2ds.sock"
     assert default_control_address("/srv/x") == "ipc:///srv/x/s2ds.sock"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("00ff", b"\x00\xff"),
+        ("00FFaa", b"\x00\xff\xaa"),
+        ("abc", b"abc"),  # odd number of hex digits: raw text
+        ("not hex at all", b"not hex at all"),
+        ("4f8583bca4d311ee9fd6034d1fcbd7c3", bytes.fromhex("4f8583bca4d311ee9fd6034d1fcbd7c3")),
+    ],
+)
+def test_stunnel_key_bytes(text: str, key: bytes) -> None:
+    assert stunnel_key_bytes(text) == key
+    assert as_stunnel_key(text.encode()) == key
+    assert as_stunnel_key(b"\xff\xfe raw bytes") == b"\xff\xfe raw bytes"

@@ -120,7 +120,10 @@ def test_session_routes_tls_roles_and_rate_split() -> None:
     assert cons[1].targets == ("10.0.0.9:6001",) and cons[1].listen == "0.0.0.0:5001"
     compat = session_routes(_plan("compat", key=b""))
     assert compat[0].tls is not None and compat[0].tls.mode is TlsMode.COMPAT
-    assert compat[0].tls.psk_key == compat_key_from_uid(_plan("compat").uid)
+    # The key a 1.x stunnel uses: the uid's hex digits decoded, whether given as text or not at all.
+    assert compat[0].tls.psk_key == bytes.fromhex(_plan("compat").uid.replace("-", ""))
+    given = session_routes(_plan("compat", key=compat_key_from_uid(_plan("compat").uid)))
+    assert given[0].tls is not None and given[0].tls.psk_key == compat[0].tls.psk_key
     plain = session_routes(_plan("plain", key=b""))
     assert all(r.tls is None and "key_fp" not in r.labels for r in plain)
     assert dict(plain[0].labels) == {"uid": _plan("plain").uid, "role": "PROD"}

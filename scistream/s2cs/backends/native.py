@@ -8,6 +8,10 @@ answered from those labels, so nothing here needs its own state to reconcile.
 Rate limit: the session's cap is split evenly over its routes (each route has
 its own token bucket), so the session as a whole never exceeds the cap.
 
+1.x interop (security "compat"): a key given as hex text (the uid without
+dashes) is decoded as a 1.x stunnel decodes it (see scistream/s2ds/psk.py), so
+this gateway, a 1.x gateway and the stunnel backend all use the same 16 bytes.
+
 Settings in ``BackendOptions.extra`` (all optional):
 ``s2ds_curve_server_key`` / ``s2ds_curve_client_key`` (key files for a tcp://
 s2ds), ``s2ds_timeout`` (seconds per command, default 5), ``s2ds_args``
