@@ -113,6 +113,8 @@ def native_parts() -> tuple[list[tuple[str, dict[str, object]]], list[Extension]
         [pyx],
         include_dirs=["csrc"],
         libraries=["s2engine", "ssl", "crypto", "pthread"],
+        # Relink when the engine changes: build_ext looks only at these for staleness.
+        depends=csources + sorted(glob.glob("csrc/*.h")),
         extra_compile_args=["-O2"] + (["-DSCISTREAM_DEBUG=1"] if DEBUG else []),
     )
     return libs, cythonize([ext], language_level=3, compiler_directives={"embedsignature": True})

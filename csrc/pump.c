@@ -74,6 +74,7 @@ void dir_release(struct s2_engine *e, struct dir *d) {
     d->buf = NULL;
 }
 
+/* Bytes are counted as they are taken from the source (as the pure engine does). */
 static void account(struct conn *c, struct dir *d, size_t n) {
     d->bytes += n;
     atomic_fetch_add_explicit(d == &c->d[0] ? &c->r->bytes_to : &c->r->bytes_from, n,
@@ -139,6 +140,8 @@ static void shut_plain(struct dir *d, struct pr *p) {
 }
 
 static void step_pipe(struct conn *c, struct dir *d, struct pr *p) {
+    /* Bounded in bytes, not only by the pipe's slots: a slot can hold a whole
+     * socket fragment, so the kernel alone would let a pipe hold several MiB. */
     if (!d->eof && d->pipe_bytes < d->pipe_cap) {
         size_t g = rate_grant(c, d->pipe_cap - d->pipe_bytes);
         if (g) {
@@ -147,6 +150,7 @@ static void step_pipe(struct conn *c, struct dir *d, struct pr *p) {
             rate_return(c, g, n > 0 ? (size_t)n : 0);
             if (n > 0) {
                 d->pipe_bytes += (size_t)n;
+                account(c, d, (size_t)n);
                 p->progress = 1;
             } else if (n == 0) {
                 d->eof = 1;
@@ -173,7 +177,6 @@ static void step_pipe(struct conn *c, struct dir *d, struct pr *p) {
                            SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (n > 0) {
             d->pipe_bytes -= (size_t)n;
-            account(c, d, (size_t)n);
             p->progress = 1;
         } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
             write_fail(c, d, errno, p);
@@ -235,6 +238,7 @@ static void read_buf(struct conn *c, struct dir *d, struct pr *p) {
     }
     rate_return(c, g, got);
     if (got) {
+        account(c, d, got);
         d->tail += got;
         p->progress = 1;
     }
@@ -260,7 +264,6 @@ static void write_buf(struct conn *c, struct dir *d, struct pr *p) {
             ERR_clear_error();
             if (SSL_write_ex(ssl, d->buf + d->head, len, &n)) {
                 d->head += n;
-                account(c, d, n);
                 p->progress = 1;
                 key_update(c, d, ssl, n);
                 continue;
@@ -276,7 +279,6 @@ static void write_buf(struct conn *c, struct dir *d, struct pr *p) {
         ssize_t n = send(d->dst->fd, d->buf + d->head, len, MSG_NOSIGNAL);
         if (n > 0) {
             d->head += (size_t)n;
-            account(c, d, (size_t)n);
             p->progress = 1;
             if ((size_t)n < len) return; /* socket buffer full: wait for EPOLLOUT */
         } else {
