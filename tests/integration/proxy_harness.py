@@ -120,8 +120,9 @@ class DuplexServer:
         self._thread.join(5)
 
 
-def duplex_transfer(endpoint: str, *, seed: int, send_bytes: int, timeout: float = LOOP_TIMEOUT
-                    ) -> tuple[str, int]:
+def duplex_transfer(
+    endpoint: str, *, seed: int, send_bytes: int, timeout: float = LOOP_TIMEOUT
+) -> tuple[str, int]:
     """Connect, send ``send_bytes`` while reading to EOF; returns (sha256, length) of what came back."""
     host, port = endpoint.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
@@ -180,12 +181,14 @@ class Pair:
 
 
 def make_backend(kind: str, state_dir: Path, extra: dict[str, str] | None = None) -> Backend:
-    return create_backend(kind, BackendOptions(state_dir=str(state_dir), listener_ip="127.0.0.1",
-                                               extra=extra or {}))
+    return create_backend(
+        kind, BackendOptions(state_dir=str(state_dir), listener_ip="127.0.0.1", extra=extra or {})
+    )
 
 
-def plans(uid: str, security: Security, targets: list[str], *, key: bytes,
-          identity: str) -> tuple[SessionPlan, SessionPlan, list[str], list[str]]:
+def plans(
+    uid: str, security: Security, targets: list[str], *, key: bytes, identity: str
+) -> tuple[SessionPlan, SessionPlan, list[str], list[str]]:
     prod_ports = [free_port() for _ in targets]
     cons_ports = [free_port() for _ in targets]
     prod_eps = [f"127.0.0.1:{p}" for p in prod_ports]
@@ -194,16 +197,31 @@ def plans(uid: str, security: Security, targets: list[str], *, key: bytes,
         identity, key = "", b""
     prod_routes = tuple(RoutePlan(f"{uid}/{i}", prod_eps[i], t) for i, t in enumerate(targets))
     prod = SessionPlan(uid, "PROD", prod_routes, security, identity, key)
-    cons = SessionPlan(uid, "CONS", tuple(RoutePlan(f"{uid}/{i}", cons_eps[i], prod_eps[i])
-                                          for i in range(len(targets))), security, identity, key)
+    cons = SessionPlan(
+        uid,
+        "CONS",
+        tuple(RoutePlan(f"{uid}/{i}", cons_eps[i], prod_eps[i]) for i in range(len(targets))),
+        security,
+        identity,
+        key,
+    )
     return prod, cons, prod_eps, cons_eps
 
 
 @contextlib.contextmanager
-def running_pair(kind: str, security: Security, tmp_path: Path, *, routes: int = 2,
-                 server_bytes: int = CHUNK, prod_extra: dict[str, str] | None = None,
-                 cons_extra: dict[str, str] | None = None, uid: str = "",
-                 key: bytes = b"", identity: str = "") -> Iterator[Pair]:
+def running_pair(
+    kind: str,
+    security: Security,
+    tmp_path: Path,
+    *,
+    routes: int = 2,
+    server_bytes: int = CHUNK,
+    prod_extra: dict[str, str] | None = None,
+    cons_extra: dict[str, str] | None = None,
+    uid: str = "",
+    key: bytes = b"",
+    identity: str = "",
+) -> Iterator[Pair]:
     uid = uid or "sess-" + os.urandom(4).hex()
     if security == "compat":
         key = key or uid.replace("-", "").encode().ljust(32, b"0")
@@ -215,8 +233,9 @@ def running_pair(kind: str, security: Security, tmp_path: Path, *, routes: int =
     runner = asyncio.Runner()
     prod = make_backend(kind, tmp_path / "prod", prod_extra)
     cons = make_backend(kind, tmp_path / "cons", cons_extra)
-    prod_plan, cons_plan, prod_eps, cons_eps = plans(uid, security, [s.endpoint for s in servers],
-                                                     key=key, identity=identity)
+    prod_plan, cons_plan, prod_eps, cons_eps = plans(
+        uid, security, [s.endpoint for s in servers], key=key, identity=identity
+    )
     try:
         runner.run(prod.start())
         runner.run(cons.start())
@@ -287,33 +306,61 @@ def make_certs(directory: Path, server_name: str = "gateway.test") -> CertSet:
     not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "scistream test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(not_before).not_valid_after(not_after)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)]))
-            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(not_before).not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName(server_name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(server_name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     directory.mkdir(parents=True, exist_ok=True)
     paths = CertSet(directory / "ca.pem", directory / "gw.pem", directory / "gw.key", server_name)
     paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    paths.key.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM,
-                                                 serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
+    paths.key.write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     os.chmod(paths.key, 0o600)
     return paths
 
@@ -338,8 +385,13 @@ def check_kill_detected(pair: Pair) -> None:
     assert not (Path(pair.prod.options.state_dir) / "sessions" / pair.uid).exists()
 
 
-def check_port_in_use(kind: str, tmp_path: Path, security: Security = "plain",
-                      extra: dict[str, str] | None = None, key: bytes = b"") -> str:
+def check_port_in_use(
+    kind: str,
+    tmp_path: Path,
+    security: Security = "plain",
+    extra: dict[str, str] | None = None,
+    key: bytes = b"",
+) -> str:
     """A listener port held by someone else: BackendError naming the cause, nothing left behind."""
     from scistream.s2cs.backends.base import BackendError
 
@@ -350,8 +402,14 @@ def check_port_in_use(kind: str, tmp_path: Path, security: Security = "plain",
     runner = asyncio.Runner()
     backend = make_backend(kind, tmp_path, extra)
     try:
-        plan = SessionPlan("busy", "PROD", (RoutePlan("busy/0", f"127.0.0.1:{port}", "127.0.0.1:9"),),
-                           security, "busy" if key else "", key)
+        plan = SessionPlan(
+            "busy",
+            "PROD",
+            (RoutePlan("busy/0", f"127.0.0.1:{port}", "127.0.0.1:9"),),
+            security,
+            "busy" if key else "",
+            key,
+        )
         try:
             runner.run(backend.apply(plan))
         except BackendError as exc:
@@ -369,16 +427,28 @@ def check_port_in_use(kind: str, tmp_path: Path, security: Security = "plain",
         blocker.close()
 
 
-def check_refused(kind: str, tmp_path: Path, security: Security, role: str, expected: str,
-                  extra: dict[str, str] | None = None) -> None:
+def check_refused(
+    kind: str,
+    tmp_path: Path,
+    security: Security,
+    role: str,
+    expected: str,
+    extra: dict[str, str] | None = None,
+) -> None:
     """apply() of a plan the backend cannot carry: BackendError saying ``expected``; no child, no files."""
     from scistream.s2cs.backends.base import BackendError
 
     runner = asyncio.Runner()
     backend = make_backend(kind, tmp_path, extra)
     try:
-        plan = SessionPlan("nope", role, (RoutePlan("nope/0", f"127.0.0.1:{free_port()}", "127.0.0.1:9"),),
-                           security, "nope", os.urandom(32).hex().encode())
+        plan = SessionPlan(
+            "nope",
+            role,
+            (RoutePlan("nope/0", f"127.0.0.1:{free_port()}", "127.0.0.1:9"),),
+            security,
+            "nope",
+            os.urandom(32).hex().encode(),
+        )
         try:
             runner.run(backend.apply(plan))
         except BackendError as exc:
@@ -403,8 +473,13 @@ def check_wan_leg_is_tls13_only(pair: Pair) -> None:
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         s.settimeout(5)
         s.recv(100)
-    subprocess.run(["openssl", "s_client", "-tls1_2", "-connect", listener], input=b"x",
-                   capture_output=True, timeout=15, check=False)
+    subprocess.run(
+        ["openssl", "s_client", "-tls1_2", "-connect", listener],
+        input=b"x",
+        capture_output=True,
+        timeout=15,
+        check=False,
+    )
     time.sleep(0.2)
     assert pair.servers[0].accepted == before, "a non-TLS-1.3 client reached the producer"
 
@@ -414,8 +489,9 @@ def check_untrusted_server_is_refused(kind: str, tmp_path: Path) -> None:
     certs = make_certs(tmp_path / "pki")
     other = make_certs(tmp_path / "other-pki")
     cons_extra = certs.extra() | {"tls_ca": str(other.ca)}
-    with running_pair(kind, "tls", tmp_path, routes=1, prod_extra=certs.extra(),
-                      cons_extra=cons_extra) as pair:
+    with running_pair(
+        kind, "tls", tmp_path, routes=1, prod_extra=certs.extra(), cons_extra=cons_extra
+    ) as pair:
         try:
             _, n = duplex_transfer(pair.client_endpoints[0], seed=1, send_bytes=4096, timeout=10)
         except ConnectionError:

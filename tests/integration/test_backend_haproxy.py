@@ -18,9 +18,11 @@ from proxy_harness import (
     running_pair,
 )
 
-pytestmark = [pytest.mark.haproxy, pytest.mark.skipif(shutil.which("haproxy") is None,
-                                                      reason="haproxy is not installed"),
-              pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.haproxy,
+    pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed"),
+    pytest.mark.timeout(120),
+]
 
 
 def test_plain_pair_moves_exact_bytes_counts_them_and_cleans_up(tmp_path: Path) -> None:

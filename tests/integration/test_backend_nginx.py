@@ -20,17 +20,25 @@ from proxy_harness import (
 
 from scistream.s2cs.backends.nginx import DEFAULT_STREAM_MODULE
 
-pytestmark = [pytest.mark.skipif(shutil.which("nginx") is None or not Path(DEFAULT_STREAM_MODULE).exists(),
-                                reason="nginx or its stream module (libnginx-mod-stream) is not installed"),
-              pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("nginx") is None or not Path(DEFAULT_STREAM_MODULE).exists(),
+        reason="nginx or its stream module (libnginx-mod-stream) is not installed",
+    ),
+    pytest.mark.timeout(120),
+]
 
 
 def test_plain_pair_moves_exact_bytes_and_cleans_up(tmp_path: Path) -> None:
     with running_pair("nginx", "plain", tmp_path) as pair:
         check_duplex(pair, big=128 << 20)
         session_dir = Path(pair.prod.options.state_dir) / "sessions" / pair.uid
-        assert {p.name for p in session_dir.iterdir()} <= {".proxy-backend", "nginx.conf", "nginx.pid",
-                                                           "proxy.log"}
+        assert {p.name for p in session_dir.iterdir()} <= {
+            ".proxy-backend",
+            "nginx.conf",
+            "nginx.pid",
+            "proxy.log",
+        }
         check_removed(pair)
 
 

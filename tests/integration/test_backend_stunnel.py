@@ -31,13 +31,17 @@ from proxy_harness import (
 from scistream.s2cs.backends.base import BackendError, RoutePlan, SessionPlan
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
-pytestmark = [pytest.mark.stunnel, pytest.mark.skipif(STUNNEL is None, reason="stunnel4 is not installed"),
-              pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.stunnel,
+    pytest.mark.skipif(STUNNEL is None, reason="stunnel4 is not installed"),
+    pytest.mark.timeout(120),
+]
 
 
 @pytest.mark.parametrize("security", ["tls", "compat"])
-def test_pair_moves_exact_bytes_both_ways_and_remove_cleans_up(tmp_path: Path, security: str,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_pair_moves_exact_bytes_both_ways_and_remove_cleans_up(
+    tmp_path: Path, security: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     with running_pair("stunnel", security, tmp_path) as pair:  # type: ignore[arg-type]
         session_dir = Path(pair.prod.options.state_dir) / "sessions" / pair.uid
@@ -77,8 +81,9 @@ def test_wrong_key_reaches_nothing(tmp_path: Path) -> None:
     prod = make_backend("stunnel", tmp_path / "p")
     cons = make_backend("stunnel", tmp_path / "c")
     try:
-        prod_plan, cons_plan, _, cons_eps = plans("k1", "tls", [server.endpoint],
-                                                  key=os.urandom(32).hex().encode(), identity="k1")
+        prod_plan, cons_plan, _, cons_eps = plans(
+            "k1", "tls", [server.endpoint], key=os.urandom(32).hex().encode(), identity="k1"
+        )
         wrong = SessionPlan("k1", "CONS", cons_plan.routes, "tls", "k1", os.urandom(32).hex().encode())
         runner.run(prod.apply(prod_plan))
         runner.run(cons.apply(wrong))
@@ -96,8 +101,13 @@ def test_wrong_key_reaches_nothing(tmp_path: Path) -> None:
 
 
 def _s_client(args: list[str], data: bytes = b"hello\n") -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["openssl", "s_client", "-quiet", "-no_ign_eof", *args], input=data,
-                          capture_output=True, timeout=15, check=False)
+    return subprocess.run(
+        ["openssl", "s_client", "-quiet", "-no_ign_eof", *args],
+        input=data,
+        capture_output=True,
+        timeout=15,
+        check=False,
+    )
 
 
 def test_compat_listener_refuses_anonymous_null_cipher(tmp_path: Path) -> None:
@@ -112,7 +122,8 @@ def test_compat_listener_refuses_anonymous_null_cipher(tmp_path: Path) -> None:
     server = DuplexServer(seed=9, send_bytes=16)
     port = free_port()
     conf = tmp_path / "legacy.conf"
-    conf.write_text(textwrap.dedent(f"""\
+    conf.write_text(
+        textwrap.dedent(f"""\
         foreground = yes
         pid =
         [legacy]
@@ -122,10 +133,12 @@ def test_compat_listener_refuses_anonymous_null_cipher(tmp_path: Path) -> None:
         sslVersionMax = TLSv1.2
         PSKsecrets = {tmp_path / "legacy.psk"}
         securityLevel = 0
-        """))
+        """)
+    )
     (tmp_path / "legacy.psk").write_text("client1:" + "ab" * 16 + "\n")
-    legacy = subprocess.Popen([STUNNEL or "stunnel", str(conf)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    legacy = subprocess.Popen(
+        [STUNNEL or "stunnel", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         assert wait_for(lambda: _port_open(port), 10)
         result = _s_client([*probe, "-connect", f"127.0.0.1:{port}"])
@@ -151,7 +164,8 @@ def test_compat_interoperates_with_a_1x_stunnel(tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / "legacy.psk").write_text(f"client1:{key}\n")
     conf = tmp_path / "legacy.conf"
-    conf.write_text(textwrap.dedent(f"""\
+    conf.write_text(
+        textwrap.dedent(f"""\
         foreground = yes
         pid =
         debug = 6
@@ -162,7 +176,8 @@ def test_compat_interoperates_with_a_1x_stunnel(tmp_path: Path) -> None:
         sslVersionMax = TLSv1.2
         PSKsecrets = {tmp_path / "legacy.psk"}
         securityLevel = 0
-        """))
+        """)
+    )
     legacy_log = tmp_path / "legacy.log"
     with legacy_log.open("wb") as logf:
         legacy = subprocess.Popen([STUNNEL or "stunnel", str(conf)], stdout=logf, stderr=subprocess.STDOUT)
@@ -172,8 +187,14 @@ def test_compat_interoperates_with_a_1x_stunnel(tmp_path: Path) -> None:
         assert wait_for(lambda: _port_open(port), 10)
         server.accepted = 0
         cport = free_port()
-        plan = SessionPlan(uid, "CONS", (RoutePlan(uid + "/0", f"127.0.0.1:{cport}", f"127.0.0.1:{port}"),),
-                           "compat", "client1", key.encode())
+        plan = SessionPlan(
+            uid,
+            "CONS",
+            (RoutePlan(uid + "/0", f"127.0.0.1:{cport}", f"127.0.0.1:{port}"),),
+            "compat",
+            "client1",
+            key.encode(),
+        )
         runner.run(cons.apply(plan))
         got = duplex_transfer(f"127.0.0.1:{cport}", seed=5, send_bytes=1 << 20)
         assert got == (digest_of(4, 1 << 20), 1 << 20)
@@ -213,8 +234,14 @@ def test_port_in_use_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None
     runner = asyncio.Runner()
     backend = make_backend("stunnel", tmp_path)
     try:
-        plan = SessionPlan("busy", "PROD", (RoutePlan("busy/0", f"127.0.0.1:{port}", "127.0.0.1:9"),),
-                           "tls", "busy", os.urandom(32).hex().encode())
+        plan = SessionPlan(
+            "busy",
+            "PROD",
+            (RoutePlan("busy/0", f"127.0.0.1:{port}", "127.0.0.1:9"),),
+            "tls",
+            "busy",
+            os.urandom(32).hex().encode(),
+        )
         with pytest.raises(BackendError) as err:
             runner.run(backend.apply(plan))
         assert "stunnel for session busy failed to start" in str(err.value)
@@ -245,8 +272,11 @@ asyncio.run(main())
 def test_child_dies_with_a_killed_s2cs(tmp_path: Path) -> None:
     """PR_SET_PDEATHSIG: kill -9 of the controlling process leaves no orphan proxy."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
-    host = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT, str(tmp_path), f"127.0.0.1:{free_port()}"],
-                            stdout=subprocess.PIPE, env=env)
+    host = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_SCRIPT, str(tmp_path), f"127.0.0.1:{free_port()}"],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
     try:
         assert host.stdout is not None
         line = host.stdout.readline()
@@ -268,10 +298,62 @@ def test_tls_listener_speaks_tls13_with_exactly_the_plan_key_bytes(tmp_path: Pat
     with running_pair("stunnel", "tls", tmp_path, routes=1, key=key, identity="sess-ident") as pair:
         listener = pair.prod_endpoints[0]
         pair.servers[0].send_bytes = 16
-        ok = _s_client(["-tls1_3", "-psk_identity", "sess-ident", "-psk", key.hex(), "-ciphersuites",
-                        "TLS_AES_128_GCM_SHA256", "-connect", listener])
+        ok = _s_client(
+            [
+                "-tls1_3",
+                "-psk_identity",
+                "sess-ident",
+                "-psk",
+                key.hex(),
+                "-ciphersuites",
+                "TLS_AES_128_GCM_SHA256",
+                "-connect",
+                listener,
+            ]
+        )
         assert wait_for(lambda: pair.servers[0].accepted == 1, 5), ok.stderr.decode()[-500:]
-        old = _s_client(["-tls1_2", "-cipher", "PSK", "-psk_identity", "sess-ident", "-psk", key.hex(),
-                         "-connect", listener])
+        old = _s_client(
+            [
+                "-tls1_2",
+                "-cipher",
+                "PSK",
+                "-psk_identity",
+                "sess-ident",
+                "-psk",
+                key.hex(),
+                "-connect",
+                listener,
+            ]
+        )
         assert old.returncode != 0
         assert pair.servers[0].accepted == 1, "a TLS 1.2 client reached the producer of a tls session"
+
+
+def test_start_removes_what_a_killed_s2cs_left_and_nothing_else(tmp_path: Path) -> None:
+    stale = tmp_path / "sessions" / "old-session"
+    stale.mkdir(parents=True)
+    (stale / ".proxy-backend").write_text("stunnel\n")
+    (stale / "psk.txt").write_text("old:" + "00" * 32)
+    foreign = tmp_path / "sessions" / "native-session"
+    foreign.mkdir()
+    (foreign / "state").write_text("not ours")
+    runner = asyncio.Runner()
+    backend = make_backend("stunnel", tmp_path)
+    try:
+        runner.run(backend.start())
+        assert not stale.exists()
+        assert (foreign / "state").read_text() == "not ours"
+    finally:
+        runner.run(backend.close())
+        runner.close()
+
+
+def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
+    runner = asyncio.Runner()
+    backend = make_backend("stunnel", tmp_path, {"stunnel_bin": "/nonexistent/stunnel"})
+    try:
+        with pytest.raises(BackendError, match="not found; install the stunnel4 package"):
+            runner.run(backend.start())
+    finally:
+        runner.run(backend.close())
+        runner.close()

@@ -25,14 +25,22 @@ from scistream.s2cs.backends.supervisor import failure_reason, last_log_line
 
 KEY = bytes(range(32))
 UID = "4f8583bc-a4d3-11ee-9fd6-034d1fcbd7c3"
-ROUTES = (RoutePlan(f"{UID}/0", "10.0.0.1:5100", "192.168.1.5:5074"),
-          RoutePlan(f"{UID}/1", "10.0.0.1:5101", "192.168.1.5:5075"))
-CERTS = CertFiles(cert="/etc/gw/cert.pem", key="/etc/gw/key.pem", ca="/etc/gw/ca.pem",
-                  server_name="gw.example.org", combined_pem="/state/sessions/x/gateway.pem")
+ROUTES = (
+    RoutePlan(f"{UID}/0", "10.0.0.1:5100", "192.168.1.5:5074"),
+    RoutePlan(f"{UID}/1", "10.0.0.1:5101", "192.168.1.5:5075"),
+)
+CERTS = CertFiles(
+    cert="/etc/gw/cert.pem",
+    key="/etc/gw/key.pem",
+    ca="/etc/gw/ca.pem",
+    server_name="gw.example.org",
+    combined_pem="/state/sessions/x/gateway.pem",
+)
 
 
-def plan(role: str = "PROD", security: str = "tls", *, key: bytes = KEY, identity: str = UID,
-         rate: int = 0) -> SessionPlan:
+def plan(
+    role: str = "PROD", security: str = "tls", *, key: bytes = KEY, identity: str = UID, rate: int = 0
+) -> SessionPlan:
     return SessionPlan(UID, role, ROUTES, security, identity, key, rate)  # type: ignore[arg-type]
 
 
@@ -50,6 +58,7 @@ def directives(text: str, section: str) -> dict[str, str]:
 
 
 # -- stunnel ---------------------------------------------------------------------------------
+
 
 def test_stunnel_prod_tls_is_a_tls13_psk_server_with_sha256_suites() -> None:
     text = stunnel_config(plan("PROD"), psk_file="/s/psk.txt")
@@ -82,8 +91,13 @@ def test_stunnel_compat_offers_psk_suites_only_never_anonymous() -> None:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_stunnel_compat_cipher_list_expands_to_psk_authenticated_suites_only() -> None:
     d = directives(stunnel_config(plan("PROD", "compat", identity="client1"), psk_file="/p"), "r0")
-    out = subprocess.run(["openssl", "ciphers", "-v", d["ciphers"] + ":@SECLEVEL=0"], capture_output=True,
-                         text=True, check=True, timeout=10).stdout.splitlines()
+    out = subprocess.run(
+        ["openssl", "ciphers", "-v", d["ciphers"] + ":@SECLEVEL=0"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout.splitlines()
     out = [line for line in out if "TLSv1.3" not in line]  # compat caps the version at TLS 1.2
     assert out and all("Au=PSK" in line for line in out), out
     assert any(line.startswith("PSK-NULL-SHA256 ") for line in out)
@@ -127,13 +141,20 @@ def test_unsafe_uids_are_refused(uid: str) -> None:
 
 # -- HAProxy ---------------------------------------------------------------------------------
 
+
 def test_haproxy_plain_is_tcp_with_forced_splice_and_no_idle_cut() -> None:
     text = haproxy_config(plan("PROD", "plain", key=b"", identity=""), stats_socket="stats.sock")
-    for line in ("mode tcp", "option splice-request", "option splice-response", "tune.pipesize 1048576",
-                 "stats socket unix@stats.sock mode 600"):
+    for line in (
+        "mode tcp",
+        "option splice-request",
+        "option splice-response",
+        "tune.pipesize 1048576",
+        "stats socket unix@stats.sock mode 600",
+    ):
         assert line in text
-    timeouts = {line.split()[1]: line.split()[2] for line in text.splitlines()
-                if line.strip().startswith("timeout")}
+    timeouts = {
+        line.split()[1]: line.split()[2] for line in text.splitlines() if line.strip().startswith("timeout")
+    }
     assert int(timeouts["client"].rstrip("s")) >= 24 * 3600
     assert int(timeouts["server"].rstrip("s")) >= 24 * 3600
     assert "bind 10.0.0.1:5100\n" in text and "server t1 192.168.1.5:5075\n" in text
@@ -143,8 +164,10 @@ def test_haproxy_plain_is_tcp_with_forced_splice_and_no_idle_cut() -> None:
 
 def test_haproxy_tls_prod_binds_tls13_with_the_operator_certificate() -> None:
     text = haproxy_config(plan("PROD"), stats_socket="s", certs=CERTS)
-    assert "bind 10.0.0.1:5100 ssl crt /state/sessions/x/gateway.pem ssl-min-ver TLSv1.3 " \
-           "ca-file /etc/gw/ca.pem verify required" in text
+    assert (
+        "bind 10.0.0.1:5100 ssl crt /state/sessions/x/gateway.pem ssl-min-ver TLSv1.3 "
+        "ca-file /etc/gw/ca.pem verify required" in text
+    )
     assert KEY.hex() not in text
 
 
@@ -165,11 +188,13 @@ def test_haproxy_refuses_compat_and_certificate_less_tls() -> None:
 
 
 def test_show_stat_sums_frontends() -> None:
-    csv_text = ("# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout\n"
-                "r0,FRONTEND,,,1,2,100,3,1000,2000\n"
-                "t0,t0,0,0,1,2,,3,1000,2000\n"
-                "t0,BACKEND,0,0,1,2,,3,1000,2000\n"
-                "r1,FRONTEND,,,0,1,100,1,10,20\n")
+    csv_text = (
+        "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout\n"
+        "r0,FRONTEND,,,1,2,100,3,1000,2000\n"
+        "t0,t0,0,0,1,2,,3,1000,2000\n"
+        "t0,BACKEND,0,0,1,2,,3,1000,2000\n"
+        "r1,FRONTEND,,,0,1,100,1,10,20\n"
+    )
     usage = parse_show_stat(csv_text)
     assert (usage.bytes_to_target, usage.bytes_from_target) == (1010, 2020)
     assert (usage.connections_active, usage.connections_total) == (1, 4)
@@ -177,13 +202,23 @@ def test_show_stat_sums_frontends() -> None:
 
 # -- nginx -----------------------------------------------------------------------------------
 
+
 def test_nginx_plain_runs_in_the_foreground_under_the_session_dir() -> None:
-    text = nginx_config(plan("PROD", "plain", key=b"", identity=""), pid_file="/s/nginx.pid",
-                        stream_module="/usr/lib/nginx/modules/ngx_stream_module.so")
-    for line in ("load_module /usr/lib/nginx/modules/ngx_stream_module.so;", "daemon off;",
-                 "pid /s/nginx.pid;", "error_log stderr notice;", "proxy_buffer_size 1m;",
-                 "listen 10.0.0.1:5101 so_keepalive=on;", "proxy_pass 192.168.1.5:5075;",
-                 "proxy_half_close on;"):
+    text = nginx_config(
+        plan("PROD", "plain", key=b"", identity=""),
+        pid_file="/s/nginx.pid",
+        stream_module="/usr/lib/nginx/modules/ngx_stream_module.so",
+    )
+    for line in (
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;",
+        "daemon off;",
+        "pid /s/nginx.pid;",
+        "error_log stderr notice;",
+        "proxy_buffer_size 1m;",
+        "listen 10.0.0.1:5101 so_keepalive=on;",
+        "proxy_pass 192.168.1.5:5075;",
+        "proxy_half_close on;",
+    ):
         assert line in text
     timeout = next(line for line in text.splitlines() if "proxy_timeout" in line)
     assert int(timeout.split()[1].rstrip("s;")) >= 24 * 3600
@@ -191,8 +226,9 @@ def test_nginx_plain_runs_in_the_foreground_under_the_session_dir() -> None:
 
 
 def test_nginx_enforces_the_session_rate_per_connection() -> None:
-    text = nginx_config(plan("PROD", "plain", key=b"", identity="", rate=10_000_000), pid_file="p",
-                        stream_module="")
+    text = nginx_config(
+        plan("PROD", "plain", key=b"", identity="", rate=10_000_000), pid_file="p", stream_module=""
+    )
     assert "proxy_upload_rate 5000000;" in text and "proxy_download_rate 5000000;" in text
 
 
@@ -201,8 +237,13 @@ def test_nginx_tls_both_sides() -> None:
     assert "listen 10.0.0.1:5100 ssl so_keepalive=on;" in prod
     assert "ssl_protocols TLSv1.3;" in prod and "ssl_verify_client on;" in prod
     cons = nginx_config(plan("CONS"), pid_file="p", stream_module="", certs=CERTS)
-    for line in ("proxy_ssl on;", "proxy_ssl_protocols TLSv1.3;", "proxy_ssl_verify on;",
-                 "proxy_ssl_trusted_certificate /etc/gw/ca.pem;", "proxy_ssl_name gw.example.org;"):
+    for line in (
+        "proxy_ssl on;",
+        "proxy_ssl_protocols TLSv1.3;",
+        "proxy_ssl_verify on;",
+        "proxy_ssl_trusted_certificate /etc/gw/ca.pem;",
+        "proxy_ssl_name gw.example.org;",
+    ):
         assert line in cons
     with pytest.raises(BackendError, match=r"1\.x interop"):
         nginx_config(plan("CONS", "compat"), pid_file="p", stream_module="")
@@ -217,17 +258,29 @@ def test_ipv6_endpoints_are_written_in_each_proxys_syntax() -> None:
 
 # -- log reading -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("log", "reason"), [
-    ("[.] Reading configuration\n[.] Binding service [r0] to 127.0.0.1:5100: Address already in use (98)\n"
-     "[!] Binding service [r0] failed\n[ ] Initializing inetd mode configuration\n",
-     "Binding service [r0] to 127.0.0.1:5100: Address already in use (98)"),
-    ("[NOTICE]   (1) : haproxy version is 2.6\n[ALERT]    (1) : Binding [x:7] for frontend r0: cannot bind "
-     "socket (Address already in use) for [127.0.0.1:5100]\n[ALERT]    (1) : Exiting.\n",
-     "[ALERT]    (1) : Binding [x:7] for frontend r0: cannot bind socket (Address already in use) for "
-     "[127.0.0.1:5100]"),
-    ("2026/11/23 [emerg] 5#5: bind() to 127.0.0.1:5100 failed (98: Address already in use)\n",
-     "2026/11/23 [emerg] 5#5: bind() to 127.0.0.1:5100 failed (98: Address already in use)"),
-])
+
+@pytest.mark.parametrize(
+    ("log", "reason"),
+    [
+        (
+            "[.] Reading configuration\n"
+            "[.] Binding service [r0] to 127.0.0.1:5100: Address already in use (98)\n"
+            "[!] Binding service [r0] failed\n[ ] Initializing inetd mode configuration\n",
+            "Binding service [r0] to 127.0.0.1:5100: Address already in use (98)",
+        ),
+        (
+            "[NOTICE]   (1) : haproxy version is 2.6\n"
+            "[ALERT]    (1) : Binding [x:7] for frontend r0: cannot bind "
+            "socket (Address already in use) for [127.0.0.1:5100]\n[ALERT]    (1) : Exiting.\n",
+            "[ALERT]    (1) : Binding [x:7] for frontend r0: cannot bind socket (Address already in use) for "
+            "[127.0.0.1:5100]",
+        ),
+        (
+            "2026/11/23 [emerg] 5#5: bind() to 127.0.0.1:5100 failed (98: Address already in use)\n",
+            "2026/11/23 [emerg] 5#5: bind() to 127.0.0.1:5100 failed (98: Address already in use)",
+        ),
+    ],
+)
 def test_failure_reason_is_the_proxys_first_error_line(tmp_path: Path, log: str, reason: str) -> None:
     path = tmp_path / "proxy.log"
     path.write_text(log)

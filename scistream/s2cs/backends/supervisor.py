@@ -438,14 +438,20 @@ class SubprocessBackend(Backend):
             path = make_session_dir(self.options.state_dir, plan.uid, self.name)
             child: Child | None = None
             try:
-                argv = self._write_files(plan, path)
-                child = Child(
-                    f"{self.name}[{plan.uid}]",
-                    argv,
-                    log_path=path / "proxy.log",
-                    cwd=path,
-                    on_exit=self._child_exited(plan.uid),
-                )
+                try:
+                    argv = self._write_files(plan, path)
+                    child = Child(
+                        f"{self.name}[{plan.uid}]",
+                        argv,
+                        log_path=path / "proxy.log",
+                        cwd=path,
+                        on_exit=self._child_exited(plan.uid),
+                    )
+                except OSError as exc:
+                    where = f" ({exc.filename})" if exc.filename else ""
+                    raise BackendError(
+                        f"{self.name} for session {plan.uid} could not start: {exc.strerror or exc}{where}"
+                    ) from None
                 await asyncio.to_thread(
                     wait_listening,
                     child,
