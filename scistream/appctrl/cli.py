@@ -1,0 +1,432 @@
+"""``appctrl``: the application controller (1.x commands, plus ``run``).
+
+1.x command lines keep working (``appctrl mock <uid> <s2cs> <token> <role> <ip>``);
+the certificate, ports and timing that 1.x hard-coded are options here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from scistream import __version__
+from scistream.appctrl import apps
+from scistream.appctrl.controller import AppController, ReadySession
+from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
+from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, split_csv
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MOCK_PORTS = "5074,5075,5076,37000,47000"
+ENV_PREFIX = "SCISTREAM_APPCTRL_"
+
+
+class AppctrlError(click.ClickException):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"appctrl: error: {self.message}", err=True)
+
+
+class AppctrlGroup(click.Group):
+    """Both spellings of every subcommand; ControlError and app failures become one line."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or super().get_command(ctx, cmd_name.replace("_", "-"))
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ControlError as exc:
+            raise AppctrlError(exc.message, exc.exit_code) from None
+        except (TimeoutError, FileNotFoundError, InvalidEndpoint) as exc:
+            raise AppctrlError(str(exc), ExitCode.FAILURE) from None
+        except KeyboardInterrupt:
+            raise AppctrlError("interrupted", 130) from None
+
+
+def server_options(f: Any) -> Any:
+    opts = [
+        click.option(
+            "--server-cert",
+            "--server_cert",
+            "server_cert",
+            default="server.crt",
+            show_default=True,
+            envvar=[ENV_PREFIX + "SERVER_CERT"],
+            help="The s2cs certificate to pin.",
+        ),
+        click.option(
+            "--ssl",
+            "ssl",
+            type=click.BOOL,
+            is_flag=False,
+            flag_value=True,
+            default=True,
+            help="TLS to the s2cs (--ssl False: plaintext).",
+        ),
+        click.option("--no-ssl", "--no_ssl", "no_ssl", is_flag=True, help="Plaintext gRPC (testing only)."),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0.1),
+            default=15.0,
+            show_default=True,
+            help="Deadline per call in seconds.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _ports(text: str) -> list[int]:
+    out = []
+    for item in split_csv(text):
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise ControlError(f"--ports: {item!r} is not a port number", ExitCode.USAGE)
+        out.append(int(item))
+    return out
+
+
+def _endpoints(ip: str, ports: Sequence[int]) -> list[str]:
+    try:
+        return [format_endpoint(ip, p) for p in ports if parse_endpoint(format_endpoint(ip, p))]
+    except InvalidEndpoint:
+        raise ControlError(f"{ip!r} is not a host name or address", ExitCode.USAGE) from None
+
+
+def _token(token: str | None) -> str | None:
+    return None if not token or token == INVALID_TOKEN else token
+
+
+@click.group(cls=AppctrlGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="appctrl")
+@click.option("-v", "--verbose", "--v", is_flag=True, help="Log debug detail to stderr.")
+def main(verbose: bool) -> None:
+    """SciStream application controller: tell the s2cs where the application is, run demo apps."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+# ------------------------------------------------------------------ hello
+
+
+async def _hello(
+    *,
+    s2cs: str,
+    uid: str,
+    role: str,
+    token: str | None,
+    listeners: list[str],
+    server_cert: str,
+    ssl: bool,
+    timeout: float,
+) -> list[str]:
+    async with AppController(
+        s2cs, uid, role=role, server_cert=server_cert, ssl=ssl, token=token, timeout=timeout
+    ) as ctl:
+        return await ctl.hello(listeners)
+
+
+@main.command()
+@click.argument("uid")
+@click.argument("s2cs")
+@click.argument("token")
+@click.argument("role")
+@click.argument("ip")
+@click.option("--ports", default=DEFAULT_MOCK_PORTS, show_default=True, help="Application ports (a,b,c).")
+@server_options
+def mock(
+    *,
+    uid: str,
+    s2cs: str,
+    token: str,
+    role: str,
+    ip: str,
+    ports: str,
+    server_cert: str,
+    ssl: bool,
+    no_ssl: bool,
+    timeout: float,
+) -> None:
+    """Send the hello for UID to S2CS: the application listens at IP:--ports."""
+    listeners = _endpoints(ip, _ports(ports))
+    got = asyncio.run(
+        _hello(
+            s2cs=s2cs,
+            uid=uid,
+            role=role,
+            token=_token(token),
+            listeners=listeners,
+            server_cert=server_cert,
+            ssl=ssl and not no_ssl,
+            timeout=timeout,
+        )
+    )
+    click.echo("Hello message sent successfully")
+    click.echo(f"prod_listeners: {listeners}")
+    if got:
+        click.echo(f"listeners: {got}")
+
+
+@main.command("create-appctrl")
+@click.argument("uid")
+@click.argument("s2cs")
+@click.argument("token")
+@click.argument("role")
+@click.option("--app", type=click.Choice(["zmq", "iperf"]), default="zmq", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Where the producer app listens.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7000, show_default=True)
+@click.option("--count", type=click.IntRange(0), default=1000, show_default=True, help="ZMQ messages.")
+@click.option("--size", type=click.IntRange(0), default=1024, show_default=True, help="ZMQ payload bytes.")
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="iperf3 client duration.")
+@server_options
+def create_appctrl(
+    *,
+    uid: str,
+    s2cs: str,
+    token: str,
+    role: str,
+    app: str,
+    host: str,
+    port: int,
+    count: int,
+    size: int,
+    seconds: float,
+    server_cert: str,
+    ssl: bool,
+    no_ssl: bool,
+    timeout: float,
+) -> None:
+    """Hello for UID, then run the demo app: PROD serves at --host:--port, CONS connects to the listener."""
+    listeners = [format_endpoint(host, port)] if role == "PROD" else []
+    got = asyncio.run(
+        _hello(
+            s2cs=s2cs,
+            uid=uid,
+            role=role,
+            token=_token(token),
+            listeners=listeners,
+            server_cert=server_cert,
+            ssl=ssl and not no_ssl,
+            timeout=timeout,
+        )
+    )
+    if role == "PROD":
+        if app == "zmq":
+            _report(apps.run_producer(listeners[0], count=count, size=size))
+        else:
+            sys.exit(apps.run_foreground(apps.iperf_server_cmd(port, bind=host)))
+        return
+    if not got:
+        raise ControlError(f"the s2cs at {s2cs} answered the hello with no listener to connect to")
+    if app == "zmq":
+        _report(apps.run_consumer(got[0]))
+    else:
+        sys.exit(apps.run_foreground(apps.iperf_client_cmd(got[0], seconds=seconds)))
+
+
+# ------------------------------------------------------------------ demo apps
+
+
+def _report(report: apps.Report, as_json: bool = False) -> None:
+    click.echo(report.to_json() if as_json else report.summary())
+    if not report.complete or report.lost or report.corrupt:
+        sys.exit(ExitCode.FAILURE)
+
+
+@main.command("run-producer")
+@click.argument("port", default="7000")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--count", type=click.IntRange(0), default=1000, show_default=True)
+@click.option("--size", type=click.IntRange(0, 64 * 1024 * 1024), default=1024, show_default=True)
+@click.option(
+    "--rate", type=click.FloatRange(0), default=0.0, show_default=True, help="Messages/s (0: no pacing)."
+)
+@click.option("--wait-subscriber", type=float, default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def run_producer(
+    *, port: str, host: str, count: int, size: int, rate: float, wait_subscriber: float, as_json: bool
+) -> None:
+    """ZMQ demo producer: serve PORT (or HOST:PORT) and send numbered messages."""
+    bind = port if ":" in port else format_endpoint(host, int(port))
+    _report(
+        apps.run_producer(bind, count=count, size=size, rate=rate, wait_subscriber=wait_subscriber), as_json
+    )
+
+
+@main.command()
+@click.argument("target", default="127.0.0.1:7000")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--idle-timeout", type=float, default=30.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def subscribe(*, target: str, timeout: float, idle_timeout: float, as_json: bool) -> None:
+    """ZMQ demo consumer: connect to TARGET (a gateway listener), check and count every message."""
+    _report(apps.run_consumer(target, timeout=timeout, idle_timeout=idle_timeout), as_json)
+
+
+@main.command("iperf-server")
+@click.argument("port", type=click.IntRange(1, 65535), default=7000)
+@click.option("--bind", default=None, help="Address to listen on.")
+@click.option("--forever", is_flag=True, help="Serve many tests (default: exit after one).")
+def iperf_server(*, port: int, bind: str | None, forever: bool) -> None:
+    """iperf3 server on PORT (foreground)."""
+    sys.exit(apps.run_foreground(apps.iperf_server_cmd(port, bind=bind, one_off=not forever)))
+
+
+@main.command("iperf-client")
+@click.argument("target", default="127.0.0.1:7000")
+@click.option("--time", "seconds", type=float, default=10.0, show_default=True)
+@click.option("--bytes", "nbytes", type=click.IntRange(0), default=0, help="Send this many bytes instead.")
+@click.option("--parallel", "-P", type=click.IntRange(1, 128), default=1, show_default=True)
+@click.option("--reverse", "-R", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def iperf_client(
+    *, target: str, seconds: float, nbytes: int, parallel: int, reverse: bool, as_json: bool
+) -> None:
+    """iperf3 client to TARGET host:port (foreground)."""
+    sys.exit(
+        apps.run_foreground(
+            apps.iperf_client_cmd(
+                target, seconds=seconds, nbytes=nbytes, parallel=parallel, reverse=reverse, as_json=as_json
+            )
+        )
+    )
+
+
+# ------------------------------------------------------------------ run
+
+
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+
+def substitute(args: Sequence[str], session: ReadySession) -> list[str]:
+    """Fill {listener}, {listeners}, {prod_listener}, {uid}, ... into the command's arguments."""
+    first = session.listeners[0] if session.listeners else ""
+    host, port = parse_endpoint(first) if first else ("", 0)
+    values = {
+        "listener": first,
+        "listeners": ",".join(session.listeners),
+        "listener_host": host,
+        "listener_port": str(port) if port else "",
+        "prod_listener": session.prod_listeners[0] if session.prod_listeners else "",
+        "prod_listeners": ",".join(session.prod_listeners),
+        "uid": session.uid,
+        "role": session.role,
+        "security": session.security,
+    }
+    # One pass, unknown names left alone: a value is never re-expanded.
+    return [_PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), arg) for arg in args]
+
+
+async def _run(
+    *,
+    s2cs: str,
+    uid: str,
+    role: str,
+    listen: list[str],
+    command: list[str],
+    token: str | None,
+    server_cert: str,
+    ssl: bool,
+    timeout: float,
+    ready_timeout: float,
+    release: bool,
+) -> int:
+    async with AppController(
+        s2cs, uid, role=role, server_cert=server_cert, ssl=ssl, token=token, timeout=timeout
+    ) as ctl:
+        await ctl.hello(listen)
+        click.echo(f"appctrl: hello sent for {uid}; waiting for the session to be ready", err=True)
+        session = await ctl.wait_ready(ready_timeout)
+        if not session.prod_listeners and listen:
+            session = ReadySession(**{**session.__dict__, "prod_listeners": list(listen)})
+        argv = substitute(command, session)
+        click.echo(f"appctrl: session {uid} is {session.state}; starting: {' '.join(argv)}", err=True)
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv)
+        except OSError as exc:
+            raise ControlError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, proc.send_signal, sig)
+        try:
+            code = await proc.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        click.echo(f"appctrl: {os.path.basename(argv[0])} exited with {code}", err=True)
+        if release:
+            await ctl.release()
+            click.echo(f"appctrl: released {uid}", err=True)
+        return code
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--uid", required=True, help="The session id (from s2uc).")
+@click.option("--s2cs", required=True, help="The s2cs of this facility, host:port.")
+@click.option("--role", default="PROD", show_default=True, help="PROD (producer side) or CONS.")
+@click.option("--listen", default="", help="The application's own endpoint(s) HOST:PORT[,...] for the hello.")
+@click.option("--token", default=None, envvar=[ENV_PREFIX + "TOKEN"], help="Access token for the s2cs.")
+@click.option("--ready-timeout", type=float, default=300.0, show_default=True)
+@click.option(
+    "--release/--no-release",
+    "release",
+    default=False,
+    show_default=True,
+    help="Release the session when the command exits.",
+)
+@server_options
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(
+    *,
+    uid: str,
+    s2cs: str,
+    role: str,
+    listen: str,
+    token: str | None,
+    ready_timeout: float,
+    release: bool,
+    server_cert: str,
+    ssl: bool,
+    no_ssl: bool,
+    timeout: float,
+    command: tuple[str, ...],
+) -> None:
+    """Hello, wait until the session is ready, then run COMMAND with its endpoints filled in.
+
+    Placeholders: {listener} {listeners} {listener_host} {listener_port}
+    {prod_listener} {prod_listeners} {uid} {role} {security}. Example:
+
+      appctrl run --uid U --s2cs gw:5000 --role CONS -- appctrl subscribe {listener}
+    """
+    listeners = split_csv(listen)
+    for ep in listeners:
+        parse_endpoint(ep)
+    code = asyncio.run(
+        _run(
+            s2cs=s2cs,
+            uid=uid,
+            role=role.upper(),
+            listen=listeners,
+            command=list(command),
+            token=_token(token),
+            server_cert=server_cert,
+            ssl=ssl and not no_ssl,
+            timeout=timeout,
+            ready_timeout=ready_timeout,
+            release=release,
+        )
+    )
+    sys.exit(code)
