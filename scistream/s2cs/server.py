@@ -81,6 +81,7 @@ class S2CSServer:
             allowed_identities=cfg.allowed_identities,
             allowed_domains=cfg.allowed_domains,
         )
+        creds = self._credentials() if cfg.ssl else None  # fail before anything starts
         store = SessionStore(cfg.db_path())
         self._closers.append(store.close)
         audit = AuditLog(cfg.audit_path())
@@ -126,8 +127,7 @@ class S2CSServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.bind}:{cfg.port}" if ":" not in cfg.bind else f"[{cfg.bind}]:{cfg.port}"
         try:
-            if cfg.ssl:
-                creds = self._credentials()
+            if creds is not None:
                 self.port = server.add_secure_port(address, creds)
             else:
                 log.warning(

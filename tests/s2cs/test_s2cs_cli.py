@@ -1,0 +1,301 @@
+"""The s2cs command line: 1.x spellings, config file and env, errors; control-channel TLS;
+a real `s2cs` process stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import grpc
+import pytest
+from click.testing import CliRunner
+from s2cs_support import FakeBackend, ServerThread, bindable, free_range, make_config, new_uid
+
+from scistream._proto import scistream_pb2 as pb
+from scistream._proto import scistream_pb2_grpc
+from scistream.s2cs import cli
+from scistream.s2cs.config import ServerConfig
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
+    """Replace the server with a recorder: each CLI run appends the config it built."""
+    seen: list[ServerConfig] = []
+
+    async def fake_serve(config: ServerConfig) -> int:
+        seen.append(config)
+        return 0
+
+    import scistream.s2cs.server as server_mod
+
+    monkeypatch.setattr(server_mod, "serve", fake_serve)
+    for var in list(os.environ):
+        if var.startswith("SCISTREAM_") and var != "SCISTREAM_STATE_DIR":
+            monkeypatch.delenv(var)
+    return seen
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> Any:
+    return CliRunner().invoke(cli.main, args, env=env, catch_exceptions=False)
+
+
+def test_tutorial_command_lines(captured: list[ServerConfig], tmp_path: Any) -> None:
+    # SC24 tutorial
+    r = run(
+        [
+            "--server_crt=/x/server.crt",
+            "--server_key=/x/server.key",
+            "--type=StunnelSubprocess",
+            "--verbose",
+            "--listener_ip=172.17.0.2",
+        ]
+    )
+    assert r.exit_code == 0, r.output
+    c = captured[-1]
+    assert (c.server_crt, c.server_key, c.backend_type, c.listener_ip) == (
+        "/x/server.crt",
+        "/x/server.key",
+        "StunnelSubprocess",
+        "172.17.0.2",
+    )
+    assert c.port == 5000 and c.port_range == (5100, 5200) and c.ssl and not c.client_secret
+    # VM tutorial: --listener-ip, --port=, -t style, and a bare --client-secret as the last argument
+    r = run(
+        [
+            "--verbose",
+            "--port=5007",
+            "--listener-ip=192.168.30.10",
+            "--type=Haproxy",
+            "--client-id",
+            "abc",
+            "--client-secret",
+        ],
+        env={"SCISTREAM_CLIENT_SECRET": "shh"},
+    )
+    assert r.exit_code == 0, r.output
+    c = captured[-1]
+    assert (c.port, c.listener_ip, c.backend_type, c.client_id, c.client_secret) == (
+        5007,
+        "192.168.30.10",
+        "Haproxy",
+        "abc",
+        "shh",
+    )
+    r = run(
+        [
+            "--v",
+            "-t",
+            "nginx",
+            "--port_range",
+            "6000-6010",
+            "--ssl",
+            "False",
+            "--client_id",
+            "i",
+            "--client_secret",
+            "s",
+        ]
+    )
+    assert r.exit_code == 0, r.output
+    c = captured[-1]
+    assert (c.port_range, c.ssl, c.backend_type, c.client_secret) == ((6000, 6010), False, "nginx", "s")
+    r = run(
+        ["--port-range", "7000-7001", "--client-secret", "--verbose"], env={"SCISTREAM_CLIENT_SECRET": "e"}
+    )
+    assert r.exit_code == 0 and captured[-1].client_secret == "e"
+
+
+def test_bad_options_exit_2(captured: list[ServerConfig]) -> None:
+    r = CliRunner().invoke(cli.main, ["--type", "Mock"])
+    assert r.exit_code == 2 and "valid types" in r.output and "stunnel" in r.output
+    r = CliRunner().invoke(cli.main, ["--client-secret"])
+    assert r.exit_code == 2 and "SCISTREAM_CLIENT_SECRET" in r.output
+    r = CliRunner().invoke(cli.main, ["--port-range", "5200-5100"])
+    assert r.exit_code == 2 and "LOW" in r.output
+    r = CliRunner().invoke(cli.main, ["--allow-target", "not-a-net"])
+    assert r.exit_code == 2
+    assert not captured and "Traceback" not in r.output
+
+
+def test_modes_config_file_and_env(captured: list[ServerConfig], tmp_path: Any) -> None:
+    r = run(["--scistream1-compat"])
+    assert captured[-1].default_security == "compat" and captured[-1].compat_allowed
+    r = run([])
+    assert captured[-1].default_security == "tls" and not captured[-1].compat_allowed
+    assert captured[-1].metrics_port is None and captured[-1].events == "tcp://127.0.0.1:0"
+    cfg = tmp_path / "s2cs.toml"
+    cfg.write_text(
+        '[s2cs]\nlistener_ip = "10.1.1.1"\nport-range = "9000-9009"\nhello_timeout = 5\n'
+        'allow_target = ["10.0.0.0/8"]\ntype = "stunnel"\n'
+    )
+    r = run(["--config", str(cfg)], env={"SCISTREAM_PORT": "6001"})
+    assert r.exit_code == 0, r.output
+    c = captured[-1]
+    assert (c.listener_ip, c.port_range, c.hello_timeout, c.allow_targets, c.backend_type, c.port) == (
+        "10.1.1.1",
+        (9000, 9009),
+        5.0,
+        ["10.0.0.0/8"],
+        "stunnel",
+        6001,
+    )
+    r = run(["--config", str(cfg), "--listener-ip", "10.2.2.2"])  # the command line wins
+    assert captured[-1].listener_ip == "10.2.2.2"
+    cfg.write_text("bogus_key = 1\n")
+    r = CliRunner().invoke(cli.main, ["--config", str(cfg)])
+    assert r.exit_code == 2 and "bogus_key" in r.output
+
+
+@pytest.fixture
+def cert_pair(tmp_path: Any) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    crt, keyf = tmp_path / "server.crt", tmp_path / "server.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyf.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    os.chmod(keyf, 0o600)
+    return str(crt), str(keyf)
+
+
+def test_control_channel_tls_round_trip(tmp_path: Any, cert_pair: tuple[str, str]) -> None:
+    crt, key = cert_pair
+    st = ServerThread(make_config(tmp_path, ssl=True, server_crt=crt, server_key=key), FakeBackend())
+    try:
+        with open(crt, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())  # pin, as s2uc --server_cert
+        with grpc.secure_channel(st.address, creds) as ch:
+            stub = scistream_pb2_grpc.ControlStub(ch)
+            uid = new_uid()
+            fut = stub.req.future(pb.Request(uid=uid, role="PROD", num_conn=1), timeout=10)
+            stub.hello(pb.Hello(uid=uid, prod_listeners=["127.0.0.1:5074"]), timeout=5)
+            assert len(fut.result().session_key) == 32
+            stub.release(pb.Release(uid=uid), timeout=5)
+        # a plaintext client gets nowhere
+        with grpc.insecure_channel(st.address) as ch, pytest.raises(grpc.RpcError):
+            scistream_pb2_grpc.ControlStub(ch).server_info(pb.ServerInfoRequest(), timeout=2)
+    finally:
+        st.stop()
+
+
+def test_missing_cert_is_one_clear_line(tmp_path: Any) -> None:
+    env = dict(os.environ, SCISTREAM_STATE_DIR=str(tmp_path / "st"))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scistream.s2cs",
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--server_crt",
+            str(tmp_path / "nope.crt"),
+            "--type",
+            "stunnel",
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("s2cs: cannot read the control-channel certificate") and "Traceback" not in p.stderr
+    )
+    assert not (tmp_path / "app.log").exists()
+
+
+def test_real_process_sigterm_exit_0(tmp_path: Any) -> None:
+    # The stunnel backend needs no daemon: a real s2cs with a real (idle) backend.
+    state = tmp_path / "state"
+    lo, hi = free_range(10)
+    env = dict(os.environ, SCISTREAM_STATE_DIR=str(state))
+    proc = subprocess.Popen(
+        [
+            "s2cs",
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--ssl",
+            "False",
+            "-t",
+            "Stunnel",
+            "--port-range",
+            f"{lo}-{hi}",
+            "--listener-ip",
+            "127.0.0.1",
+            "--hello-timeout",
+            "30",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        port = 0
+        deadline = time.time() + 30
+        assert proc.stderr is not None
+        while time.time() < deadline and not port:
+            line = proc.stderr.readline()
+            if "listening on 127.0.0.1:" in line:
+                port = int(line.split("listening on 127.0.0.1:")[1].split()[0])
+            assert line or proc.poll() is None
+        assert port
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            h = health_pb2_grpc.HealthStub(ch)
+            assert h.Check(health_pb2.HealthCheckRequest(service="scistream.Control"), timeout=5).status == 1
+            stub = scistream_pb2_grpc.ControlStub(ch)
+            uid = new_uid()
+            pending = stub.req.future(pb.Request(uid=uid, role="PROD", num_conn=2), timeout=20)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            with pytest.raises(grpc.RpcError):
+                pending.result()  # told, not left hanging
+        rest = proc.stderr.read()
+        assert "Traceback" not in rest and "s2cs stopped" in rest
+        assert all(bindable(p) for p in range(lo, hi + 1))
+        assert not (tmp_path / "app.log").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stderr:
+            proc.stderr.close()
