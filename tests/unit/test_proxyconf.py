@@ -272,12 +272,11 @@ def test_ipv6_endpoints_are_written_in_each_proxys_syntax() -> None:
             "[NOTICE]   (1) : haproxy version is 2.6\n"
             "[ALERT]    (1) : Binding [x:7] for frontend r0: cannot bind "
             "socket (Address already in use) for [127.0.0.1:5100]\n[ALERT]    (1) : Exiting.\n",
-            "[ALERT]    (1) : Binding [x:7] for frontend r0: cannot bind socket (Address already in use) for "
-            "[127.0.0.1:5100]",
+            "Binding [x:7] for frontend r0: cannot bind socket (Address already in use) for [127.0.0.1:5100]",
         ),
         (
-            "2026/11/23 [emerg] 5#5: bind() to 127.0.0.1:5100 failed (98: Address already in use)\n",
-            "2026/11/23 [emerg] 5#5: bind() to 127.0.0.1:5100 failed (98: Address already in use)",
+            "2026/11/23 11:00:01 [emerg] 5#5: bind() to 127.0.0.1:5100 failed (98: Address already in use)\n",
+            "bind() to 127.0.0.1:5100 failed (98: Address already in use)",
         ),
     ],
 )
@@ -285,7 +284,7 @@ def test_failure_reason_is_the_proxys_first_error_line(tmp_path: Path, log: str,
     path = tmp_path / "proxy.log"
     path.write_text(log)
     assert failure_reason(path) == reason
-    assert last_log_line(path) == log.strip().splitlines()[-1].removeprefix("[ ] ")
+    assert last_log_line(path) in log.strip().splitlines()[-1]
 
 
 def test_log_readers_tolerate_a_missing_log(tmp_path: Path) -> None:

@@ -79,7 +79,14 @@ _FAILURE = re.compile(
     r"(?i)already in use|cannot|could not|can't|failed|failure|error|invalid|"
     r"unknown|denied|not found|\[emerg\]|\[alert\]|\[crit\]"
 )
-_STUNNEL_MARK = re.compile(r"^\[[ .:!]\]\s*")
+#: Log-line prefixes (stunnel's severity mark or timestamp, HAProxy's level and pid,
+#: nginx's timestamp, level and pid) that say nothing to the person reading the error.
+_LOG_PREFIX = re.compile(
+    r"^(?:\[[ .:!]\]\s*"
+    r"|\d{4}\.\d\d\.\d\d \d\d:\d\d:\d\d LOG\d\[[^\]]*\]:\s*"
+    r"|\[[A-Z]+\]\s+\(\d+\)\s*:\s*"
+    r"|\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[\w+\] \d+#\d+:\s*)"
+)
 
 
 def _tail_lines(path: Path, size: int = 16384) -> list[str]:
@@ -97,16 +104,16 @@ def _tail_lines(path: Path, size: int = 16384) -> list[str]:
 def last_log_line(path: Path, *, limit: int = 300) -> str:
     """The last line of a proxy's log (what it said before it went away), shortened."""
     lines = _tail_lines(path)
-    return _STUNNEL_MARK.sub("", lines[-1])[:limit] if lines else ""
+    return _LOG_PREFIX.sub("", lines[-1])[:limit] if lines else ""
 
 
 def failure_reason(path: Path, *, limit: int = 300) -> str:
     """Why a proxy failed to start: the first line of its log that reads like an error
     (stunnel, HAProxy and nginx state the cause first and "exiting" after it), else the
-    last line; shortened, stunnel's severity mark removed."""
+    last line; shortened, without the proxy's log prefix."""
     lines = _tail_lines(path)
     chosen = next((line for line in lines if _FAILURE.search(line)), lines[-1] if lines else "")
-    return _STUNNEL_MARK.sub("", chosen)[:limit]
+    return _LOG_PREFIX.sub("", chosen)[:limit]
 
 
 class Child:
@@ -126,6 +133,7 @@ class Child:
         self.exited = threading.Event()
         self.returncode: int | None = None
         self.stopping = False  # set before we signal it: its exit is then expected
+        self.ready = False  # set once it listens; an exit before that is a failed start
         self.unexpected_exit = False
         self.last_line = ""
         self._on_exit = on_exit
@@ -150,7 +158,9 @@ class Child:
     def _wait(self) -> None:
         code = self.proc.wait()
         self.returncode = code
-        if not self.stopping:
+        if not self.stopping and not self.ready:
+            log.debug("%s (pid %d) exited with status %d while starting", self.name, self.pid, code)
+        elif not self.stopping:
             self.unexpected_exit = True
             self.last_line = last_log_line(self.log_path)
             log.warning(
@@ -465,6 +475,7 @@ class SubprocessBackend(Backend):
                 remove_session_dir(path)
                 raise
             self._failures.pop(plan.uid, None)
+            child.ready = True
             self._sessions[plan.uid] = _Session(plan, path, child)
             log.info(
                 "%s session %s: %s %d route(s), pid %d",
