@@ -16,7 +16,7 @@ RUN SCISTREAM_REQUIRE_NATIVE=1 pip wheel --no-deps -w /wheels .
 
 FROM python:3.11-slim-bookworm AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libssl3 stunnel4 haproxy iperf3 nginx-light socat iproute2 \
+ && apt-get install -y --no-install-recommends libssl3 stunnel4 haproxy iperf3 nginx-light libnginx-mod-stream socat iproute2 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
