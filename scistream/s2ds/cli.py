@@ -54,13 +54,20 @@ def _make_engine(choice: str | None, options: dict[str, Any]) -> EngineBase:
 
 verbose_option = click.option("-v", "--verbose", is_flag=True, help="Log debug detail to stderr.")
 engine_option = click.option(
-    "--engine", type=ENGINE_CHOICE, default=None,
+    "--engine",
+    type=ENGINE_CHOICE,
+    default=None,
     help="Engine implementation: native (C), pure (Python) or auto (native if built) "
-         "[$SCISTREAM_ENGINE or auto].")
+    "[$SCISTREAM_ENGINE or auto].",
+)
 drain_option = click.option(
-    "--drain-timeout", type=float, default=0.0, show_default=True,
+    "--drain-timeout",
+    type=float,
+    default=0.0,
+    show_default=True,
     help="On SIGTERM/SIGINT, seconds to let streams in flight finish before cutting them; "
-         "0 = as long as they take (a second signal exits at once).")
+    "0 = as long as they take (a second signal exits at once).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -78,20 +85,41 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--control", "address", default=None, metavar="ADDR",
-              help="Control socket: ipc://PATH or tcp://HOST:PORT (tcp needs CURVE keys) "
-                   "[ipc://<state dir>/s2ds.sock; state dir = $SCISTREAM_STATE_DIR, "
-                   "/var/lib/scistream as root, else ~/.scistream].")
-@click.option("--curve-secret-file", type=click.Path(dir_okay=False), default=None,
-              help="The daemon's CURVE key (.key_secret file from `s2ds keygen`).")
-@click.option("--curve-client-keys", type=click.Path(file_okay=False), default=None,
-              help="Directory of admitted clients' CURVE public keys (*.key).")
+@click.option(
+    "--control",
+    "address",
+    default=None,
+    metavar="ADDR",
+    help="Control socket: ipc://PATH or tcp://HOST:PORT (tcp needs CURVE keys) "
+    "[ipc://<state dir>/s2ds.sock; state dir = $SCISTREAM_STATE_DIR, "
+    "/var/lib/scistream as root, else ~/.scistream].",
+)
+@click.option(
+    "--curve-secret-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="The daemon's CURVE key (.key_secret file from `s2ds keygen`).",
+)
+@click.option(
+    "--curve-client-keys",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory of admitted clients' CURVE public keys (*.key).",
+)
 @engine_option
 @drain_option
 @tuning_options
 @verbose_option
-def serve(*, address: str | None, curve_secret_file: str | None, curve_client_keys: str | None,
-          engine: str | None, drain_timeout: float, verbose: bool, **knobs: Any) -> None:
+def serve(
+    *,
+    address: str | None,
+    curve_secret_file: str | None,
+    curve_client_keys: str | None,
+    engine: str | None,
+    drain_timeout: float,
+    verbose: bool,
+    **knobs: Any,
+) -> None:
     """Host the node's engine and take route commands on the control socket."""
     _setup_logging(verbose)
     address = address or default_control_address()
@@ -105,7 +133,8 @@ def serve(*, address: str | None, curve_secret_file: str | None, curve_client_ke
     elif address.startswith("tcp://"):
         raise click.UsageError(
             "a tcp:// control socket needs CURVE authentication: give --curve-secret-file and "
-            "--curve-client-keys (make keys with `s2ds keygen DIR`)")
+            "--curve-client-keys (make keys with `s2ds keygen DIR`)"
+        )
     if drain_timeout < 0:
         raise click.UsageError("--drain-timeout must not be negative")
     lock = ControlLock(address)
@@ -139,55 +168,114 @@ def _endpoint_list(text: str) -> tuple[str, ...]:
 
 
 @cli.command()
-@click.option("--listen", required=True, metavar="HOST:PORT",
-              help="Where to accept connections (port 0: any).")
-@click.option("--to", "targets", required=True, metavar="HOST:PORT[,...]",
-              help="Target(s); connection k goes to target k mod n.")
-@click.option("--tls", "tls_role", type=click.Choice(["server", "client"]), default=None,
-              help="Which leg speaks TLS: server = accepted connections, client = connections to the "
-                   "targets. Omitted: plain on both legs.")
-@click.option("--tls-mode", type=click.Choice(["psk", "compat", "cert"]), default=None,
-              help="psk: TLS 1.3 external PSK (default); compat: SciStream 1.x stunnel (TLS 1.2 PSK; "
-                   "default with --psk-from-uid); cert: certificate + pinned CA (default with --cert/--ca).")
-@click.option("--psk-file", type=click.Path(dir_okay=False), default=None,
-              help="stunnel PSKsecrets file of IDENTITY:KEY lines; the first line is used unless "
-                   "--psk-identity picks one.")
-@click.option("--psk-identity", default="",
-              help="The PSK identity to use from --psk-file (or with --psk-from-uid).")
-@click.option("--psk-from-uid", metavar="UID", default=None,
-              help="SciStream 1.x: identity client1, key = the session uid without dashes.")
-@click.option("--cert", type=click.Path(dir_okay=False), default="",
-              help="cert mode, server: certificate (PEM).")
-@click.option("--key", type=click.Path(dir_okay=False), default="",
-              help="cert mode, server: private key (PEM).")
-@click.option("--ca", type=click.Path(dir_okay=False), default="",
-              help="cert mode, client: the pinned CA (PEM).")
+@click.option(
+    "--listen", required=True, metavar="HOST:PORT", help="Where to accept connections (port 0: any)."
+)
+@click.option(
+    "--to",
+    "targets",
+    required=True,
+    metavar="HOST:PORT[,...]",
+    help="Target(s); connection k goes to target k mod n.",
+)
+@click.option(
+    "--tls",
+    "tls_role",
+    type=click.Choice(["server", "client"]),
+    default=None,
+    help="Which leg speaks TLS: server = accepted connections, client = connections to the "
+    "targets. Omitted: plain on both legs.",
+)
+@click.option(
+    "--tls-mode",
+    type=click.Choice(["psk", "compat", "cert"]),
+    default=None,
+    help="psk: TLS 1.3 external PSK (default); compat: SciStream 1.x stunnel (TLS 1.2 PSK; "
+    "default with --psk-from-uid); cert: certificate + pinned CA (default with --cert/--ca).",
+)
+@click.option(
+    "--psk-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="stunnel PSKsecrets file of IDENTITY:KEY lines; the first line is used unless "
+    "--psk-identity picks one.",
+)
+@click.option(
+    "--psk-identity", default="", help="The PSK identity to use from --psk-file (or with --psk-from-uid)."
+)
+@click.option(
+    "--psk-from-uid",
+    metavar="UID",
+    default=None,
+    help="SciStream 1.x: identity client1, key = the session uid without dashes.",
+)
+@click.option(
+    "--cert", type=click.Path(dir_okay=False), default="", help="cert mode, server: certificate (PEM)."
+)
+@click.option(
+    "--key", type=click.Path(dir_okay=False), default="", help="cert mode, server: private key (PEM)."
+)
+@click.option(
+    "--ca", type=click.Path(dir_okay=False), default="", help="cert mode, client: the pinned CA (PEM)."
+)
 @click.option("--server-name", default="", help="cert mode, client: the name to verify (SNI).")
 @click.option("--ciphers", default="", help="Cipher list/suites; empty = the mode's secure default.")
-@click.option("--rate", default="0", metavar="RATE",
-              help="Cap over all connections and both directions, in bytes/s with decimal units: "
-                   "500k, 100M, 1G; a bit suffix means bits/s: 10Gbit, 800Mbps; Ki/Mi/Gi are binary. "
-                   "0 = none.")
+@click.option(
+    "--rate",
+    default="0",
+    metavar="RATE",
+    help="Cap over all connections and both directions, in bytes/s with decimal units: "
+    "500k, 100M, 1G; a bit suffix means bits/s: 10Gbit, 800Mbps; Ki/Mi/Gi are binary. "
+    "0 = none.",
+)
 @click.option("--stats", "show_stats", is_flag=True, help="Print live counters, one line per interval.")
-@click.option("--stats-interval", type=float, default=1.0, show_default=True,
-              help="Seconds between --stats lines.")
+@click.option(
+    "--stats-interval", type=float, default=1.0, show_default=True, help="Seconds between --stats lines."
+)
 @engine_option
 @drain_option
 @tuning_options
 @verbose_option
-def forward(*, listen: str, targets: str, tls_role: str | None, tls_mode: str | None, psk_file: str | None,
-            psk_identity: str, psk_from_uid: str | None, cert: str, key: str, ca: str, server_name: str,
-            ciphers: str, rate: str, show_stats: bool, stats_interval: float, engine: str | None,
-            drain_timeout: float, verbose: bool, **knobs: Any) -> None:
+def forward(
+    *,
+    listen: str,
+    targets: str,
+    tls_role: str | None,
+    tls_mode: str | None,
+    psk_file: str | None,
+    psk_identity: str,
+    psk_from_uid: str | None,
+    cert: str,
+    key: str,
+    ca: str,
+    server_name: str,
+    ciphers: str,
+    rate: str,
+    show_stats: bool,
+    stats_interval: float,
+    engine: str | None,
+    drain_timeout: float,
+    verbose: bool,
+    **knobs: Any,
+) -> None:
     """Forward connections from --listen to --to until SIGTERM/Ctrl-C (which drain and exit 0)."""
     _setup_logging(verbose)
     try:
         parse_endpoint(listen, allow_port_zero=True)
         to = _endpoint_list(targets)
         rate_limit = parse_rate(rate)
-        tls = build_tls(tls_role, tls_mode, psk_file=psk_file, psk_from_uid=psk_from_uid,
-                        psk_identity=psk_identity, cert=cert, key=key, ca=ca,
-                        server_name=server_name, ciphers=ciphers)
+        tls = build_tls(
+            tls_role,
+            tls_mode,
+            psk_file=psk_file,
+            psk_from_uid=psk_from_uid,
+            psk_identity=psk_identity,
+            cert=cert,
+            key=key,
+            ca=ca,
+            server_name=server_name,
+            ciphers=ciphers,
+        )
         route = Route(route_id="forward", listen=listen, targets=to, tls=tls, rate_limit=rate_limit)
     except (ForwardError, InvalidRoute, InvalidEndpoint, ValueError) as exc:
         raise Failure(str(exc), 2) from None
@@ -197,8 +285,13 @@ def forward(*, listen: str, targets: str, tls_role: str | None, tls_mode: str | 
         raise click.UsageError("--drain-timeout must not be negative")
     eng = _make_engine(engine, knobs)
     try:
-        fwd = Forwarder(eng, route, echo=click.echo,
-                        stats_interval=stats_interval if show_stats else 0.0, drain_timeout=drain_timeout)
+        fwd = Forwarder(
+            eng,
+            route,
+            echo=click.echo,
+            stats_interval=stats_interval if show_stats else 0.0,
+            drain_timeout=drain_timeout,
+        )
         try:
             code = fwd.run()
         except EngineError as exc:
@@ -213,8 +306,14 @@ def forward(*, listen: str, targets: str, tls_role: str | None, tls_mode: str | 
 
 @cli.command("keygen")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--name", "names", multiple=True, default=("server", "client"), show_default=True,
-              help="Keypair names (repeatable): NAME.key (public) and NAME.key_secret, mode 0600.")
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    default=("server", "client"),
+    show_default=True,
+    help="Keypair names (repeatable): NAME.key (public) and NAME.key_secret, mode 0600.",
+)
 def keygen_cmd(directory: str, names: tuple[str, ...]) -> None:
     """Make CURVE keypairs for a tcp:// control socket.
 
@@ -233,19 +332,41 @@ def keygen_cmd(directory: str, names: tuple[str, ...]) -> None:
 
 
 @cli.group()
-@click.option("--control", "address", default=None, metavar="ADDR",
-              help="The daemon's control socket [ipc://<state dir>/s2ds.sock].")
-@click.option("--curve-server-key", type=click.Path(dir_okay=False), default=None,
-              help="tcp://: the daemon's public key file (server.key).")
-@click.option("--curve-client-key", type=click.Path(dir_okay=False), default=None,
-              help="tcp://: this client's key file (client.key_secret).")
+@click.option(
+    "--control",
+    "address",
+    default=None,
+    metavar="ADDR",
+    help="The daemon's control socket [ipc://<state dir>/s2ds.sock].",
+)
+@click.option(
+    "--curve-server-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="tcp://: the daemon's public key file (server.key).",
+)
+@click.option(
+    "--curve-client-key",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="tcp://: this client's key file (client.key_secret).",
+)
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for an answer.")
 @click.pass_context
-def ctl(ctx: click.Context, address: str | None, curve_server_key: str | None,
-        curve_client_key: str | None, timeout: float) -> None:
+def ctl(
+    ctx: click.Context,
+    address: str | None,
+    curve_server_key: str | None,
+    curve_client_key: str | None,
+    timeout: float,
+) -> None:
     """Ask a running s2ds about its routes (JSON on stdout)."""
-    ctx.obj = {"address": address or default_control_address(), "server_key": curve_server_key,
-               "client_key": curve_client_key, "timeout": timeout}
+    ctx.obj = {
+        "address": address or default_control_address(),
+        "server_key": curve_server_key,
+        "client_key": curve_client_key,
+        "timeout": timeout,
+    }
 
 
 def _run_client(obj: dict[str, Any], call: Callable[[S2dsClient], Awaitable[Any]]) -> Any:
@@ -256,8 +377,9 @@ def _run_client(obj: dict[str, Any], call: Callable[[S2dsClient], Awaitable[Any]
                 raise click.UsageError("CURVE needs both --curve-server-key and --curve-client-key")
             server_public = load_public(obj["server_key"])
             keys = load_keypair(obj["client_key"])
-        client = S2dsClient(obj["address"], curve_server_public=server_public, curve_keys=keys,
-                            timeout=obj["timeout"])
+        client = S2dsClient(
+            obj["address"], curve_server_public=server_public, curve_keys=keys, timeout=obj["timeout"]
+        )
     except (CurveKeyError, ValueError) as exc:
         raise Failure(str(exc), 2) from None
 
@@ -277,9 +399,16 @@ def route_info_json(info: RouteInfo) -> dict[str, Any]:
     tls = None
     if r.tls is not None:
         tls = {"role": r.tls.role.value, "mode": r.tls.mode.value, "psk_identity": r.tls.psk_identity}
-    return {"route_id": r.route_id, "listen": r.listen, "bound": info.bound, "targets": list(r.targets),
-            "tls": tls, "rate_limit": r.rate_limit, "max_connections": r.max_connections,
-            "labels": dict(r.labels)}
+    return {
+        "route_id": r.route_id,
+        "listen": r.listen,
+        "bound": info.bound,
+        "targets": list(r.targets),
+        "tls": tls,
+        "rate_limit": r.rate_limit,
+        "max_connections": r.max_connections,
+        "labels": dict(r.labels),
+    }
 
 
 def _echo_json(value: Any) -> None:

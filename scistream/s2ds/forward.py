@@ -95,7 +95,8 @@ def build_tls(
     if role is None:
         if has_psk or has_cert or mode:
             raise ForwardError(
-                "--psk-file, --psk-from-uid, --cert/--key/--ca and --tls-mode need --tls server|client")
+                "--psk-file, --psk-from-uid, --cert/--key/--ca and --tls-mode need --tls server|client"
+            )
         return None
     if psk_file and psk_from_uid:
         raise ForwardError("give either --psk-file or --psk-from-uid, not both")
@@ -141,12 +142,16 @@ def format_stats_line(
     rates = ""
     if prev is not None and now.at > prev.at:
         dt = now.at - prev.at
-        rates = (f" ({format_bytes((now.to_target - prev.to_target) / dt)}/s"
-                 f" | {format_bytes((now.from_target - prev.from_target) / dt)}/s)")
+        rates = (
+            f" ({format_bytes((now.to_target - prev.to_target) / dt)}/s"
+            f" | {format_bytes((now.from_target - prev.from_target) / dt)}/s)"
+        )
     errors = " ".join(f"{k}={v}" for k, v in sorted(rs.errors.items()) if v)
-    line = (f"{elapsed:7.1f}s  conns {rs.connections_active} active / {rs.connections_total} total  "
-            f"to_target {format_bytes(rs.bytes_to_target)}  from_target {format_bytes(rs.bytes_from_target)}"
-            f"{rates}{'  errors ' + errors if errors else ''}")
+    line = (
+        f"{elapsed:7.1f}s  conns {rs.connections_active} active / {rs.connections_total} total  "
+        f"to_target {format_bytes(rs.bytes_to_target)}  from_target {format_bytes(rs.bytes_from_target)}"
+        f"{rates}{'  errors ' + errors if errors else ''}"
+    )
     return line, now
 
 
@@ -197,9 +202,11 @@ class Forwarder:
     def run(self) -> int:
         info = self.engine.add_route(self.route)
         tls = self.route.tls
-        self.echo(f"listening on {info.bound} -> {','.join(self.route.targets)}"
-                  f" ({f'tls {tls.role.value}/{tls.mode.value}' if tls else 'plain'}"
-                  f"{f', {self.route.rate_limit} B/s' if self.route.rate_limit else ''})")
+        self.echo(
+            f"listening on {info.bound} -> {','.join(self.route.targets)}"
+            f" ({f'tls {tls.role.value}/{tls.mode.value}' if tls else 'plain'}"
+            f"{f', {self.route.rate_limit} B/s' if self.route.rate_limit else ''})"
+        )
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         started = time.monotonic()
         prev: _Sample | None = None
@@ -215,8 +222,9 @@ class Forwarder:
                     return 128 + self._signals[-1]
                 if len(self._signals) == 1 and not self._draining:
                     self._draining = True
-                    log.info("draining: no new connections, streams in flight finish; "
-                             "signal again to exit now")
+                    log.info(
+                        "draining: no new connections, streams in flight finish; signal again to exit now"
+                    )
                     threading.Thread(target=self._drain, daemon=True, name="s2ds-drain").start()
                 if self._drained.is_set():
                     if not self._drain_complete:
@@ -225,8 +233,11 @@ class Forwarder:
                     return 0 if self._drain_complete else 1
                 if self.stats_interval and time.monotonic() >= next_stats:
                     line, prev = format_stats_line(
-                        self.engine.stats(self.route.route_id), self.route.route_id,
-                        time.monotonic() - started, prev)
+                        self.engine.stats(self.route.route_id),
+                        self.route.route_id,
+                        time.monotonic() - started,
+                        prev,
+                    )
                     self.echo(line)
                     next_stats += self.stats_interval
         finally:

@@ -44,12 +44,18 @@ KNOBS: list[tuple[str, Any, str]] = [
     ("--cpu-affinity/--no-cpu-affinity", None, "Pin worker i to online CPU i mod n [off]."),
     ("--backlog", int, f"listen() backlog of every route [{_D.backlog}]."),
     ("--max-connections", int, "Connections per route when the route sets none; 0 = unlimited [0]."),
-    ("--connect-timeout", float,
-     f"Seconds to connect to a target and finish a TLS handshake [{_D.connect_timeout:g}]."),
+    (
+        "--connect-timeout",
+        float,
+        f"Seconds to connect to a target and finish a TLS handshake [{_D.connect_timeout:g}].",
+    ),
     ("--idle-timeout", float, "Seconds without a byte either way before a connection is cut; 0 = never [0]."),
     ("--tcp-user-timeout", int, "TCP_USER_TIMEOUT in milliseconds; 0 = kernel default [0]."),
-    ("--tls-key-update-bytes", SIZE,
-     f"Send a TLS 1.3 KeyUpdate after this many bytes per key [{_D.tls_key_update_bytes}]."),
+    (
+        "--tls-key-update-bytes",
+        SIZE,
+        f"Send a TLS 1.3 KeyUpdate after this many bytes per key [{_D.tls_key_update_bytes}].",
+    ),
 ]
 
 

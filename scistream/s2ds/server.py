@@ -52,8 +52,13 @@ class CurveServerConfig:
     client_keys_dir: str  # directory of admitted clients' public *.key files
 
 
-def probe(address: str, timeout: float = 0.5, *, curve_server_public: bytes | None = None,
-          curve_keys: tuple[bytes, bytes] | None = None) -> dict[str, Any] | None:
+def probe(
+    address: str,
+    timeout: float = 0.5,
+    *,
+    curve_server_public: bytes | None = None,
+    curve_keys: tuple[bytes, bytes] | None = None,
+) -> dict[str, Any] | None:
     """Ping ``address`` once; the PingReply as a dict, or None if nobody answers in time."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -106,9 +111,7 @@ class ControlLock:
             answer = probe(self.address)
             if answer is not None:
                 self.release()
-                raise DaemonError(
-                    f"another s2ds (pid {answer['pid']}) is already serving {self.address}"
-                )
+                raise DaemonError(f"another s2ds (pid {answer['pid']}) is already serving {self.address}")
             log.info("removing stale control socket %s (no daemon answers on it)", self.path)
             self.path.unlink()
         os.ftruncate(fd, 0)
@@ -211,9 +214,15 @@ class Daemon:
                 os.chmod(path, 0o600)  # whoever can write here can open relays on this node
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
-            log.info("s2ds %s serving %s (engine %s, %d workers%s)", __version__, self.address,
-                     self.engine.name, self.engine.tuning.effective_workers,
-                     ", CURVE" if self.curve else "")
+            workers = (await in_daemon_thread(self.engine.stats)).workers  # what the engine really runs
+            log.info(
+                "s2ds %s serving %s (engine %s, %d workers%s)",
+                __version__,
+                self.address,
+                self.engine.name,
+                workers,
+                ", CURVE" if self.curve else "",
+            )
             receiver = asyncio.create_task(self._receive(sock))
             code = await self._exit
             receiver.cancel()
@@ -249,14 +258,16 @@ class Daemon:
         try:
             cmd = pb.Command.FromString(payload)
         except DecodeError:
-            return pb.Reply(ok=False, error_code="invalid",
-                            error="the command is not a dataplane.proto Command")
+            return pb.Reply(
+                ok=False, error_code="invalid", error="the command is not a dataplane.proto Command"
+            )
         which = cmd.WhichOneof("cmd")
         if which is None:
             return pb.Reply(ok=False, error_code="invalid", error="the command is empty")
         if self._stopping and which in ("add_route", "retarget_route"):
-            return pb.Reply(ok=False, error_code="internal",
-                            error="s2ds is shutting down and takes no new routes")
+            return pb.Reply(
+                ok=False, error_code="internal", error="s2ds is shutting down and takes no new routes"
+            )
         try:
             return await self._dispatch(cmd, which)
         except (EngineError, ValueError) as exc:
@@ -274,9 +285,14 @@ class Daemon:
         if which == "add_route":
             route = convert.spec_to_route(cmd.add_route.route)
             info = await in_daemon_thread(e.add_route, route)
-            log.info("route %s added: %s -> %s (%s%s)", route.route_id, info.bound, ",".join(route.targets),
-                     f"tls {route.tls.role.value}/{route.tls.mode.value}" if route.tls else "plain",
-                     f", {route.rate_limit} B/s" if route.rate_limit else "")
+            log.info(
+                "route %s added: %s -> %s (%s%s)",
+                route.route_id,
+                info.bound,
+                ",".join(route.targets),
+                f"tls {route.tls.role.value}/{route.tls.mode.value}" if route.tls else "plain",
+                f", {route.rate_limit} B/s" if route.rate_limit else "",
+            )
             return pb.Reply(ok=True, route=convert.route_info_to_pb(info))
         if which == "retarget_route":
             rt = cmd.retarget_route
@@ -304,8 +320,10 @@ class Daemon:
     def _on_signal(self, sig: signal.Signals) -> None:
         if not self._stopping:
             self._stopping = True
-            log.info("%s: draining (no new connections; streams in flight finish); "
-                     "signal again to exit now", sig.name)
+            log.info(
+                "%s: draining (no new connections; streams in flight finish); signal again to exit now",
+                sig.name,
+            )
             task = asyncio.create_task(self._shutdown())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -326,8 +344,9 @@ class Daemon:
         try:
             complete = await in_daemon_thread(self.engine.drain, self.drain_timeout or None)
             if not complete:
-                log.warning("drain timeout (%.1f s) passed; closing the remaining connections",
-                            self.drain_timeout)
+                log.warning(
+                    "drain timeout (%.1f s) passed; closing the remaining connections", self.drain_timeout
+                )
             await in_daemon_thread(self.engine.close)
         except Exception as exc:
             log.error("shutdown failed: %s", exc)

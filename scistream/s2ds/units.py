@@ -27,9 +27,7 @@ def parse_rate(text: str) -> int:
     """A rate in bytes/s: ``500k``, ``100M``, ``1G`` (decimal), ``10Gbit``, ``1MiB``; ``0`` = none."""
     m = _RATE.match(str(text))
     if not m:
-        raise ValueError(
-            f"{text!r} is not a rate; write e.g. 500k, 100M or 1G (bytes/s) or 10Gbit (bits/s)"
-        )
+        raise ValueError(f"{text!r} is not a rate; write e.g. 500k, 100M or 1G (bytes/s) or 10Gbit (bits/s)")
     base = 1024 if m.group(3) else 1000
     value = float(m.group(1)) * base ** _POWER[m.group(2).lower()]
     if (m.group(4) or "").startswith("bit") or m.group(4) == "bps":

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -248,3 +249,44 @@ def test_tls_session_pair(state_dirs: list[Path], security: str) -> None:
         for d in state_dirs:
             assert wait_for(lambda d=d: (d / "s2ds.log").exists())
             assert key.hex() not in (d / "s2ds.log").read_text()
+
+
+def test_crashed_s2ds_is_replaced_and_sessions_reapplied(state_dirs: list[Path]) -> None:
+    state = state_dirs[0]
+    uid = str(uuid.uuid4())
+    with echo_server() as echo:
+        (port,) = free_ports(1)
+        plan = SessionPlan(
+            uid=uid,
+            role="PROD",
+            security="plain",
+            routes=(RoutePlan(f"{uid}/0", f"127.0.0.1:{port}", echo.address),),
+        )
+
+        async def run() -> tuple[int, int]:
+            b = NativeBackend(options(state, extra={"s2ds_timeout": "1"}))
+            await b.start()
+            await b.apply(plan)
+            first = int((state / "s2ds.pid").read_text())
+            os.kill(first, signal.SIGKILL)  # a crash: the routes die with the daemon
+            assert wait_for(lambda: not pid_alive(first) or _zombie(first), 5)
+            assert await b.running_sessions() == set()  # a new daemon answers: nothing is live
+            second = int((state / "s2ds.pid").read_text())
+            await b.apply(plan)  # what s2cs's reconciliation does
+            sent, got, _ = await asyncio.to_thread(echo_roundtrip, f"127.0.0.1:{port}", 10_000)
+            assert got == sent
+            await b.remove(uid)
+            await b.close()
+            return first, second
+
+        first, second = asyncio.run(run())
+        assert first != second and pid_alive(second)
+    assert stop_spawned_s2ds(str(state)) is True
+    assert not pid_alive(second)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

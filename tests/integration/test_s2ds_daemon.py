@@ -18,7 +18,17 @@ from typing import Any, TypeVar
 
 import pytest
 import zmq
-from s2ds_support import S2DS, Daemon, echo_roundtrip, echo_server, need_native, refused, stop, wait_for
+from s2ds_support import (
+    S2DS,
+    Daemon,
+    connect,
+    echo_roundtrip,
+    echo_server,
+    need_native,
+    refused,
+    stop,
+    wait_for,
+)
 
 from scistream._proto import dataplane_pb2 as pb
 from scistream.dataplane import AddressInUse, Route, RouteExists, RouteNotFound
@@ -342,3 +352,32 @@ def test_ctl_commands(daemon: Daemon) -> None:
     stop(daemon.proc)
     gone = ctl("--timeout", "0.5", "ping")
     assert gone.returncode == 1 and "did not answer" in gone.stderr
+
+
+def test_answers_while_a_drain_command_waits(daemon: Daemon) -> None:
+    """The control socket serves every command as its own task: a Drain that waits for an
+    open stream does not stop ping or stats from being answered."""
+    with echo_server() as echo:
+        info = call(
+            daemon.address,
+            lambda c: c.add_route(Route("d", listen="127.0.0.1:0", targets=(echo.address,))),
+        )
+        held = connect(info.bound)
+        try:
+            held.sendall(b"x")
+            assert held.recv(1) == b"x"
+
+            async def go() -> tuple[bool, int, float]:
+                async with S2dsClient(daemon.address) as a, S2dsClient(daemon.address) as b:
+                    drain = asyncio.create_task(a.drain(timeout=1.5))
+                    await asyncio.sleep(0.2)
+                    t0 = time.monotonic()
+                    active = (await b.stats("d")).routes["d"].connections_active
+                    took = time.monotonic() - t0
+                    return await drain, active, took
+
+            complete, active, took = asyncio.run(go())
+            assert (complete, active) == (False, 1) and took < 1.0
+            assert refused(info.bound)  # drained routes accept nothing new
+        finally:
+            held.close()

@@ -31,7 +31,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from scistream.dataplane import (
     COMPAT_PSK_IDENTITY,
@@ -59,6 +61,8 @@ from scistream.s2ds.paths import default_control_address, ipc_path
 from scistream.s2ds.psk import as_stunnel_key
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PID_FILE = "s2ds.pid"
 LOG_FILE = "s2ds.log"
@@ -126,7 +130,8 @@ def _shape(route: Route) -> bytes:
 def spawn_s2ds(address: str, state_dir: str, extra_args: list[str] | None = None) -> int:
     """Start ``s2ds serve`` detached from this process (own session) so it outlives s2cs.
 
-    Its output goes to ``<state_dir>/s2ds.log``, its pid to ``<state_dir>/s2ds.pid``.
+    Its output goes to ``<state_dir>/s2ds.log``; :func:`record_pid` writes its pid
+    to ``<state_dir>/s2ds.pid`` once it answers.
     """
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -146,12 +151,15 @@ def spawn_s2ds(address: str, state_dir: str, extra_args: list[str] | None = None
     finally:
         os.close(log_fd)
     _spawned[proc.pid] = proc
-    pid_path = state / PID_FILE
-    fd = os.open(pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{proc.pid}\n")
     log.info("started s2ds (pid %d) on %s; log %s", proc.pid, address, state / LOG_FILE)
     return proc.pid
+
+
+def record_pid(state_dir: str, pid: int) -> None:
+    """Remember the daemon we started, for :func:`stop_spawned_s2ds`."""
+    fd = os.open(Path(state_dir) / PID_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{pid}\n")
 
 
 def _is_s2ds(pid: int) -> bool:
@@ -265,7 +273,7 @@ class NativeBackend(Backend):
                     info["engine"],
                     self.address,
                 )
-            elif not self.options.spawn_s2ds or ipc_path(self.address) is None:
+            elif not self._may_spawn():
                 raise BackendError(
                     f"no s2ds answers on {self.address}; start one with `s2ds serve --control {self.address}`"
                 )
@@ -299,9 +307,26 @@ class NativeBackend(Backend):
                     f"s2ds exited at start (code {proc.returncode}): {_last_log_line(self.options.state_dir)}"
                 )
             if await self._answers(client, 0.5):
+                if (await client.ping())["pid"] == pid:
+                    record_pid(self.options.state_dir, pid)
                 return
             await asyncio.sleep(0.1)
         raise BackendError(f"s2ds (pid {pid}) did not answer on {self.address} within {SPAWN_WAIT_S:g} s")
+
+    def _may_spawn(self) -> bool:
+        return self.options.spawn_s2ds and ipc_path(self.address) is not None
+
+    async def _reach(self, call: Callable[[], Awaitable[T]]) -> T:
+        """The first command of an operation: if the daemon died (a crash takes its
+        routes with it), start a new one so the session layer can re-apply."""
+        try:
+            return await call()
+        except S2dsUnavailable:
+            if not self._may_spawn() or await self._answers(self.client, 1.0):
+                raise
+            log.warning("s2ds at %s stopped answering; starting a new one", self.address)
+            await self._spawn_and_wait(self.client)
+            return await call()
 
     async def apply(self, plan: SessionPlan) -> None:
         desired = session_routes(plan)
@@ -309,7 +334,7 @@ class NativeBackend(Backend):
         try:
             existing = {
                 i.route.route_id: i.route
-                for i in await self.client.routes()
+                for i in await self._reach(self.client.routes)
                 if i.route.labels.get("uid") == plan.uid
             }
             for route in desired:
@@ -339,7 +364,8 @@ class NativeBackend(Backend):
         log.info("session %s: %d route(s) applied on s2ds", plan.uid, len(desired))
 
     async def _session_route_ids(self, uid: str) -> list[str]:
-        return [i.route.route_id for i in await self.client.routes() if i.route.labels.get("uid") == uid]
+        infos = await self._reach(self.client.routes)
+        return [i.route.route_id for i in infos if i.route.labels.get("uid") == uid]
 
     async def remove(self, uid: str, *, drain: bool = False) -> None:
         try:
@@ -351,14 +377,14 @@ class NativeBackend(Backend):
 
     async def running_sessions(self) -> set[str]:
         try:
-            infos = await self.client.routes()
+            infos = await self._reach(self.client.routes)
         except EngineError as exc:
             raise BackendError(str(exc)) from None
         return {i.route.labels["uid"] for i in infos if i.route.labels.get("uid")}
 
     async def usage(self, uid: str) -> SessionUsage:
         try:
-            stats = await self.client.stats(connections=True)
+            stats = await self._reach(lambda: self.client.stats(connections=True))
         except EngineError as exc:
             raise BackendError(str(exc)) from None
         mine = [rs for rs in stats.routes.values() if rs.labels.get("uid") == uid]
