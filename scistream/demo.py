@@ -151,6 +151,7 @@ class Options:
     engine: str
     timeout: float
     corrupt_at: int = -1  # tests: the producer flips the byte at this offset
+    s2ds_args: tuple[str, ...] = ()  # tests: extra `s2ds serve` options (e.g. --tcp-user-timeout)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Facility:
     port_range: tuple[int, int]
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     children_seen: set[int] = field(default_factory=set)
+    s2cs_argv: list[str] = field(default_factory=list)
 
     def cpu_seconds(self) -> float:
         return sum(tree_cpu_seconds(p.pid) for p in self.procs)
@@ -223,6 +225,7 @@ class Demo:
             self.env["SCISTREAM_ENGINE"] = opts.engine
         self.facilities: dict[str, Facility] = {}
         self.producer_endpoint = ""
+        self.producer_proc: subprocess.Popen[bytes] | None = None
         self.cert = self.workdir / "server.crt"
         self._expected: list[str] = []
         self._expected_thread: threading.Thread | None = None
@@ -302,6 +305,7 @@ class Demo:
                 argv = [*_exe("s2ds"), "serve", "--control", control_sock]
                 if self.opts.engine:
                     argv += ["--engine", self.opts.engine]
+                argv += list(self.opts.s2ds_args)
                 fac.procs.append(self.popen(fac.host, argv, f"{fac.name}-s2ds"))
             host, port = parse_endpoint(fac.control)
             argv = [*_exe("s2cs"), "--port", str(port), "--bind", "0.0.0.0" if self.topo else host,
@@ -312,9 +316,21 @@ class Demo:
                     "--security", self.opts.security, "--events", "off"]
             if self.opts.backend == "native":
                 argv += ["--s2ds", control_sock]
+            fac.s2cs_argv = argv
             fac.procs.append(self.popen(fac.host, argv, f"{fac.name}-s2cs"))
         for fac in self.facilities.values():
             self._wait_listening(fac)
+
+    def restart_s2cs(self, side: str) -> subprocess.Popen[bytes]:
+        """Start ``side``'s s2cs again with the same options (after it was killed)."""
+        fac = self.facilities[side]
+        proc = self.popen(fac.host, fac.s2cs_argv, f"{fac.name}-s2cs")
+        fac.procs = [p for p in fac.procs if p.poll() is None] + [proc]
+        self._wait_listening(fac)
+        return proc
+
+    def s2ds_control(self, side: str) -> str:
+        return f"ipc://{self.facilities[side].state_dir / 's2ds.sock'}"
 
     def _wait_listening(self, fac: Facility) -> None:
         _, port = parse_endpoint(fac.control)
@@ -340,6 +356,7 @@ class Demo:
                                  listen, "--seed", str(self.opts.seed),
                                  "--corrupt-at", str(self.opts.corrupt_at)], "producer-app",
                           stdout=subprocess.PIPE)
+        self.producer_proc = proc
         assert proc.stdout is not None
         line = proc.stdout.readline()
         try:
