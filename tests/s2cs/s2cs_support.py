@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import socket
@@ -265,3 +266,59 @@ def prod_flow(
     resp = fut.result()
     stub.update(scistream_pb2.UpdateTargets(uid=uid, remote_listeners=targets), timeout=timeout)
     return resp
+
+
+class Producer:
+    """A producer application: a TCP server that sends ``total`` bytes to its first client."""
+
+    def __init__(self, total: int, block: int = 1 << 20) -> None:
+        self.total = total
+        self.block = os.urandom(block)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.sha = hashlib.sha256()
+        self.sent = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+            with conn:
+                view = memoryview(self.block)
+                while self.sent < self.total:
+                    chunk = view[: min(len(view), self.total - self.sent)]
+                    conn.sendall(chunk)
+                    self.sha.update(chunk)
+                    self.sent += len(chunk)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.sock.close()
+
+
+class Consumer:
+    """A consumer application: connects and reads to EOF, hashing, in a thread."""
+
+    def __init__(self, endpoint: str, timeout: float = 60.0) -> None:
+        host, port = parse_endpoint(endpoint)
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sha = hashlib.sha256()
+        self.received = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with self.sock:
+                buf = bytearray(1 << 20)
+                while n := self.sock.recv_into(buf):
+                    self.sha.update(memoryview(buf)[:n])
+                    self.received += n
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)

@@ -363,6 +363,46 @@ def test_reserved_session_expires(s2cs_factory: Any, stub_for: Any) -> None:
     assert uid not in st.manager.sessions and not st.manager.ports.in_use
 
 
+def test_idle_session_expires_only_when_configured(s2cs_factory: Any, stub_for: Any) -> None:
+    st = s2cs_factory(idle_timeout=0.5)
+    stub = stub_for(st)
+    uid = new_uid()
+    prod_flow(stub, uid, ["127.0.0.1:5074"])
+    deadline = time.time() + 5
+    while time.time() < deadline and uid in st.manager.sessions:
+        time.sleep(0.05)
+    assert uid not in st.manager.sessions and uid in st.backend.removed
+    default = s2cs_factory()  # idle_timeout 0: an idle stream is never cut
+    stub2 = stub_for(default)
+    uid2 = new_uid()
+    prod_flow(stub2, uid2, ["127.0.0.1:5074"])
+    time.sleep(1.0)
+    assert uid2 in default.manager.sessions
+
+
+def test_five_hundred_pending_reqs_do_not_delay_other_calls(s2cs_factory: Any, stub_for: Any) -> None:
+    st = s2cs_factory(port_range=free_range(520), hello_timeout=60.0)
+    stub = stub_for(st)
+    futs = [stub.req.future(pb.Request(uid=f"p{i}", role="PROD", num_conn=1), timeout=60) for i in range(500)]
+    deadline = time.time() + 20
+    while time.time() < deadline and len(st.manager.sessions) < 500:
+        time.sleep(0.05)
+    assert len(st.manager.sessions) == 500
+    t0 = time.time()
+    uid = new_uid()
+    fut = stub.req.future(pb.Request(uid=uid, role="PROD", num_conn=1), timeout=10)
+    stub.hello(pb.Hello(uid=uid, prod_listeners=["127.0.0.1:5074"]), timeout=5)
+    fut.result()
+    stub.release(pb.Release(uid=uid), timeout=5)
+    assert time.time() - t0 < 3
+    for f in futs:  # every requester gives up: everything comes back
+        f.cancel()
+    deadline = time.time() + 10
+    while time.time() < deadline and (st.manager.sessions or st.manager.ports.in_use):
+        time.sleep(0.05)
+    assert not st.manager.sessions and not st.manager.ports.in_use
+
+
 def test_fake_backend_is_a_backend() -> None:
     from scistream.s2cs.backends.base import Backend
 
