@@ -123,6 +123,7 @@ class ControlLock:
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        os.ftruncate(self._fd, 0)  # no pid left behind for a later reader to mistake as live
         os.close(self._fd)  # drops the flock; the lock file itself may stay
         self._fd = -1
 

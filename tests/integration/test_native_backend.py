@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s2ds_support import S2DS, connect, echo_roundtrip, echo_server, need_native, refused, wait_for
+from s2ds_support import S2DS, Daemon, connect, echo_roundtrip, echo_server, need_native, refused, wait_for
 
 from scistream.dataplane import compat_key_from_uid
 from scistream.s2cs.backends import create_backend
@@ -290,3 +290,27 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_start_uses_a_daemon_that_is_starting_up(state_dirs: list[Path]) -> None:
+    """s2ds started by its own unit (systemd, the demo) and s2cs started at once: s2cs uses
+    that daemon instead of racing it with one of its own."""
+    state = state_dirs[0]
+    outside = Daemon(state)
+    try:
+        lock = state / "s2ds.sock.lock"
+        assert wait_for(lambda: lock.exists() and lock.read_text().strip() == str(outside.proc.pid), 20)
+
+        async def run() -> int:
+            b = NativeBackend(options(state))
+            await b.start()
+            pid = int((await b.client.ping())["pid"])
+            await b.close()
+            return pid
+
+        assert asyncio.run(run()) == outside.proc.pid
+        assert not (state / "s2ds.pid").exists()  # nothing was spawned
+    finally:
+        outside.stop()
+    assert outside.proc.returncode == 0
+    assert lock.read_text() == ""  # a clean exit leaves no pid behind

@@ -264,7 +264,7 @@ class NativeBackend(Backend):
     async def start(self) -> None:
         client = self._new_client()
         try:
-            if await self._answers(client, 1.0):
+            if await self._answers(client, 1.0) or await self._wait_for_starting_daemon(client):
                 info = await client.ping()
                 log.info(
                     "using s2ds %s (pid %d, engine %s) at %s",
@@ -303,6 +303,8 @@ class NativeBackend(Backend):
             proc = _spawned.get(pid)
             if proc is not None and proc.poll() is not None:
                 _spawned.pop(pid, None)
+                if await self._answers(client, 1.0):
+                    return  # another s2ds (started meanwhile, e.g. by systemd) won the socket; use it
                 raise BackendError(
                     f"s2ds exited at start (code {proc.returncode}): {_last_log_line(self.options.state_dir)}"
                 )
@@ -312,6 +314,25 @@ class NativeBackend(Backend):
                 return
             await asyncio.sleep(0.1)
         raise BackendError(f"s2ds (pid {pid}) did not answer on {self.address} within {SPAWN_WAIT_S:g} s")
+
+    async def _wait_for_starting_daemon(self, client: S2dsClient) -> bool:
+        """True once a daemon that holds the socket's lock (still starting up) answers.
+
+        Read-only: it never takes the lock itself, which could make that daemon's
+        own non-blocking lock attempt fail."""
+        path = ipc_path(self.address)
+        if path is None:
+            return False
+        try:
+            owner = int(path.with_name(path.name + ".lock").read_text().strip() or "0")
+        except (OSError, ValueError):
+            return False
+        deadline = time.monotonic() + SPAWN_WAIT_S
+        while owner and not _gone(owner) and _is_s2ds(owner) and time.monotonic() < deadline:
+            if await self._answers(client, 0.5):
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     def _may_spawn(self) -> bool:
         return self.options.spawn_s2ds and ipc_path(self.address) is not None
