@@ -712,11 +712,9 @@ def release(
                 click.echo(f"Release completed: {uid} on {o.s2cs}")
     if not ok:
         bad = [o for o in outcomes if not o.ok]
+        codes = {o.exit_code for o in bad}
         raise ControlError(
-            "; ".join(o.message for o in bad),
-            ExitCode.NOT_FOUND
-            if all("no such" in o.message or "not found" in o.message.lower() for o in bad)
-            else ExitCode.FAILURE,
+            "; ".join(o.message for o in bad), codes.pop() if len(codes) == 1 else ExitCode.FAILURE
         )
 
 
@@ -843,7 +841,11 @@ def _show_status(
         if not sessions:
             click.echo(f"no sessions on {s2cs}")
             return
-        console.print(output.status_view(sessions, s2cs))
+        if console.is_terminal:
+            console.print(output.status_view(sessions, s2cs))
+        else:
+            for line in output.status_lines(sessions):
+                click.echo(line)
         return
     from rich.live import Live
     from rich.text import Text

@@ -313,6 +313,7 @@ class ReleaseOutcome:
     s2cs: str
     ok: bool
     message: str
+    exit_code: int = 0
 
 
 def release(targets: Sequence[Target], uid: str) -> list[ReleaseOutcome]:
@@ -324,7 +325,7 @@ def release(targets: Sequence[Target], uid: str) -> list[ReleaseOutcome]:
                 ctl.call("release", pb.Release(uid=uid))
             out.append(ReleaseOutcome(t.address, True, "released"))
         except ControlError as exc:
-            out.append(ReleaseOutcome(t.address, False, exc.message))
+            out.append(ReleaseOutcome(t.address, False, exc.message, exc.exit_code))
     return out
 
 

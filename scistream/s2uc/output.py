@@ -143,3 +143,27 @@ def status_view(sessions: Sequence[pb.SessionStatus], s2cs: str) -> Group:
         if s.connections:
             parts.append(connections_table(s))
     return Group(*parts)
+
+
+def status_lines(sessions: Sequence[pb.SessionStatus]) -> list[str]:
+    """Plain text for pipes and logs, where a table would be squeezed to 80 columns."""
+    lines: list[str] = []
+    for s in sessions:
+        lines.append(
+            f"{s.uid}  {s.role}  {s.state}  security={s.security or '-'}  backend={s.backend or '-'}"
+        )
+        lines.append(f"  listeners: {', '.join(s.listeners) or '-'}")
+        lines.append(f"  targets:   {', '.join(s.targets) or '-'}")
+        lines.append(
+            f"  bytes: {s.bytes_to_target} to target, {s.bytes_from_target} from target; "
+            f"connections: {s.connections_active} active, {s.connections_total} total"
+        )
+        for c in s.connections:
+            lines.append(
+                f"  conn {c.peer} -> {c.listener} -> {c.target}: {c.bytes_to_target} B "
+                f"({human_rate(c.rate_to_target)}) to target, {c.bytes_from_target} B "
+                f"({human_rate(c.rate_from_target)}) back"
+            )
+        if s.error:
+            lines.append(f"  error: {s.error}")
+    return lines
