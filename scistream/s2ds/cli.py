@@ -198,7 +198,7 @@ def _endpoint_list(text: str) -> tuple[str, ...]:
     type=click.Path(dir_okay=False),
     default=None,
     help="stunnel PSKsecrets file of IDENTITY:KEY lines; the first line is used unless "
-    "--psk-identity picks one.",
+    "--psk-identity picks one. As in stunnel, a KEY of an even number of hex digits is a hex key.",
 )
 @click.option(
     "--psk-identity", default="", help="The PSK identity to use from --psk-file (or with --psk-from-uid)."
@@ -207,7 +207,8 @@ def _endpoint_list(text: str) -> tuple[str, ...]:
     "--psk-from-uid",
     metavar="UID",
     default=None,
-    help="SciStream 1.x: identity client1, key = the session uid without dashes.",
+    help="SciStream 1.x: identity client1, key = the session uid without dashes "
+    "(read as hex, as a 1.x stunnel does).",
 )
 @click.option(
     "--cert", type=click.Path(dir_okay=False), default="", help="cert mode, server: certificate (PEM)."
@@ -258,7 +259,14 @@ def forward(
     verbose: bool,
     **knobs: Any,
 ) -> None:
-    """Forward connections from --listen to --to until SIGTERM/Ctrl-C (which drain and exit 0)."""
+    """Forward connections from --listen to --to until SIGTERM/Ctrl-C (which drain and exit 0).
+
+    \b
+    Examples:
+      s2ds forward --listen 0.0.0.0:5100 --to 10.0.0.5:5074
+      s2ds forward --listen 127.0.0.1:5074 --to gw.example.org:5100 \\
+                   --tls client --psk-file psk.txt --rate 1G --stats
+    """
     _setup_logging(verbose)
     try:
         parse_endpoint(listen, allow_port_zero=True)
