@@ -19,7 +19,7 @@ from dputil import (
     tls_pair,
 )
 
-from scistream.dataplane import Engine, EngineBase, InvalidRoute, Route, TlsRole
+from scistream.dataplane import Engine, EngineBase, InvalidRoute, Route, TlsRole, Tuning
 
 
 @pytest.mark.slow
@@ -100,3 +100,16 @@ def test_pure_engine_refuses_psk() -> None:
             engine.add_route(Route("p", "127.0.0.1:0", ("127.0.0.1:9",), tls=psk_tls(TlsRole.SERVER)))
         assert engine.routes() == []
         assert engine.resource_counts().fds == 0
+
+
+def test_tuning_knobs(make_engine: Callable[..., EngineBase], stream_server: ServerFactory) -> None:
+    """Every socket knob set at once still moves bytes exactly (unknown congestion names are
+    best effort, never an error)."""
+    tuning = Tuning(sndbuf=1 << 20, rcvbuf=1 << 20, nodelay=False, congestion="cubic",
+                    notsent_lowat=128 << 10, tcp_user_timeout=10_000, backlog=64,
+                    pipe_size=256 << 10, tls_buffer_size=64 << 10, connect_timeout=5.0)
+    engine = make_engine(tuning)
+    per_conn = 8 * MiB
+    server = duplex_server(stream_server, per_conn)
+    info = engine.add_route(Route("k", "127.0.0.1:0", (server.address,)))
+    check_duplex(server, run_duplex_clients(info.bound, 4, per_conn), per_conn)
