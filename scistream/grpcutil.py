@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# Before gRPC's core starts: it would log TLS handshake failures to stderr at
+# INFO, beside the one line we print for them.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 
 from scistream.endpoints import InvalidEndpoint, parse_endpoint

@@ -523,6 +523,7 @@ def test_errors_against_real_s2cs_are_one_line(gateways: Env, tmp_path: Path) ->
     other, _ = make_self_signed(tmp_path, ["127.0.0.1"], [])
     r = run(e, "s2uc", "check-status", "--s2cs", e.prod.address, "--server_cert", str(other))
     assert r.returncode == 3 and "does not match --server_cert" in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr  # gRPC's own handshake log stays quiet
     r = run(
         e,
         "s2uc",
