@@ -74,6 +74,7 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     usage: SessionUsage = field(default_factory=SessionUsage, repr=False)
     ending: bool = False
+    seen_connections: set[tuple[str, str, float]] = field(default_factory=set, repr=False)
 
     @property
     def state(self) -> State:
@@ -527,7 +528,25 @@ class SessionManager:
         ):
             s.last_activity = time.time()
         s.usage = u
+        self._audit_connections(s, u)
         return u
+
+    def _audit_connections(self, s: Session, u: SessionUsage) -> None:
+        """One audit record per data connection the data plane reports (seen at polling
+        time; the session-end record carries the exact connection total)."""
+        current = {(c.listener, c.peer, c.started_at) for c in u.connections}
+        for c in u.connections:
+            if (c.listener, c.peer, c.started_at) not in s.seen_connections:
+                self.audit.record(
+                    event="connection",
+                    uid=s.uid,
+                    identity=s.owner,
+                    listener=c.listener,
+                    peer=c.peer,
+                    target=c.target,
+                    started_at=c.started_at,
+                )
+        s.seen_connections = current
 
     # ------------------------------------------------------------------ status
 

@@ -58,6 +58,7 @@ class FakeBackend(Backend):
         self.keep_on_close = False
         self.bytes: dict[str, list[int]] = {}
         self.conns: dict[str, int] = {}
+        self.conn_list: dict[str, list[ConnectionUsage]] = {}
 
     async def start(self) -> None:
         pass
@@ -101,6 +102,13 @@ class FakeBackend(Backend):
     ) -> None:
         route.writers.add(writer)
         self.conns[uid] = self.conns.get(uid, 0) + 1
+        peer = writer.get_extra_info("peername")
+        listen = writer.get_extra_info("sockname")
+        self.conn_list.setdefault(uid, []).append(
+            ConnectionUsage(
+                f"{listen[0]}:{listen[1]}", f"{peer[0]}:{peer[1]}", route.target, 0, 0, time.time()
+            )
+        )
         try:
             if plan.security != "plain":
                 return
@@ -152,7 +160,7 @@ class FakeBackend(Backend):
             bytes_from_target=b[1],
             connections_active=0,
             connections_total=self.conns.get(uid, 0),
-            connections=(ConnectionUsage("l", "p", "t", b[0], b[1], time.time()),) if b[0] else (),
+            connections=tuple(self.conn_list.get(uid, ())),
         )
 
     async def close(self) -> None:

@@ -151,7 +151,16 @@ def test_plain_security_moves_real_bytes(s2cs: Any, stub: Any) -> None:
             break
         time.sleep(0.1)
     assert st.state == "active" and st.bytes_from_target == len(payload)
+    assert len(st.connections) == 1 and st.connections[0].target == f"127.0.0.1:{port}"
     stub.release(pb.Release(uid=uid), timeout=5)
+    import json
+
+    with open(s2cs.config.audit_path()) as f:
+        records = [json.loads(line) for line in f]
+    conns = [r for r in records if r["event"] == "connection" and r["uid"] == uid]
+    assert len(conns) == 1 and conns[0]["target"] == f"127.0.0.1:{port}"
+    end = [r for r in records if r["event"] == "session_end" and r["uid"] == uid]
+    assert end[0]["bytes_from_target"] == len(payload) and end[0]["connections_total"] == 1
 
 
 def test_errors_have_codes_and_sentences(s2cs: Any, stub: Any) -> None:
