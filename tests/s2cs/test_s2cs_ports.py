@@ -46,8 +46,9 @@ def test_port_in_use_by_another_process_is_skipped() -> None:
 
 
 def test_thousand_cycles_leak_nothing() -> None:
+    # Pure accounting (no test bind): other processes on this host may hold ports at random.
     lo, hi = free_range(10)
-    pa = PortAllocator(lo, hi, "127.0.0.1")
+    pa = PortAllocator(lo, hi, "127.0.0.1", test_bind=False)
     for i in range(1000):
         got = pa.allocate(1 + i % 10)
         pa.release(got)
