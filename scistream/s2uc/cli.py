@@ -423,9 +423,14 @@ def _consumer(
 ) -> None:
     if mock:
         uid = flows.MOCK_UID
-    endpoints = flows.check_endpoints(split_csv(list(remote)), "remote endpoint")
     store = SessionStore()
     record = store.get(uid)
+    if not remote and record and record.listeners.get("PROD"):
+        # The producer side was set up by this s2uc: its listeners are the targets.
+        remote = record.listeners["PROD"]
+    if not remote:
+        raise ControlError(f"give the inbound gateway's listener(s) after the uid {uid}", ExitCode.USAGE)
+    endpoints = flows.check_endpoints(split_csv(list(remote)), "remote endpoint")
     key: bytes | None = read_key_file(key_file) if key_file else (record.key_bytes if record else None)
     mode = (security or (record.security if record else "")).lower()
     if key is None and mode not in ("plain", "compat"):
@@ -481,7 +486,7 @@ def prod_req(ctx: click.Context, **kw: Any) -> None:
 @connection_options("localhost:6000")
 @request_options
 @click.argument("uid")
-@click.argument("remote", nargs=-1, required=True)
+@click.argument("remote", nargs=-1)
 @click.pass_context
 def outbound_request(ctx: click.Context, **kw: Any) -> None:
     """Consumer side: UID REMOTE... (the inbound proxy's listeners); with --remote_ip also the hello."""
@@ -492,7 +497,7 @@ def outbound_request(ctx: click.Context, **kw: Any) -> None:
 @connection_options("localhost:6000")
 @request_options
 @click.argument("uid")
-@click.argument("remote", nargs=-1, required=True)
+@click.argument("remote", nargs=-1)
 @click.pass_context
 def cons_req(ctx: click.Context, **kw: Any) -> None:
     """Consumer side: UID PROD_LISTENER...; waits for the application controller's hello."""
@@ -827,35 +832,48 @@ def _show_status(
     scope: str | None,
     as_json: bool,
 ) -> None:
-    from rich.console import Console
+    from rich.console import Console, Group
 
-    target = _target(
-        ctx, address=s2cs, server_cert=server_cert, ssl=ssl, no_ssl=no_ssl, timeout=timeout, scope=scope
-    )
-    sessions = flows.status(target, uid)  # the first call's errors end the command
+    addresses = [s2cs]
+    record = SessionStore().get(uid) if uid else None
+    if record and record.sides and ctx.get_parameter_source("s2cs") == click.core.ParameterSource.DEFAULT:
+        # A session s2uc set up itself: show every side it recorded.
+        addresses = list(dict.fromkeys(record.sides.values()))
+    targets = [
+        _target(ctx, address=a, server_cert=server_cert, ssl=ssl, no_ssl=no_ssl, timeout=timeout, scope=scope)
+        for a in addresses
+    ]
+
+    def snapshot() -> list[tuple[str, list[Any]]]:
+        return [(t.address, flows.status(t, uid)) for t in targets]
+
+    snap = snapshot()  # the first call's errors end the command
     console = Console(file=click.get_text_stream("stdout"), soft_wrap=not watch)
     if as_json and not watch:
-        output.echo_json([output.session_dict(s) for s in sessions])
+        output.echo_json([{**output.session_dict(s), "s2cs": addr} for addr, ss in snap for s in ss])
         return
     if not watch:
-        if not sessions:
-            click.echo(f"no sessions on {s2cs}")
-            return
-        if console.is_terminal:
-            console.print(output.status_view(sessions, s2cs))
-        else:
-            for line in output.status_lines(sessions):
-                click.echo(line)
+        for addr, sessions in snap:
+            if not sessions:
+                click.echo(f"no sessions on {addr}")
+            elif console.is_terminal:
+                console.print(output.status_view(sessions, addr))
+            else:
+                for line in output.status_lines(sessions):
+                    click.echo(f"{line}  ({addr})" if not line.startswith(" ") else line)
         return
     from rich.live import Live
     from rich.text import Text
 
+    def view(current: list[tuple[str, list[Any]]]) -> Group:
+        return Group(*[output.status_view(ss, addr) for addr, ss in current])
+
     try:
-        with Live(output.status_view(sessions, s2cs), console=console, refresh_per_second=4) as live:
+        with Live(view(snap), console=console, refresh_per_second=4) as live:
             while True:
                 time.sleep(interval)
                 try:
-                    live.update(output.status_view(flows.status(target, uid), s2cs))
+                    live.update(view(snapshot()))
                 except ControlError as exc:
                     # Keep watching through a restart of the s2cs; say what is wrong meanwhile.
                     live.update(Text(f"{exc.message} (retrying every {interval:g} s)", style="red"))

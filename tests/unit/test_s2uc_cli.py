@@ -471,3 +471,104 @@ def test_env_and_config_file_defaults_and_scope_mapping(
     (home / "s2uc.toml").write_text("[defaults\n")
     r = s2uc("list", "--local")
     assert r.exit_code == ExitCode.USAGE and "not valid TOML" in r.stderr
+
+
+def test_key_file_recorded_sides_and_status_of_both(prod: Running, cons: Running, tmp_path: Path) -> None:
+    keyfile = tmp_path / "out" / "session.key"
+    r = s2uc(
+        "inbound-request",
+        "--server_cert",
+        str(prod.cert),
+        "--s2cs",
+        prod.address,
+        "--remote_ip",
+        "127.0.0.1",
+        "--receiver_ports",
+        "7000",
+        "--num_conn",
+        "1",
+        "--key-file",
+        str(keyfile),
+    )
+    assert r.exit_code == 0, r.output
+    uid = r.stdout.splitlines()[1].split()[0]
+    assert keyfile.read_text().strip() == prod.fake.sessions[uid].session_key.hex()
+    assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
+    # No endpoints after the uid: the producer side's recorded listeners are the targets.
+    r = s2uc(
+        "cons-req",
+        "--server_cert",
+        str(cons.cert),
+        "--s2cs",
+        cons.address,
+        "--remote_ip",
+        "127.0.0.1",
+        "--num_conn",
+        "1",
+        uid,
+    )
+    assert r.exit_code == 0, r.output
+    assert list(cons.fake.calls_of("update")[0].remote_listeners) == ["127.0.0.1:5100"]
+    r = s2uc("check-status", uid, "--server_cert", str(prod.cert), "--json")
+    assert r.exit_code == 0, r.output
+    assert sorted((d["s2cs"], d["role"]) for d in json.loads(r.stdout)) == sorted(
+        [(prod.address, "PROD"), (cons.address, "CONS")]
+    )
+    r = s2uc("cons-req", "--server_cert", str(cons.cert), "--s2cs", cons.address, "never-seen")
+    assert r.exit_code == ExitCode.USAGE and "listener" in r.stderr
+
+
+def test_watch_refreshes_until_ctrl_c(prod: Running, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    s2uc(
+        "inbound-request",
+        "--server_cert",
+        str(prod.cert),
+        "--s2cs",
+        prod.address,
+        "--remote_ip",
+        "127.0.0.1",
+        "--receiver_ports",
+        "7000",
+        "--num_conn",
+        "1",
+        "--mock",
+        "True",
+    )
+    env = dict(os.environ, COLUMNS="200")
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scistream.s2uc.cli",
+            "check-status",
+            "--watch",
+            "--interval",
+            "0.2",
+            "--s2cs",
+            prod.address,
+            "--server_cert",
+            str(prod.cert),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline and len(prod.fake.calls_of("status")) < 3:
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, err
+    assert len(prod.fake.calls_of("status")) >= 3
+    assert MOCK_UID in out and "Traceback" not in err
