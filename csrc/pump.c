@@ -249,7 +249,10 @@ static void key_update(struct conn *c, struct dir *d, SSL *ssl, size_t n) {
     d->key_bytes += n;
     if (!limit || d->key_bytes < limit || SSL_version(ssl) != TLS1_3_VERSION) return;
     d->key_bytes = 0;
-    if (SSL_key_update(ssl, SSL_KEY_UPDATE_REQUESTED))
+    /* Rotate our sending key only. Requesting the peer's update would make its
+     * OpenSSL 3.0 answer from inside SSL_read, which fails ("bad length") when
+     * it has an application write pending; each engine rotates its own key. */
+    if (SSL_key_update(ssl, SSL_KEY_UPDATE_NOT_REQUESTED))
         atomic_fetch_add_explicit(&c->r->key_updates, 1, memory_order_relaxed);
     else
         ERR_clear_error();
