@@ -544,3 +544,106 @@ def test_errors_against_real_s2cs_are_one_line(gateways: Env, tmp_path: Path) ->
     # No key anywhere for a tls session: s2uc says so, the s2cs refuses, one line each.
     assert r.returncode != 0 and "no data-channel key" in r.stderr and "Traceback" not in r.stderr
     assert sys.executable  # the subprocesses used the installed entry points
+
+
+def test_iperf3_through_a_stream_with_appctrl_wrappers(gateways: Env) -> None:
+    e = gateways
+    port = free_port()
+    server = background(e, "appctrl", "iperf-server", str(port), "--bind", "127.0.0.1")
+    try:
+        r = run(
+            e,
+            "s2uc",
+            "stream",
+            "--prod-s2cs",
+            e.prod.address,
+            "--cons-s2cs",
+            e.cons.address,
+            "--server_cert",
+            str(e.cert),
+            "--producer",
+            f"127.0.0.1:{port}",
+            "--num_conn",
+            "1",
+            "--json",
+        )
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        time.sleep(0.3)  # iperf3 -s is listening well before this, but give a slow machine a moment
+        c = run(e, "appctrl", "iperf-client", doc["connect"][0], "--bytes", str(8 * 1024 * 1024), "--json")
+        assert c.returncode == 0, c.stdout[-2000:] + c.stderr
+        end = json.loads(c.stdout)["end"]
+        assert end["sum_received"]["bytes"] == 8 * 1024 * 1024
+        assert run(e, "s2uc", "release", doc["uid"], "--server_cert", str(e.cert)).returncode == 0
+        server.communicate(timeout=20)
+        assert server.returncode == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+
+
+def test_create_appctrl_both_sides(gateways: Env) -> None:
+    e = gateways
+    zport = free_port()
+    uid = f"create-{random.randrange(1 << 30)}"
+    stream = background(
+        e,
+        "s2uc",
+        "stream",
+        "--prod-s2cs",
+        e.prod.address,
+        "--cons-s2cs",
+        e.cons.address,
+        "--server_cert",
+        str(e.cert),
+        "--appctrl",
+        "--uid",
+        uid,
+        "--num_conn",
+        "1",
+    )
+    prod = cons = None
+    try:
+        prod = background(
+            e,
+            "appctrl",
+            "create-appctrl",
+            uid,
+            e.prod.address,
+            "INVALID_TOKEN",
+            "PROD",
+            "--port",
+            str(zport),
+            "--count",
+            "100",
+            "--size",
+            "512",
+            "--server-cert",
+            str(e.cert),
+        )
+        time.sleep(0.5)
+        cons = background(
+            e,
+            "appctrl",
+            "create_appctrl",
+            uid,
+            e.cons.address,
+            "INVALID_TOKEN",
+            "CONS",
+            "--server-cert",
+            str(e.cert),
+        )
+        out, err = cons.communicate(timeout=60)
+        assert cons.returncode == 0, out + err
+        assert "consumer: 100/100 messages, 51200 bytes" in out and "lost 0, corrupt 0" in out
+        prod.communicate(timeout=30)
+        assert prod.returncode == 0
+        stream.communicate(timeout=30)
+        assert stream.returncode == 0
+    finally:
+        for p in (stream, prod, cons):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()
+        run(e, "s2uc", "release", uid, "--server_cert", str(e.cert))
