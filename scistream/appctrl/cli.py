@@ -49,7 +49,11 @@ class AppctrlGroup(click.Group):
             return super().invoke(ctx)
         except ControlError as exc:
             raise AppctrlError(exc.message, exc.exit_code) from None
-        except (TimeoutError, FileNotFoundError, InvalidEndpoint) as exc:
+        except InvalidEndpoint as exc:
+            raise AppctrlError(str(exc), ExitCode.USAGE) from None
+        except TimeoutError as exc:
+            raise AppctrlError(str(exc), ExitCode.TIMEOUT) from None
+        except FileNotFoundError as exc:
             raise AppctrlError(str(exc), ExitCode.FAILURE) from None
         except KeyboardInterrupt:
             raise AppctrlError("interrupted", 130) from None

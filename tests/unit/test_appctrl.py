@@ -303,3 +303,56 @@ def test_iperf_commands_are_built_from_options() -> None:
         "4",
     ]
     assert apps.iperf_server_cmd(5201, bind="127.0.0.1")[1:] == ["-s", "-p", "5201", "-B", "127.0.0.1", "-1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["--listen", "nohost"], ExitCode.USAGE, "host:port"),
+        (["--ready-timeout", "0.5"], ExitCode.TIMEOUT, "not ready within 0.5 s"),
+        (["--s2cs", "bad address"], ExitCode.USAGE, "s2cs address"),
+    ],
+)
+def test_run_errors_are_one_line(gw: Running, args: list[str], code: int, needle: str) -> None:
+    base = ["run", "--uid", "u-err", "--s2cs", gw.address, "--server-cert", str(gw.cert)]
+    r = appctrl(*base, *args, "--", "true")
+    assert r.exit_code == code, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("appctrl: error:")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output
+
+
+def test_run_reports_a_command_that_cannot_start(gw: Running) -> None:
+    def session() -> None:
+        s = stub(gw)
+        s.req(pb.Request(uid="u-cmd", role="CONS", num_conn=1), timeout=20)
+        s.update(pb.UpdateTargets(uid="u-cmd", remote_listeners=["10.0.0.1:1"], session_key=b"k"), timeout=5)
+
+    t = background(session)
+    r = appctrl(
+        "run",
+        "--uid",
+        "u-cmd",
+        "--s2cs",
+        gw.address,
+        "--role",
+        "CONS",
+        "--server-cert",
+        str(gw.cert),
+        "--",
+        "/nonexistent/app",
+        "{listener}",
+    )
+    t.join(10)
+    assert r.exit_code == ExitCode.FAILURE
+    assert "cannot start '/nonexistent/app'" in r.stderr
+
+
+def test_producer_without_subscriber_times_out_cleanly() -> None:
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    r = CliRunner().invoke(main, ["run-producer", str(port), "--wait-subscriber", "0.3"])
+    assert r.exit_code == ExitCode.TIMEOUT
+    assert "no subscriber" in r.stderr
