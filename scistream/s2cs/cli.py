@@ -127,6 +127,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--type",
     "-t",
     "type_",
+    envvar="SCISTREAM_TYPE",
     default="native",
     show_default=True,
     help=f"Data-plane backend, any case: {', '.join(backend_names())}.",

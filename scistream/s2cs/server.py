@@ -14,9 +14,11 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 from typing import Any
 
 import grpc
+import zmq
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from scistream.s2cs.audit import AuditLog
@@ -65,15 +67,18 @@ class S2CSServer:
             ensure_private_dir(cfg.state_dir)
         except OSError as exc:
             raise StartupError(f"cannot create the state directory {cfg.state_dir}: {exc.strerror}") from None
-        backend = self._backend_override or create_backend(
-            cfg.backend_type,
-            BackendOptions(
-                state_dir=cfg.state_dir,
-                listener_ip=cfg.listener_ip,
-                s2ds_address=cfg.s2ds_address,
-                extra=dict(cfg.backend_extra),
-            ),
-        )
+        try:
+            backend = self._backend_override or create_backend(
+                cfg.backend_type,
+                BackendOptions(
+                    state_dir=cfg.state_dir,
+                    listener_ip=cfg.listener_ip,
+                    s2ds_address=cfg.s2ds_address,
+                    extra=dict(cfg.backend_extra),
+                ),
+            )
+        except (ImportError, ValueError) as exc:
+            raise StartupError(f"the {cfg.backend_type} backend is not available: {exc}") from None
         auth = self._auth_override or make_authenticator(
             cfg.client_id,
             cfg.client_secret,
@@ -82,15 +87,29 @@ class S2CSServer:
             allowed_domains=cfg.allowed_domains,
         )
         creds = self._credentials() if cfg.ssl else None  # fail before anything starts
-        store = SessionStore(cfg.db_path())
+        try:
+            store = SessionStore(cfg.db_path())
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"cannot open the session store {cfg.db_path()}: {exc}") from None
         self._closers.append(store.close)
-        audit = AuditLog(cfg.audit_path())
+        try:
+            audit = AuditLog(cfg.audit_path())
+        except OSError as exc:
+            raise StartupError(f"cannot open the audit log {cfg.audit_path()}: {exc.strerror}") from None
         self._closers.append(audit.close)
         metrics = Metrics()
-        events = EventPublisher(cfg.events)
+        try:
+            events = EventPublisher(cfg.events)
+        except zmq.ZMQError as exc:
+            raise StartupError(f"cannot publish events on {cfg.events!r}: {exc}") from None
         self._closers.append(events.close)
         if cfg.metrics_port is not None:
-            metrics.serve(cfg.metrics_port)
+            try:
+                metrics.serve(cfg.metrics_port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on port {cfg.metrics_port}: {exc.strerror}"
+                ) from None
             self._closers.append(metrics.close)
         policy = TargetPolicy(
             cfg.listener_ip, cfg.allow_targets, own_ports=[cfg.port, metrics.port, events.port]

@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ from typing import Any
 import grpc
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from s2cs_support import FakeBackend, ServerThread, bindable, free_range, make_config, new_uid
 
 from scistream._proto import scistream_pb2 as pb
@@ -238,6 +241,42 @@ def test_missing_cert_is_one_clear_line(tmp_path: Any) -> None:
     assert not (tmp_path / "app.log").exists()
 
 
+def test_startup_failures_are_one_clear_line(tmp_path: Any) -> None:
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        env = dict(os.environ, SCISTREAM_STATE_DIR=str(tmp_path / "st"))
+        base = [
+            sys.executable,
+            "-m",
+            "scistream.s2cs",
+            "--bind",
+            "127.0.0.1",
+            "--ssl",
+            "False",
+            "-t",
+            "stunnel",
+        ]
+        for extra, expect in (
+            (["--port", "0", "--events", "7"], "cannot publish events"),
+            (["--port", str(busy.getsockname()[1])], "cannot listen on"),
+            (["--port", "0", "--state-dir", "/proc/nope"], "cannot create the state directory"),
+        ):
+            p = subprocess.run(
+                [*base, *extra],
+                capture_output=True,
+                check=False,
+                text=True,
+                timeout=60,
+                env=env,
+                cwd=tmp_path,
+            )
+            assert p.returncode == 1, p.stderr
+            assert p.stderr.strip().splitlines()[-1].startswith(f"s2cs: {expect}"), p.stderr
+            assert "Traceback" not in p.stderr
+    finally:
+        busy.close()
+
+
 def test_real_process_sigterm_exit_0(tmp_path: Any) -> None:
     # The stunnel backend needs no daemon: a real s2cs with a real (idle) backend.
     state = tmp_path / "state"
@@ -299,3 +338,36 @@ def test_real_process_sigterm_exit_0(tmp_path: Any) -> None:
             proc.wait(5)
         if proc.stderr:
             proc.stderr.close()
+
+
+OPTION_NAMES = [
+    "--port",
+    "--listener_ip",
+    "--port-range",
+    "--type",
+    "--ssl",
+    "--security",
+    "--hello-timeout",
+    "--metrics-port",
+    "--allow-target",
+    "--client-id",
+    "--events",
+    "--idle-timeout",
+]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.tuples(st.sampled_from(OPTION_NAMES), st.text(max_size=20)), max_size=4),
+    st.text(max_size=200),
+)
+def test_fuzz_options_and_config_file(
+    captured: list[ServerConfig], tmp_path: Any, opts: list[tuple[str, str]], toml_text: str
+) -> None:
+    cfg = tmp_path / "fuzz.toml"
+    cfg.write_text(toml_text)
+    args = [x for pair in opts for x in pair]
+    for argv in (args, ["--config", str(cfg)]):
+        r = CliRunner().invoke(cli.main, argv)
+        assert r.exit_code in (0, 2), (argv, r.output, r.exception)
+        assert "Traceback" not in r.output

@@ -94,11 +94,35 @@ def test_random_messages(fuzz_server: tuple[ServerThread, Any], item: tuple[str,
     assert srv.thread.is_alive()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    st.sampled_from(["req", "hello", "update", "release", "status", "server_info"]), st.binary(max_size=200)
-)
-def test_raw_bytes(fuzz_server: tuple[ServerThread, Any], rpc: str, payload: bytes) -> None:
+VALID = {
+    "req": pb.Request(uid="4f8583bc-a4d3-11ee-9fd6-034d1fcbd7c3", role="PROD", num_conn=5, rate=10000),
+    "hello": pb.Hello(uid="u", prod_listeners=["127.0.0.1:5074", "127.0.0.1:5075"], role="PROD"),
+    "update": pb.UpdateTargets(uid="u", remote_listeners=["127.0.0.1:5100"], session_key=b"k" * 32),
+    "release": pb.Release(uid="u"),
+    "status": pb.StatusRequest(uid="u"),
+    "server_info": pb.ServerInfoRequest(),
+}
+
+
+@st.composite
+def raw_request(draw: Any) -> tuple[str, bytes]:
+    """Random bytes, or a valid message with a few bytes overwritten or inserted."""
+    rpc = draw(st.sampled_from(sorted(VALID)))
+    if draw(st.booleans()):
+        return rpc, draw(st.binary(max_size=200))
+    data = bytearray(VALID[rpc].SerializeToString())
+    for _ in range(draw(st.integers(1, 4))):
+        if data and draw(st.booleans()):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        else:
+            data.insert(draw(st.integers(0, len(data))), draw(st.integers(0, 255)))
+    return rpc, bytes(data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw_request())
+def test_raw_bytes(fuzz_server: tuple[ServerThread, Any], item: tuple[str, bytes]) -> None:
+    rpc, payload = item
     srv, ch = fuzz_server
     call = ch.unary_unary(f"/scistream.Control/{rpc}", request_serializer=None, response_deserializer=None)
     try:
