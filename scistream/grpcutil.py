@@ -151,9 +151,15 @@ def describe_rpc_error(
                 else " (is it a plaintext s2cs? try --no-ssl)"
             )
             return ControlError(f"s2cs at {address} closed the connection{hint}", ExitCode.UNREACHABLE)
-        return ControlError(
-            f"cannot reach s2cs at {address}: {detail or 'unavailable'}", ExitCode.UNREACHABLE
-        )
+        if "connection refused" in low:
+            why = "connection refused (is s2cs running there, on that port?)"
+        elif "resolv" in low or "name not found" in low or "not known" in low:
+            why = "cannot resolve its host name"
+        elif "timed out" in low or "timeout" in low:
+            why = "the connection timed out"
+        else:
+            why = detail or "unavailable"
+        return ControlError(f"cannot reach s2cs at {address}: {why}", ExitCode.UNREACHABLE)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         within = f" within {timeout:g} s" if timeout else ""
         what = "the application's hello did not arrive" if method == "req" else f"{method} did not complete"

@@ -73,18 +73,20 @@ def _config(ctx: click.Context) -> S2ucConfig:
 # ---------------------------------------------------------------- options
 
 
-def connection_options(default_s2cs: str, *, multiple: bool = False) -> Callable[[F], F]:
+def connection_options(default_s2cs: str | None, *, multiple: bool = False) -> Callable[[F], F]:
+    """The options every command that talks to an s2cs takes; no --s2cs when default_s2cs is None."""
+
     def deco(f: F) -> F:
+        s2cs_opt = click.option(
+            "--s2cs",
+            "s2cs",
+            default=() if multiple else default_s2cs,
+            multiple=multiple,
+            envvar=_env("S2CS"),
+            show_default=not multiple,
+            help="Control server host:port" + (" (repeatable)." if multiple else "."),
+        )
         opts = [
-            click.option(
-                "--s2cs",
-                "s2cs",
-                default=(default_s2cs,) if multiple else default_s2cs,
-                multiple=multiple,
-                envvar=_env("S2CS"),
-                show_default=True,
-                help="Control server host:port" + (" (repeatable)." if multiple else "."),
-            ),
             click.option(
                 "--server_cert",
                 "--server-cert",
@@ -126,6 +128,8 @@ def connection_options(default_s2cs: str, *, multiple: bool = False) -> Callable
             ),
             click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text."),
         ]
+        if default_s2cs is not None or multiple:
+            opts.insert(0, s2cs_opt)
         for opt in reversed(opts):
             f = opt(f)
         return f
@@ -272,7 +276,13 @@ def main(ctx: click.Context, verbose: bool) -> None:
     )
     cfg = load_config()
     ctx.obj = cfg
-    ctx.default_map = cfg.default_map(list(main.commands))
+    defaults = cfg.default_map(list(main.commands))
+    for name, values in defaults.items():
+        if isinstance(values.get("s2cs"), str) and name == "release":
+            values["s2cs"] = [values["s2cs"]]  # release takes several
+        if name == "stream":
+            values.pop("s2cs", None)  # stream names its two sides itself
+    ctx.default_map = defaults
 
 
 # ---------------------------------------------------------------- auth
@@ -542,7 +552,7 @@ def cons_req(ctx: click.Context, **kw: Any) -> None:
 @click.option("--uid", default=None, help="Session id [default: a new uuid1].")
 @click.option("--prod-server-cert", "prod_server_cert", default=None, help="Pin for the producer s2cs.")
 @click.option("--cons-server-cert", "cons_server_cert", default=None, help="Pin for the consumer s2cs.")
-@connection_options("localhost:5000")
+@connection_options(None)
 @request_options
 @click.pass_context
 def stream(
@@ -555,7 +565,6 @@ def stream(
     uid: str | None,
     prod_server_cert: str | None,
     cons_server_cert: str | None,
-    s2cs: str,
     server_cert: str,
     ssl: bool,
     no_ssl: bool,
@@ -576,7 +585,6 @@ def stream(
     The data-channel key goes from one s2cs to the other in memory. Prints where
     the consumer application should connect. Undo with `s2uc release UID`.
     """
-    del s2cs  # --prod-s2cs / --cons-s2cs name the two sides
     if producer:
         prod_eps: list[str] | None = flows.check_endpoints(split_csv(list(producer)), "--producer")
     elif remote_ip:
@@ -672,7 +680,7 @@ def stream(
 @click.argument("uid")
 @click.option("--producer-s2cs", "--producer_s2cs", "producer_s2cs", default=None, help="1.x spelling.")
 @click.option("--consumer-s2cs", "--consumer_s2cs", "consumer_s2cs", default=None, help="1.x spelling.")
-@connection_options("", multiple=True)
+@connection_options(None, multiple=True)
 @click.pass_context
 def release(
     ctx: click.Context,
