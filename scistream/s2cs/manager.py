@@ -147,6 +147,13 @@ class EarlyHello:
     answered: asyncio.Future[list[str]]
 
 
+def _fail_early(early: EarlyHello, exc: ControlError) -> None:
+    """Answer a parked early hello with an error (if it is still waiting)."""
+    if not early.answered.done():
+        early.answered.set_exception(exc)
+        early.answered.exception()  # retrieved: no "never retrieved" warning when nobody waits
+
+
 class SessionManager:
     def __init__(
         self,
@@ -349,8 +356,7 @@ class SessionManager:
                 await self._check_targets(early.prod_listeners)
         except ControlError as exc:
             log.warning("session %s: early hello refused: %s", s.uid, exc.message)
-            if not early.answered.done():
-                early.answered.set_exception(exc)
+            _fail_early(early, exc)
             return
         if s.state is State.WAITING_HELLO:
             self._accept_hello(s, early.prod_listeners)
@@ -411,9 +417,14 @@ class SessionManager:
 
     def _expire_early(self, now: float) -> None:
         for uid in [u for u, e in self.early.items() if e.expires_at <= now]:
-            e = self.early.pop(uid)
-            if not e.answered.done():
-                e.answered.cancel()
+            _fail_early(
+                self.early.pop(uid),
+                ControlError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no request for session {uid!r} arrived within "
+                    f"{self.config.hello_timeout:g} s of its hello",
+                ),
+            )
 
     # ------------------------------------------------------------------ update
 
@@ -680,8 +691,7 @@ class SessionManager:
             if s.state is State.WAITING_HELLO:
                 await self._end(s, Event.ERROR, "s2cs stopped while the session waited for its hello")
         for e in self.early.values():
-            if not e.answered.done():
-                e.answered.cancel()
+            _fail_early(e, ControlError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down"))
         self.early.clear()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
