@@ -32,7 +32,8 @@ ENV_PREFIX = "SCISTREAM_APPCTRL_"
 class AppctrlError(click.ClickException):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # click declares exit_code a class variable; each of our errors carries its own.
+        setattr(self, "exit_code", exit_code)  # noqa: B010
 
     def show(self, file: Any = None) -> None:
         click.echo(f"appctrl: error: {self.message}", err=True)

@@ -33,7 +33,8 @@ class S2ucError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # click declares exit_code a class variable; each of our errors carries its own.
+        setattr(self, "exit_code", exit_code)  # noqa: B010
 
     def show(self, file: Any = None) -> None:
         click.echo(f"s2uc: error: {self.message}", err=True)
@@ -856,7 +857,7 @@ def _show_status(
         return [(t.address, flows.status(t, uid)) for t in targets]
 
     snap = snapshot()  # the first call's errors end the command
-    console = Console(file=click.get_text_stream("stdout"), soft_wrap=not watch)
+    console = Console(file=sys.stdout, soft_wrap=not watch)
     if as_json and not watch:
         output.echo_json([{**output.session_dict(s), "s2cs": addr} for addr, ss in snap for s in ss])
         return
