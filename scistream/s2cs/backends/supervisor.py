@@ -19,8 +19,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -45,34 +43,25 @@ from scistream.s2cs.backends.proxyconf import (
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 #: A file in each session directory that names the backend owning it, so a
 #: restarted s2cs removes only what a subprocess backend left behind.
 OWNER_FILE = ".proxy-backend"
 _LISTEN_STATE = "0A"
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
+def _die_with_parent_argv() -> list[str]:
+    """A prefix that makes the child get SIGTERM when the thread that spawned it exits.
 
-
-_LIBC = _load_libc()
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """preexec_fn: SIGTERM this child when the forking thread exits; exit if it already has."""
-
-    def preexec() -> None:
-        if _LIBC is not None:
-            _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died between fork and prctl
-            os._exit(1)
-
-    return preexec
+    setpriv (util-linux, on every Debian) sets PR_SET_PDEATHSIG and execs the proxy.
+    It replaces a preexec_fn: a preexec_fn makes Python fork() instead of vfork(),
+    which runs grpc's fork handlers in the child, and grpcio >= 1.80 can abort
+    there ("Check failed: next_worker->state == KICKED") before the proxy starts.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv (util-linux) not found: proxies may outlive a killed s2cs")
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"]
 
 
 _FAILURE = re.compile(
@@ -140,16 +129,13 @@ class Child:
         with log_path.open("ab") as logf:
             os.chmod(log_path, 0o600)
             self.proc = subprocess.Popen(
-                list(argv),
+                [*_die_with_parent_argv(), *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
                 close_fds=True,
                 start_new_session=True,
-                # The hook only calls prctl and getppid (no locks taken, nothing
-                # allocated that matters), so it is safe although s2cs has threads.
-                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
             )
         self.pid = self.proc.pid
         self._waiter = threading.Thread(target=self._wait, name=f"reap-{name}", daemon=True)
