@@ -604,6 +604,11 @@ class SessionManager:
         for s in list(self.sessions.values()):
             if not s.state.routed or s.ending:
                 continue
+            failure = self.backend.session_error(s.uid)
+            if failure is not None:
+                # The proxy serving it died unasked: say so, and give its ports back.
+                await self._end(s, Event.ERROR, failure)
+                continue
             u = await self._usage(s)
             seen = (u.bytes_to_target or 0) + (u.bytes_from_target or 0) + (u.connections_total or 0) > 0
             if seen and s.state is State.READY and self.sessions.get(s.uid) is s:

@@ -59,6 +59,7 @@ class FakeBackend(Backend):
         self.bytes: dict[str, list[int]] = {}
         self.conns: dict[str, int] = {}
         self.conn_list: dict[str, list[ConnectionUsage]] = {}
+        self.failures: dict[str, str] = {}  # uid -> why its data plane "died"
 
     async def start(self) -> None:
         pass
@@ -150,6 +151,9 @@ class FakeBackend(Backend):
 
     async def running_sessions(self) -> set[str]:
         return set(self.plans)
+
+    def session_error(self, uid: str) -> str | None:
+        return self.failures.get(uid)
 
     async def usage(self, uid: str) -> SessionUsage:
         if uid not in self.plans:

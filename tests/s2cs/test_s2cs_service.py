@@ -389,6 +389,23 @@ def test_idle_session_expires_only_when_configured(s2cs_factory: Any, stub_for: 
     assert uid2 in default.manager.sessions
 
 
+def test_session_whose_data_plane_died_fails_and_frees_its_ports(s2cs_factory: Any, stub_for: Any) -> None:
+    st = s2cs_factory(poll_interval=0.1)
+    stub = stub_for(st)
+    uid = new_uid()
+    resp = prod_flow(stub, uid, ["127.0.0.1:5074"], num_conn=2)
+    ports = [int(x.rsplit(":", 1)[1]) for x in resp.listeners]
+    st.backend.failures[uid] = "stunnel for session x exited unexpectedly (status 1)"
+    deadline = time.time() + 5
+    while time.time() < deadline and uid in st.manager.sessions:
+        time.sleep(0.05)
+    assert uid not in st.manager.sessions and uid in st.backend.removed
+    assert not st.manager.ports.in_use and all(bindable(p) for p in ports)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.status(pb.StatusRequest(uid=uid), timeout=5)
+    assert err.value.code() is grpc.StatusCode.NOT_FOUND
+
+
 def test_five_hundred_pending_reqs_do_not_delay_other_calls(s2cs_factory: Any, stub_for: Any) -> None:
     st = s2cs_factory(port_range=free_range(520), hello_timeout=60.0)
     stub = stub_for(st)

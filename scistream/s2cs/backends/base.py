@@ -108,6 +108,12 @@ class Backend(abc.ABC):
     async def usage(self, uid: str) -> SessionUsage:
         """Counters of one session (empty SessionUsage if the backend has none)."""
 
+    def session_error(self, uid: str) -> str | None:
+        """Why the session's data plane died on its own (one sentence), or None while it
+        runs. Backends whose data plane heals itself (native re-applies routes into a
+        restarted s2ds) keep the default."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """s2cs is stopping. Native: leave s2ds and its routes running (streams
