@@ -744,6 +744,11 @@ class PyEngine(EngineBase):
                 conn.abort(None, reset=False)
                 return
             conn.link()
+        except OSError as exc:
+            # Anything else the set-up meets (fds exhausted mid-way, ...) ends this
+            # connection, counted, never a half-set-up one left open.
+            log.info("route %s: connection set-up failed: %s", state.route.route_id, exc)
+            conn.abort("io", reset=False)
         except asyncio.CancelledError:
             for leg in conn.legs():
                 if leg.transport is not None and not leg.lost:
@@ -765,7 +770,12 @@ class PyEngine(EngineBase):
             return "connect_error"
         kind = "connect_error"
         for family, _, proto, _, addr in infos:
-            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            except OSError as exc:  # EMFILE/ENFILE: out of fds, the accepted side is closed
+                log.info("route %s: no socket for %s: %s", state.route.route_id, conn.target, exc.strerror)
+                kind = "connect_error"
+                continue
             self.n_fds += 1
             try:
                 sock.setblocking(False)
