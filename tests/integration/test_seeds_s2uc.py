@@ -570,10 +570,15 @@ def test_iperf3_through_a_stream_with_appctrl_wrappers(gateways: Env) -> None:
         assert r.returncode == 0, r.stderr
         doc = json.loads(r.stdout)
         time.sleep(0.3)  # iperf3 -s is listening well before this, but give a slow machine a moment
-        c = run(e, "appctrl", "iperf-client", doc["connect"][0], "--bytes", str(8 * 1024 * 1024), "--json")
+        total = 256 * 1024 * 1024
+        c = run(e, "appctrl", "iperf-client", doc["connect"][0], "--bytes", str(total), "--json")
         assert c.returncode == 0, c.stdout[-2000:] + c.stderr
         end = json.loads(c.stdout)["end"]
-        assert end["sum_received"]["bytes"] == 8 * 1024 * 1024
+        assert end["sum_sent"]["bytes"] == total
+        # iperf3's server stops counting when the end-of-test message arrives on its
+        # control connection, which can overtake the last data the two gateways still
+        # buffer on the data connection; byte-exactness is checked by the SHA-256 tests.
+        assert end["sum_received"]["bytes"] >= 0.8 * total, end["sum_received"]
         assert run(e, "s2uc", "release", doc["uid"], "--server_cert", str(e.cert)).returncode == 0
         server.communicate(timeout=20)
         assert server.returncode == 0
