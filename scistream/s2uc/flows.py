@@ -222,6 +222,19 @@ def _request_with_hello(
     return ctl.result(future, "req")
 
 
+def _update_or_release(ctl: Control, request: pb.UpdateTargets) -> pb.Response:
+    """A session whose update failed holds ports for nothing: give it back, then report."""
+    try:
+        return ctl.call("update", request)
+    except ControlError as exc:
+        try:
+            ctl.call("release", pb.Release(uid=request.uid))
+        except ControlError as rel:
+            log.warning("could not release %s after the failed update: %s", request.uid, rel.message)
+            raise exc from None
+        raise ControlError(f"{exc.message} (session {request.uid} released)", exc.exit_code) from None
+
+
 def producer_side(
     target: Target,
     uid: str,
@@ -242,7 +255,7 @@ def producer_side(
         prod_listeners = list(resp.prod_listeners)
         if not prod_listeners:
             raise ControlError(f"s2cs at {target.address} reported no producer endpoints for {uid}")
-        upd = ctl.call("update", pb.UpdateTargets(uid=uid, remote_listeners=prod_listeners, role="PROD"))
+        upd = _update_or_release(ctl, pb.UpdateTargets(uid=uid, remote_listeners=prod_listeners, role="PROD"))
         listeners = list(resp.listeners) or list(upd.listeners)
         key = bytes(resp.session_key) if resp.session_key else None
         return SideResult(
@@ -277,8 +290,8 @@ def consumer_side(
             uid=uid, role="CONS", num_conn=num_conn, rate=rate, security=security, rate_limit=rate_limit
         )
         resp = _request_with_hello(ctl, request, hello_endpoints, hello_role, progress)
-        upd = ctl.call(
-            "update",
+        upd = _update_or_release(
+            ctl,
             pb.UpdateTargets(
                 uid=uid, remote_listeners=list(remote_endpoints), role="CONS", session_key=session_key or b""
             ),

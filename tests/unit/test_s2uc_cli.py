@@ -572,3 +572,25 @@ def test_watch_refreshes_until_ctrl_c(prod: Running, tmp_path: Path) -> None:
     assert p.returncode == 0, err
     assert len(prod.fake.calls_of("status")) >= 3
     assert MOCK_UID in out and "Traceback" not in err
+
+
+def test_failed_update_gives_the_session_back(cons: Running) -> None:
+    r = s2uc(
+        "outbound-request",
+        "--server_cert",
+        str(cons.cert),
+        "--s2cs",
+        cons.address,
+        "--remote_ip",
+        "127.0.0.1",
+        "--num_conn",
+        "1",
+        "no-key-uid",
+        "127.0.0.1:5100",
+    )
+    assert r.exit_code == ExitCode.FAILURE
+    assert "no data-channel key" in r.stderr  # said before trying
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("s2uc: error:")]
+    assert len(err) == 1 and "needs the session key" in err[0] and "(session no-key-uid released)" in err[0]
+    assert cons.fake.sessions == {}
+    assert [n for n, _, _ in cons.fake.calls][-2:] == ["update", "release"]
