@@ -189,8 +189,9 @@ static void step_pipe(struct conn *c, struct dir *d, struct pr *p) {
 static void read_buf(struct conn *c, struct dir *d, struct pr *p) {
     if (d->head == d->tail) {
         d->head = d->tail = 0;
-    } else if (d->tail == d->cap && d->head > 0) {
-        /* SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER allows a pending write to move. */
+    } else if (d->tail == d->cap && d->tail - d->head <= d->cap / 8) {
+        /* Only a small tail is worth moving (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+         * lets a pending write move); otherwise wait until the writes drain it. */
         memmove(d->buf, d->buf + d->head, d->tail - d->head);
         d->tail -= d->head;
         d->head = 0;
