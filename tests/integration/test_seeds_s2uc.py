@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from scistream.certs import make_self_signed
+from scistream.s2cs.backends.native import stop_spawned_s2ds
 
 pytestmark = pytest.mark.timeout(120)
 MOCK_UID = "4f8583bc-a4d3-11ee-9fd6-034d1fcbd7c3"
@@ -133,6 +134,8 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             except subprocess.TimeoutExpired:
                 g.proc.kill()
                 g.proc.wait()
+        for name in ("prod", "cons"):  # s2cs leaves its s2ds running on purpose; stop it here
+            stop_spawned_s2ds(str(d / f"state-{name}"))
         for g in (prod, cons):
             assert "Traceback" not in g.log.read_text(errors="replace"), g.log.read_text()[-3000:]
 
