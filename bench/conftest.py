@@ -35,9 +35,13 @@ class Results:
 
     def __init__(self) -> None:
         self.rows: dict[str, list[dict[str, Any]]] = {}
-        self.meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "seconds": SECONDS, "rounds": ROUNDS, "cpus": os.cpu_count(),
-                     "kernel": os.uname().release}
+        self.meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": SECONDS,
+            "rounds": ROUNDS,
+            "cpus": os.cpu_count(),
+            "kernel": os.uname().release,
+        }
 
     def add(self, suite: str, row: dict[str, Any]) -> None:
         self.rows.setdefault(suite, []).append(row)

@@ -94,7 +94,7 @@ class Config:
     check: Callable[[], str] | None = None  # "" if it can run, else why not
 
     def available(self) -> str:
-        """"" if it can run here, else why not."""
+        """ "" if it can run here, else why not."""
         for exe in self.needs:
             if not shutil.which(exe):
                 return f"{exe} is not installed"
@@ -107,11 +107,17 @@ def _native_built() -> str:
     return "" if native_available() else "the native engine is not built"
 
 
-def _popen(ns: PrivateNamespace, argv: Sequence[str], log: Path,
-           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _popen(
+    ns: PrivateNamespace, argv: Sequence[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen(ns.argv(argv), stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        return subprocess.Popen(
+            ns.argv(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
 
 
 def _started(ns: PrivateNamespace, fwd: Forwarder, port: int, log: Path) -> Forwarder:
@@ -140,10 +146,29 @@ def make_certs(workdir: Path) -> dict[str, Path]:
     key, crt = workdir / "server.key", workdir / "server.crt"
     if not crt.exists():
         subprocess.run(
-            ["openssl", "req", "-x509", "-nodes", "-days", "2", "-newkey", "ec",
-             "-pkeyopt", "ec_paramgen_curve:prime256v1", "-keyout", str(key), "-out", str(crt),
-             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-            check=True, capture_output=True)
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "2",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-keyout",
+                str(key),
+                "-out",
+                str(crt),
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+        )
         key.chmod(0o600)
         _write(workdir / "server.pem", crt.read_text() + key.read_text())
     return {"key": key, "crt": crt, "pem": workdir / "server.pem"}
@@ -166,13 +191,17 @@ defaults
 
 
 def _haproxy_splice(ns: PrivateNamespace, wd: Path, listen: int, target: int) -> Forwarder:
-    cfg = _write(wd / "haproxy.cfg", HAPROXY_GLOBAL + f"""
+    cfg = _write(
+        wd / "haproxy.cfg",
+        HAPROXY_GLOBAL
+        + f"""
 listen fwd
     option splice-request
     option splice-response
     bind 127.0.0.1:{listen}
     server t 127.0.0.1:{target}
-""")
+""",
+    )
     log = wd / "haproxy.log"
     fwd = Forwarder("haproxy-splice", [_popen(ns, ["haproxy", "-db", "-f", str(cfg)], log)], wd)
     return _started(ns, fwd, listen, log)
@@ -180,16 +209,24 @@ listen fwd
 
 def _haproxy_tls(ns: PrivateNamespace, wd: Path, listen: int, target: int) -> Forwarder:
     c = make_certs(wd)
-    server = _write(wd / "haproxy-s.cfg", HAPROXY_GLOBAL + f"""
+    server = _write(
+        wd / "haproxy-s.cfg",
+        HAPROXY_GLOBAL
+        + f"""
 listen tls_in
-    bind 127.0.0.1:{MID_PORT} ssl crt {c['pem']} ssl-min-ver TLSv1.3
+    bind 127.0.0.1:{MID_PORT} ssl crt {c["pem"]} ssl-min-ver TLSv1.3
     server t 127.0.0.1:{target}
-""")
-    client = _write(wd / "haproxy-c.cfg", HAPROXY_GLOBAL + f"""
+""",
+    )
+    client = _write(
+        wd / "haproxy-c.cfg",
+        HAPROXY_GLOBAL
+        + f"""
 listen tls_out
     bind 127.0.0.1:{listen}
-    server g 127.0.0.1:{MID_PORT} ssl verify required ca-file {c['crt']} ssl-min-ver TLSv1.3
-""")
+    server g 127.0.0.1:{MID_PORT} ssl verify required ca-file {c["crt"]} ssl-min-ver TLSv1.3
+""",
+    )
     log = wd / "haproxy.log"
     fwd = Forwarder("haproxy-tls", [_popen(ns, ["haproxy", "-db", "-f", str(server)], log)], wd)
     _started(ns, fwd, MID_PORT, log)
@@ -201,18 +238,26 @@ def _stunnel_pair(name: str, tls_options: str) -> Callable[[PrivateNamespace, Pa
     def start(ns: PrivateNamespace, wd: Path, listen: int, target: int) -> Forwarder:
         psk = _write(wd / "psk.txt", f"client1:{secrets.token_hex(16)}\n")
         common = "foreground = yes\npid =\ndebug = 3\n"
-        server = _write(wd / "stunnel-s.conf", common + f"""[in]
+        server = _write(
+            wd / "stunnel-s.conf",
+            common
+            + f"""[in]
 accept = 127.0.0.1:{MID_PORT}
 connect = 127.0.0.1:{target}
 PSKsecrets = {psk}
-{tls_options}""")
-        client = _write(wd / "stunnel-c.conf", common + f"""[out]
+{tls_options}""",
+        )
+        client = _write(
+            wd / "stunnel-c.conf",
+            common
+            + f"""[out]
 client = yes
 accept = 127.0.0.1:{listen}
 connect = 127.0.0.1:{MID_PORT}
 PSKsecrets = {psk}
 PSKidentity = client1
-{tls_options}""")
+{tls_options}""",
+        )
         log = wd / "stunnel.log"
         fwd = Forwarder(name, [_popen(ns, ["stunnel", str(server)], log)], wd)
         _started(ns, fwd, MID_PORT, log)
@@ -230,7 +275,9 @@ STUNNEL_1X = "sslVersionMax = TLSv1.2\nciphers = eNULL\nsecurityLevel = 0\n"
 
 
 def _nginx(ns: PrivateNamespace, wd: Path, listen: int, target: int) -> Forwarder:
-    cfg = _write(wd / "nginx.conf", f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+    cfg = _write(
+        wd / "nginx.conf",
+        f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 daemon off;
 worker_processes 1;
 pid {wd}/nginx.pid;
@@ -243,7 +290,8 @@ stream {{
         proxy_buffer_size 1m;
     }}
 }}
-""")
+""",
+    )
     log = wd / "nginx.log"
     fwd = Forwarder("nginx", [_popen(ns, ["nginx", "-c", str(cfg), "-p", str(wd)], log)], wd)
     return _started(ns, fwd, listen, log)
@@ -251,8 +299,13 @@ stream {{
 
 def _socat(ns: PrivateNamespace, wd: Path, listen: int, target: int) -> Forwarder:
     log = wd / "socat.log"
-    argv = ["socat", "-b", "262144", f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork",
-            f"TCP:127.0.0.1:{target}"]
+    argv = [
+        "socat",
+        "-b",
+        "262144",
+        f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork",
+        f"TCP:127.0.0.1:{target}",
+    ]
     fwd = Forwarder("socat", [_popen(ns, argv, log)], wd)
     return _started(ns, fwd, listen, log)
 
@@ -273,8 +326,9 @@ def _s2ds(name: str, engine: str, tls: str) -> Callable[[PrivateNamespace, Path,
         fwd = Forwarder(name, workdir=wd)
         base = [*s2ds_argv(), "forward", "--engine", engine]
         if not tls:
-            fwd.procs.append(_popen(ns, [*base, "--listen", f"127.0.0.1:{listen}",
-                                         "--to", f"127.0.0.1:{target}"], log))
+            fwd.procs.append(
+                _popen(ns, [*base, "--listen", f"127.0.0.1:{listen}", "--to", f"127.0.0.1:{target}"], log)
+            )
             return _started(ns, fwd, listen, log)
         if tls == "psk":
             key = _write(wd / "psk.txt", f"bench:{secrets.token_hex(32)}\n")
@@ -283,35 +337,91 @@ def _s2ds(name: str, engine: str, tls: str) -> Callable[[PrivateNamespace, Path,
             c = make_certs(wd)
             server_tls = ["--tls-mode", "cert", "--cert", str(c["crt"]), "--key", str(c["key"])]
             client_tls = ["--tls-mode", "cert", "--ca", str(c["crt"]), "--server-name", "127.0.0.1"]
-        fwd.procs.append(_popen(ns, [*base, "--listen", f"127.0.0.1:{MID_PORT}",
-                                     "--to", f"127.0.0.1:{target}", "--tls", "server", *server_tls], log))
+        fwd.procs.append(
+            _popen(
+                ns,
+                [
+                    *base,
+                    "--listen",
+                    f"127.0.0.1:{MID_PORT}",
+                    "--to",
+                    f"127.0.0.1:{target}",
+                    "--tls",
+                    "server",
+                    *server_tls,
+                ],
+                log,
+            )
+        )
         _started(ns, fwd, MID_PORT, log)
-        fwd.procs.append(_popen(ns, [*base, "--listen", f"127.0.0.1:{listen}",
-                                     "--to", f"127.0.0.1:{MID_PORT}", "--tls", "client", *client_tls], log))
+        fwd.procs.append(
+            _popen(
+                ns,
+                [
+                    *base,
+                    "--listen",
+                    f"127.0.0.1:{listen}",
+                    "--to",
+                    f"127.0.0.1:{MID_PORT}",
+                    "--tls",
+                    "client",
+                    *client_tls,
+                ],
+                log,
+            )
+        )
         return _started(ns, fwd, listen, log)
 
     return start
 
 
-CONFIGS: dict[str, Config] = {c.name: c for c in (
-    Config("direct", "direct (no forwarder)", "direct", _direct),
-    Config("scistream-native", "scistream native, 1 hop", "1 hop",
-           _s2ds("scistream-native", "native", ""), check=_native_built),
-    Config("scistream-pure", "scistream pure-Python, 1 hop", "1 hop",
-           _s2ds("scistream-pure", "pure", "")),
-    Config("haproxy-splice", "HAProxy 2.6 forced splice, 1 hop", "1 hop", _haproxy_splice, ("haproxy",)),
-    Config("nginx", "nginx stream 1 MiB buffer, 1 hop", "1 hop", _nginx, ("nginx",)),
-    Config("socat", "socat -b 256k, 1 hop", "1 hop", _socat, ("socat",)),
-    Config("scistream-native-tls", "scistream native pair, TLS 1.3 PSK", "TLS pair",
-           _s2ds("scistream-native-tls", "native", "psk"), check=_native_built),
-    Config("scistream-pure-tls", "scistream pure-Python pair, TLS 1.3 cert", "TLS pair",
-           _s2ds("scistream-pure-tls", "pure", "cert")),
-    Config("stunnel-tls13", "stunnel pair, TLS 1.3 PSK AES-128-GCM", "TLS pair",
-           _stunnel_pair("stunnel-tls13", STUNNEL_TLS13), ("stunnel",)),
-    Config("stunnel-1x", "stunnel pair, SciStream 1.x config (TLS 1.2 eNULL)", "TLS pair",
-           _stunnel_pair("stunnel-1x", STUNNEL_1X), ("stunnel",)),
-    Config("haproxy-tls", "HAProxy pair, TLS 1.3 cert", "TLS pair", _haproxy_tls, ("haproxy",)),
-)}
+CONFIGS: dict[str, Config] = {
+    c.name: c
+    for c in (
+        Config("direct", "direct (no forwarder)", "direct", _direct),
+        Config(
+            "scistream-native",
+            "scistream native, 1 hop",
+            "1 hop",
+            _s2ds("scistream-native", "native", ""),
+            check=_native_built,
+        ),
+        Config(
+            "scistream-pure", "scistream pure-Python, 1 hop", "1 hop", _s2ds("scistream-pure", "pure", "")
+        ),
+        Config("haproxy-splice", "HAProxy 2.6 forced splice, 1 hop", "1 hop", _haproxy_splice, ("haproxy",)),
+        Config("nginx", "nginx stream 1 MiB buffer, 1 hop", "1 hop", _nginx, ("nginx",)),
+        Config("socat", "socat -b 256k, 1 hop", "1 hop", _socat, ("socat",)),
+        Config(
+            "scistream-native-tls",
+            "scistream native pair, TLS 1.3 PSK",
+            "TLS pair",
+            _s2ds("scistream-native-tls", "native", "psk"),
+            check=_native_built,
+        ),
+        Config(
+            "scistream-pure-tls",
+            "scistream pure-Python pair, TLS 1.3 cert",
+            "TLS pair",
+            _s2ds("scistream-pure-tls", "pure", "cert"),
+        ),
+        Config(
+            "stunnel-tls13",
+            "stunnel pair, TLS 1.3 PSK AES-128-GCM",
+            "TLS pair",
+            _stunnel_pair("stunnel-tls13", STUNNEL_TLS13),
+            ("stunnel",),
+        ),
+        Config(
+            "stunnel-1x",
+            "stunnel pair, SciStream 1.x config (TLS 1.2 eNULL)",
+            "TLS pair",
+            _stunnel_pair("stunnel-1x", STUNNEL_1X),
+            ("stunnel",),
+        ),
+        Config("haproxy-tls", "HAProxy pair, TLS 1.3 cert", "TLS pair", _haproxy_tls, ("haproxy",)),
+    )
+}
 
 
 # --------------------------------------------------------------------------- one measurement
@@ -327,8 +437,9 @@ class Measurement:
     retransmits: int
 
 
-def iperf3(ns: PrivateNamespace, wd: Path, port: int, target: int, streams: int,
-           seconds: float) -> tuple[float, int]:
+def iperf3(
+    ns: PrivateNamespace, wd: Path, port: int, target: int, streams: int, seconds: float
+) -> tuple[float, int]:
     """(Gbit/s received, retransmits) of an iperf3 run through ``port`` to a server on ``target``."""
     import json
 
@@ -336,21 +447,42 @@ def iperf3(ns: PrivateNamespace, wd: Path, port: int, target: int, streams: int,
     try:
         wait_for_listen(ns.argv, target)
         res = subprocess.run(
-            ns.argv(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{seconds:g}",
-                     "-P", str(streams), "-J", "--connect-timeout", "5000"]),
-            capture_output=True, text=True, timeout=seconds + 30, check=False)
+            ns.argv(
+                [
+                    "iperf3",
+                    "-c",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-t",
+                    f"{seconds:g}",
+                    "-P",
+                    str(streams),
+                    "-J",
+                    "--connect-timeout",
+                    "5000",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+            check=False,
+        )
         data = json.loads(res.stdout or "{}")
         if res.returncode != 0 or "error" in data:
             raise RuntimeError(f"iperf3 failed: {data.get('error') or res.stderr.strip()}")
         end = data["end"]
-        return (end["sum_received"]["bits_per_second"] / 1e9,
-                int(end.get("sum_sent", {}).get("retransmits", 0)))
+        return (
+            end["sum_received"]["bits_per_second"] / 1e9,
+            int(end.get("sum_sent", {}).get("retransmits", 0)),
+        )
     finally:
         stop_process(server)
 
 
-def measure(config: Config, workdir: Path, streams: int, seconds: float, round_: int,
-            prefix: str = "sstb") -> Measurement:
+def measure(
+    config: Config, workdir: Path, streams: int, seconds: float, round_: int, prefix: str = "sstb"
+) -> Measurement:
     """Fresh namespace, fresh processes: start the forwarder, run iperf3, read CPU, stop."""
     client_port, server_port = 16000, 16002
     with PrivateNamespace(prefix) as ns:
@@ -365,5 +497,13 @@ def measure(config: Config, workdir: Path, streams: int, seconds: float, round_:
         finally:
             fwd.stop()
     per = (gbps * seconds / cpu) if cpu > 0 and config.name != "direct" else None
-    return Measurement(config.name, streams, seconds, round_, round(gbps, 3), round(cpu, 3),
-                       round(per, 2) if per else None, retrans)
+    return Measurement(
+        config.name,
+        streams,
+        seconds,
+        round_,
+        round(gbps, 3),
+        round(cpu, 3),
+        round(per, 2) if per else None,
+        retrans,
+    )

@@ -18,10 +18,16 @@ from typing import Any
 OURS = ("scistream-native", "scistream-pure", "scistream-native-tls", "scistream-pure-tls")
 KIND = {
     "direct": "direct",
-    "scistream-native": "1 hop", "scistream-pure": "1 hop", "haproxy-splice": "1 hop",
-    "nginx": "1 hop", "socat": "1 hop",
-    "scistream-native-tls": "TLS pair", "scistream-pure-tls": "TLS pair", "stunnel-tls13": "TLS pair",
-    "stunnel-1x": "TLS pair", "haproxy-tls": "TLS pair",
+    "scistream-native": "1 hop",
+    "scistream-pure": "1 hop",
+    "haproxy-splice": "1 hop",
+    "nginx": "1 hop",
+    "socat": "1 hop",
+    "scistream-native-tls": "TLS pair",
+    "scistream-pure-tls": "TLS pair",
+    "stunnel-tls13": "TLS pair",
+    "stunnel-1x": "TLS pair",
+    "haproxy-tls": "TLS pair",
 }
 
 
@@ -46,17 +52,23 @@ def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], d
             "per_cpu": _median([r["gbit_per_cpu_s"] for r in rows]),
             "n": len(rows),
         }
-    lines = ["| path | streams | Gbit/s | x direct | forwarder cores | Gbit per CPU-s | "
-             "x best peer (Gbit/s) | x best peer (per CPU-s) | rounds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| path | streams | Gbit/s | x direct | forwarder cores | Gbit per CPU-s | "
+        "x best peer (Gbit/s) | x best peer (per CPU-s) | rounds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for streams in sorted({k[1] for k in med}):
         direct = med.get(("direct", streams), {}).get("gbps")
-        for config in sorted({k[0] for k in med if k[1] == streams},
-                             key=lambda c: (list(KIND).index(c) if c in KIND else 99)):
+        for config in sorted(
+            {k[0] for k in med if k[1] == streams}, key=lambda c: list(KIND).index(c) if c in KIND else 99
+        ):
             m = med[(config, streams)]
             kind = KIND.get(config, "")
-            peers = [med[(c, streams)] for c in KIND if KIND[c] == kind and c not in OURS
-                     and c != config and (c, streams) in med]
+            peers = [
+                med[(c, streams)]
+                for c in KIND
+                if KIND[c] == kind and c not in OURS and c != config and (c, streams) in med
+            ]
             best_gbps = max((p["gbps"] for p in peers if p["gbps"]), default=None)
             best_per = max((p["per_cpu"] for p in peers if p["per_cpu"]), default=None)
             vs = config in OURS
@@ -66,7 +78,8 @@ def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], d
                 f"{_fmt(m['cpu_cores'], 2)} | {_fmt(m['per_cpu'])} | "
                 f"{_fmt(m['gbps'] / best_gbps if vs and best_gbps and m['gbps'] else None, 2)} | "
                 f"{_fmt(m['per_cpu'] / best_per if vs and best_per and m['per_cpu'] else None, 2)} | "
-                f"{m['n']} |")
+                f"{m['n']} |"
+            )
     return "\n".join(lines), med
 
 
@@ -83,15 +96,24 @@ def throughput_chart(med: dict[tuple[str, int], dict[str, Any]], path: Path) -> 
     configs += sorted({k[0] for k in med} - set(configs))
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(configs) + 2))
     height = 0.8 / max(1, len(streams))
-    for ax, metric, title in ((axes[0], "gbps", "Gbit/s (median)"),
-                              (axes[1], "per_cpu", "Gbit per forwarder CPU-second")):
+    for ax, metric, title in (
+        (axes[0], "gbps", "Gbit/s (median)"),
+        (axes[1], "per_cpu", "Gbit per forwarder CPU-second"),
+    ):
         for i, s in enumerate(streams):
             ys = [j + i * height for j in range(len(configs))]
             vals = [med.get((c, s), {}).get(metric) or 0 for c in configs]
-            colors = ["tab:green" if c in OURS else "tab:gray" if c == "direct" else "tab:blue"
-                      for c in configs]
-            ax.barh(ys, vals, height=height, color=colors, alpha=1.0 if i == 0 else 0.55,
-                    label=f"{s} stream{'s' if s > 1 else ''}")
+            colors = [
+                "tab:green" if c in OURS else "tab:gray" if c == "direct" else "tab:blue" for c in configs
+            ]
+            ax.barh(
+                ys,
+                vals,
+                height=height,
+                color=colors,
+                alpha=1.0 if i == 0 else 0.55,
+                label=f"{s} stream{'s' if s > 1 else ''}",
+            )
         ax.set_yticks([j + height * (len(streams) - 1) / 2 for j in range(len(configs))])
         ax.set_yticklabels(configs)
         ax.invert_yaxis()
@@ -113,8 +135,36 @@ def latency_table(data: dict[str, Any]) -> str:
         vals = sorted(v for r in rows for v in r["values"])
         unit = rows[0]["unit"]
         p90 = vals[min(len(vals) - 1, int(0.9 * len(vals)))] if vals else None
-        lines.append(f"| {name} | {_fmt(_median(vals), 3)} {unit} | {_fmt(p90, 3)} {unit} | "
-                     f"{len(vals)} | {rows[0].get('note', '')} |")
+        lines.append(
+            f"| {name} | {_fmt(_median(vals), 3)} {unit} | {_fmt(p90, 3)} {unit} | "
+            f"{len(vals)} | {rows[0].get('note', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def chain_table(data: dict[str, Any]) -> str:
+    """Medians per (config, streams) of the two-gateway chain, with ratios to "direct"."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in data["rows"]:
+        groups[(row["config"], row["streams"])].append(row)
+    lines = [
+        "| chain | streams | Gbit/s | x direct | gateway CPU-s per GB | set-up s | rounds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = ["direct", "native-tls", "native-plain", "stunnel-tls", "stunnel-compat", "haproxy-plain"]
+    for streams in sorted({k[1] for k in groups}):
+        direct = _median([r["gbps"] for r in groups.get(("direct", streams), [])])
+        for config in sorted(
+            {k[0] for k in groups if k[1] == streams}, key=lambda c: order.index(c) if c in order else 99
+        ):
+            rows = groups[(config, streams)]
+            gbps = _median([r["gbps"] for r in rows])
+            lines.append(
+                f"| {config} | {streams} | {_fmt(gbps)} | "
+                f"{_fmt(gbps / direct if direct and gbps else None, 2)} | "
+                f"{_fmt(_median([r['cpu_s_per_gb'] for r in rows]), 3)} | "
+                f"{_fmt(_median([r['setup_s'] for r in rows]), 2)} | {len(rows)} |"
+            )
     return "\n".join(lines)
 
 
@@ -127,17 +177,36 @@ def render(results: Path) -> list[Path]:
         data = json.loads(tp.read_text())
         meta = data["meta"]
         table, med = throughput_table(data)
-        parts += [f"Run {meta['date']}, iperf3 -t {meta['seconds']:g}, {meta['rounds']} round(s), "
-                  f"{meta['cpus']} CPUs, kernel {meta['kernel']}.", "", "## Forwarders", "", table, ""]
+        parts += [
+            f"Run {meta['date']}, iperf3 -t {meta['seconds']:g}, {meta['rounds']} round(s), "
+            f"{meta['cpus']} CPUs, kernel {meta['kernel']}.",
+            "",
+            "## Forwarders",
+            "",
+            table,
+            "",
+        ]
         chart = throughput_chart(med, results / "throughput.png")
         if chart:
             written.append(chart)
             parts += ["![throughput](throughput.png)", ""]
-    for name, title in (("latency", "Session set-up (control plane)"),
-                        ("chain", "Two-gateway chain in the tutorial topology")):
-        path = results / f"{name}.json"
-        if path.exists():
-            parts += [f"## {title}", "", latency_table(json.loads(path.read_text())), ""]
+    chain = results / "chain.json"
+    if chain.exists():
+        data = json.loads(chain.read_text())
+        meta = data["meta"]
+        parts += [
+            "## Two-gateway chain in the tutorial topology",
+            "",
+            f"Run {meta['date']}, iperf3 -R -t {meta['seconds']:g} from the consumer through "
+            f"both gateways, {meta['rounds']} round(s); set-up = `s2uc stream --appctrl` with "
+            "both hellos, process start-up included.",
+            "",
+            chain_table(data),
+            "",
+        ]
+    latency = results / "latency.json"
+    if latency.exists():
+        parts += ["## Session set-up (control plane)", "", latency_table(json.loads(latency.read_text())), ""]
     out = results / "REPORT.md"
     out.write_text("\n".join(parts))
     written.append(out)

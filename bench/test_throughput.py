@@ -19,16 +19,17 @@ NAMES = selected(list(CONFIGS))
 CASES = [(r, name, n) for r in range(ROUNDS) for n in STREAMS for name in NAMES]
 
 
-@pytest.mark.parametrize(("round_", "name", "streams"), CASES,
-                         ids=[f"r{r}-{name}-P{n}" for r, name, n in CASES])
-def test_forwarder(benchmark: Any, results: Results, tmp_path: Path, round_: int, name: str,
-                   streams: int) -> None:
+@pytest.mark.parametrize(
+    ("round_", "name", "streams"), CASES, ids=[f"r{r}-{name}-P{n}" for r, name, n in CASES]
+)
+def test_forwarder(
+    benchmark: Any, results: Results, tmp_path: Path, round_: int, name: str, streams: int
+) -> None:
     config = CONFIGS[name]
     why = config.available()
     if why:
         pytest.skip(why)
-    m = benchmark.pedantic(measure, args=(config, tmp_path, streams, SECONDS, round_),
-                           rounds=1, iterations=1)
+    m = benchmark.pedantic(measure, args=(config, tmp_path, streams, SECONDS, round_), rounds=1, iterations=1)
     row = dataclasses.asdict(m)
     benchmark.extra_info.update(row)
     results.add("throughput", row)

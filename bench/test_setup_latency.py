@@ -1,0 +1,159 @@
+"""Control-plane cost: how long a two-sided session takes to set up, and how many per second.
+
+Two s2cs (native backend, each with its s2ds) on loopback with TLS control
+channels, as `scistream demo` starts them. One set-up = on the producer's s2cs
+hello + req + update, then on the consumer's s2cs hello + req + update (with the
+session key), i.e. everything `s2uc stream` does minus process start-up. Our
+s2cs accepts the hello before the req, so no client needs to sleep; SciStream
+1.x's client sleeps 0.5 s before each hello (>= 1 s per two-sided set-up).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import Results
+
+from scistream._proto import scistream_pb2 as pb
+from scistream.demo import Demo, Options
+from scistream.s2uc import flows
+
+SEQUENTIAL = 30
+THREADS = 4
+PER_THREAD = 15
+
+
+@pytest.fixture(scope="module")
+def gateways() -> Iterator[Demo]:
+    opts = Options(
+        size=0,
+        num_conn=THREADS,
+        security="tls",
+        backend="native",
+        use_netns=False,
+        keep=False,
+        seed=1,
+        engine="",
+        timeout=10,
+    )
+    demo = Demo(opts, lambda s: None)
+    try:
+        demo.build_hosts()
+        demo.start_gateways()
+        yield demo
+    finally:
+        demo.stop_all()
+        demo.close()
+
+
+def _controls(demo: Demo) -> tuple[flows.Control, flows.Control]:
+    def ctl(side: str) -> flows.Control:
+        return flows.Control(
+            flows.Target(demo.facilities[side].control, server_cert=str(demo.cert), timeout=15)
+        )
+
+    return ctl("producer"), ctl("consumer")
+
+
+def setup_session(prod: flows.Control, cons: flows.Control, uid: str) -> None:
+    prod.call("hello", pb.Hello(uid=uid, prod_listeners=["127.0.0.1:9"], role="PROD"))
+    resp = prod.call("req", pb.Request(uid=uid, role="PROD", num_conn=1, rate=10000, security="tls"))
+    prod.call("update", pb.UpdateTargets(uid=uid, remote_listeners=list(resp.prod_listeners), role="PROD"))
+    cons.call("hello", pb.Hello(uid=uid, prod_listeners=[], role="CONS"))
+    cons.call("req", pb.Request(uid=uid, role="CONS", num_conn=1, rate=10000, security="tls"))
+    cons.call(
+        "update",
+        pb.UpdateTargets(
+            uid=uid, remote_listeners=list(resp.listeners), role="CONS", session_key=resp.session_key
+        ),
+    )
+
+
+def release_session(prod: flows.Control, cons: flows.Control, uid: str) -> None:
+    prod.call("release", pb.Release(uid=uid))
+    cons.call("release", pb.Release(uid=uid))
+
+
+def test_setup_latency(benchmark: Any, gateways: Demo, results: Results) -> None:
+    prod, cons = _controls(gateways)
+    setups: list[float] = []
+    releases: list[float] = []
+
+    def run() -> None:
+        for _ in range(SEQUENTIAL):
+            uid = str(uuid.uuid1())
+            t0 = time.perf_counter()
+            setup_session(prod, cons, uid)
+            t1 = time.perf_counter()
+            release_session(prod, cons, uid)
+            setups.append((t1 - t0) * 1000)
+            releases.append((time.perf_counter() - t1) * 1000)
+
+    try:
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    finally:
+        prod.close()
+        cons.close()
+    results.add(
+        "latency",
+        {
+            "name": "two-sided set-up (hello+req+update x2, TLS gRPC)",
+            "unit": "ms",
+            "values": setups,
+            "note": "1.x client: >= 1000 ms (sleeps 0.5 s per side)",
+        },
+    )
+    results.add("latency", {"name": "two-sided release", "unit": "ms", "values": releases, "note": ""})
+    benchmark.extra_info.update({"setup_ms_median": sorted(setups)[len(setups) // 2]})
+
+
+def test_sessions_per_second(benchmark: Any, gateways: Demo, results: Results) -> None:
+    done = [0]
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        prod, cons = _controls(gateways)
+        try:
+            for _ in range(PER_THREAD):
+                uid = str(uuid.uuid1())
+                try:
+                    setup_session(prod, cons, uid)
+                    release_session(prod, cons, uid)
+                except Exception as exc:  # counted, reported below
+                    errors.append(str(exc))
+                    continue
+                with lock:
+                    done[0] += 1
+        finally:
+            prod.close()
+            cons.close()
+
+    elapsed = [0.0]
+
+    def run() -> None:
+        threads = [threading.Thread(target=worker) for _ in range(THREADS)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed[0] = time.perf_counter() - t0
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    rate = done[0] / elapsed[0]
+    results.add(
+        "latency",
+        {
+            "name": f"sessions set up and released per second ({THREADS} clients)",
+            "unit": "/s",
+            "values": [rate],
+            "note": f"{done[0]} ok, {len(errors)} failed",
+        },
+    )
+    benchmark.extra_info.update({"sessions_per_s": rate, "errors": len(errors)})
