@@ -6,6 +6,9 @@ Every option spelling SciStream 1.x users type works (``--listener_ip`` and
 a TOML file (``--config``; top-level keys or an ``[s2cs]`` table, named like the
 options with underscores), ``SCISTREAM_<OPTION>`` environment variables (e.g.
 ``SCISTREAM_LISTENER_IP``, ``SCISTREAM_CLIENT_SECRET``), then the command line.
+Backend settings (``--backend-option KEY=VALUE``, a ``[backend_options]`` table,
+``SCISTREAM_BACKEND_OPTION``) are merged per key in the same order; the backend
+refuses a key it does not read (backends/base.py ``known_settings``).
 
 Defaults that differ from 1.x, and why:
 
@@ -27,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import sys
 import tomllib
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -41,6 +46,53 @@ from scistream.s2cs.config import DEFAULT_CLIENT_ID, SECURITY_MODES, ServerConfi
 log = logging.getLogger("scistream.s2cs")
 
 _SECRET_FROM_ENV = "\0from-env"  # --client-secret given with no value (the VM tutorial)
+_FILE_BACKEND_OPTIONS = "scistream.s2cs.file_backend_options"  # ctx.meta: the config file's
+BACKEND_OPTION_ENV = "SCISTREAM_BACKEND_OPTION"  # KEY=VALUE words, shell-quoted
+
+
+def parse_backend_option(text: str, origin: str) -> tuple[str, str]:
+    """``KEY=VALUE`` -> (key, value); dashes in the key read as underscores."""
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise click.UsageError(
+            f"{origin} {text!r} is not KEY=VALUE (e.g. tls_cert=/etc/scistream/gateway.pem)"
+        )
+    return key, value
+
+
+def _file_backend_options(path: str, table: dict[str, Any], data: dict[str, Any]) -> dict[str, str]:
+    """Take the backend options out of a config file: a ``[backend_options]`` table (top
+    level, or ``[s2cs.backend_options]``) or a ``backend_option = ["KEY=VALUE", ...]`` list."""
+    found: list[tuple[str, Any]] = []
+    for name in ("backend_options", "backend-options", "backend_option", "backend-option"):
+        if name in table:
+            found.append((name, table.pop(name)))
+        if table is not data and name in data:
+            found.append((name, data[name]))
+    if not found:
+        return {}
+    if len(found) > 1:
+        raise click.BadParameter(f"{path}: give the backend options once (one [backend_options] table)")
+    name, value = found[0]
+    options: dict[str, str] = {}
+    if name.endswith("options"):
+        if not isinstance(value, dict):
+            raise click.BadParameter(f"{path}: [backend_options] must be a table of KEY = VALUE")
+        for key, val in value.items():
+            if isinstance(val, bool) or not isinstance(val, str | int | float):
+                raise click.BadParameter(f"{path}: backend option {key!r} must be a string or a number")
+            options[str(key).replace("-", "_")] = str(val)
+        return options
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise click.BadParameter(f'{path}: backend_option must be a list of "KEY=VALUE" strings')
+    for text in value:
+        try:
+            key, val = parse_backend_option(text, "backend_option")
+        except click.UsageError as exc:
+            raise click.BadParameter(f"{path}: {exc.message}") from None
+        options[key] = val
+    return options
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -56,6 +108,11 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     table = data.get("s2cs", data)
     if not isinstance(table, dict):
         raise click.BadParameter(f"{value}: [s2cs] must be a table")
+    if table is data:
+        table = data = dict(data)
+    else:
+        table = dict(table)
+    ctx.meta[_FILE_BACKEND_OPTIONS] = _file_backend_options(value, table, data)
     defaults: dict[str, Any] = {}
     known = {p.name for p in ctx.command.params if p.name}
     for key, val in table.items():
@@ -133,6 +190,17 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     help=f"Data-plane backend, any case: {', '.join(backend_names())}.",
 )
 @click.option("--s2ds", "s2ds", default="", help="native backend: s2ds control address (default: spawn/ipc).")
+@click.option(
+    "--backend-option",
+    "--backend_option",
+    "backend_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    allow_from_autoenv=False,  # $SCISTREAM_BACKEND_OPTION is merged per key in build_config
+    help="A setting of the --type backend (repeatable), e.g. tls_cert=/etc/scistream/gw.pem; "
+    "an unknown KEY is refused with the valid ones. Merged per key over the config file's "
+    "[backend_options] and $SCISTREAM_BACKEND_OPTION (shell-quoted KEY=VALUE words).",
+)
 @click.option(
     "--client_id",
     "--client-id",
@@ -273,7 +341,8 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
 @click.option("--v", "--verbose", "-v", "verbose", is_flag=True, help="Debug logging.")
 def main(**opts: Any) -> None:
     """SciStream control server (s2cs): gRPC control of data-plane sessions."""
-    config = build_config(opts)
+    file_options = click.get_current_context().meta.get(_FILE_BACKEND_OPTIONS, {})
+    config = build_config(opts, file_backend_options=file_options)
     _setup_logging(bool(opts["verbose"]), config.log_file)
     from scistream.s2cs.server import StartupError, serve
 
@@ -285,7 +354,26 @@ def main(**opts: Any) -> None:
     sys.exit(code)
 
 
-def build_config(opts: dict[str, Any]) -> ServerConfig:
+def backend_options(opts: dict[str, Any], file_options: Mapping[str, str]) -> dict[str, str]:
+    """The backend options, merged per key: config file < $SCISTREAM_BACKEND_OPTION < command line."""
+    merged = dict(file_options)
+    env = os.environ.get(BACKEND_OPTION_ENV, "")
+    try:
+        words = shlex.split(env)
+    except ValueError as exc:
+        raise click.UsageError(f"${BACKEND_OPTION_ENV} is not valid shell quoting: {exc}") from None
+    for text in words:
+        key, value = parse_backend_option(text, f"${BACKEND_OPTION_ENV}:")
+        merged[key] = value
+    for text in opts.get("backend_option") or ():
+        key, value = parse_backend_option(str(text), "--backend-option")
+        merged[key] = value
+    return merged
+
+
+def build_config(
+    opts: dict[str, Any], *, file_backend_options: Mapping[str, str] | None = None
+) -> ServerConfig:
     """Check the options and turn them into a ServerConfig (UsageError = exit 2)."""
     type_name = str(opts["type_"]).strip()
     if type_name.lower() not in BACKENDS:
@@ -327,6 +415,7 @@ def build_config(opts: dict[str, Any]) -> ServerConfig:
         port_range=port_range,
         backend_type=type_name,
         s2ds_address=str(opts["s2ds"] or ""),
+        backend_extra=backend_options(opts, file_backend_options or {}),
         default_security=security,
         compat_allowed=compat,
         enforce_rate=bool(opts["enforce_rate"]),

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from scistream.s2cs.audit import AuditLog
 from scistream.s2cs.auth import Authenticator, make_authenticator
-from scistream.s2cs.backends import create_backend
+from scistream.s2cs.backends import UnknownBackendSetting, create_backend
 from scistream.s2cs.backends.base import Backend, BackendOptions
 from scistream.s2cs.config import ServerConfig
 from scistream.s2cs.events import EventPublisher
@@ -77,6 +77,8 @@ class S2CSServer:
                     extra=dict(cfg.backend_extra),
                 ),
             )
+        except UnknownBackendSetting as exc:
+            raise StartupError(str(exc)) from None
         except (ImportError, ValueError) as exc:
             raise StartupError(f"the {cfg.backend_type} backend is not available: {exc}") from None
         auth = self._auth_override or make_authenticator(

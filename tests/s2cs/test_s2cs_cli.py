@@ -155,6 +155,81 @@ def test_modes_config_file_and_env(captured: list[ServerConfig], tmp_path: Any) 
     assert r.exit_code == 2 and "bogus_key" in r.output
 
 
+def test_backend_options_from_command_line_env_and_file(captured: list[ServerConfig], tmp_path: Any) -> None:
+    r = run(
+        [
+            "-t",
+            "Haproxy",
+            "--backend-option",
+            "tls_cert=/etc/gw.pem",
+            "--backend_option=tls_key=/etc/gw.key",
+            "--backend-option",
+            "tls-server-name=gw.example.org",  # dashes read as underscores
+            "--backend-option",
+            "s2ds_args=--workers 2 --pipe-size=4M",  # the first '=' splits
+        ]
+    )
+    assert r.exit_code == 0, r.output
+    assert captured[-1].backend_extra == {
+        "tls_cert": "/etc/gw.pem",
+        "tls_key": "/etc/gw.key",
+        "tls_server_name": "gw.example.org",
+        "s2ds_args": "--workers 2 --pipe-size=4M",
+    }
+    assert run([]).exit_code == 0 and captured[-1].backend_extra == {}
+
+    # A config file's table, then $SCISTREAM_BACKEND_OPTION, then the command line: merged per key.
+    cfg = tmp_path / "s2cs.toml"
+    cfg.write_text(
+        '[s2cs]\ntype = "nginx"\n\n[backend_options]\ntls_cert = "/file/gw.pem"\n'
+        'tls_key = "/file/gw.key"\nnginx_workers = 4\nstart_timeout = 2.5\n'
+    )
+    env = {"SCISTREAM_BACKEND_OPTION": "tls_key=/env/gw.key 'tls_ca=/env/my ca.pem'"}
+    r = run(["--config", str(cfg), "--backend-option", "nginx_workers=8"], env=env)
+    assert r.exit_code == 0, r.output
+    assert captured[-1].backend_type == "nginx"
+    assert captured[-1].backend_extra == {
+        "tls_cert": "/file/gw.pem",
+        "tls_key": "/env/gw.key",
+        "tls_ca": "/env/my ca.pem",
+        "nginx_workers": "8",
+        "start_timeout": "2.5",
+    }
+    # The other spellings of the table: inside [s2cs], at the top of a file without [s2cs],
+    # and the option's own name with a list of KEY=VALUE.
+    for text in (
+        '[s2cs]\ntype = "haproxy"\n[s2cs.backend_options]\ntls_ca = "/ca.pem"\n',
+        'type = "haproxy"\n[backend_options]\ntls_ca = "/ca.pem"\n',
+        'type = "haproxy"\nbackend_option = ["tls_ca=/ca.pem"]\n',
+    ):
+        cfg.write_text(text)
+        r = run(["--config", str(cfg)])
+        assert r.exit_code == 0, (text, r.output)
+        assert captured[-1].backend_extra == {"tls_ca": "/ca.pem"}, text
+
+    seen = len(captured)
+    for argv, env, expect in (
+        (["--backend-option", "tls_cert"], {}, "is not KEY=VALUE"),
+        (["--backend-option", "=x"], {}, "is not KEY=VALUE"),
+        ([], {"SCISTREAM_BACKEND_OPTION": "tls_cert"}, "SCISTREAM_BACKEND_OPTION"),
+        ([], {"SCISTREAM_BACKEND_OPTION": "tls_cert='/x"}, "shell quoting"),
+    ):
+        r = CliRunner().invoke(cli.main, argv, env=env)
+        assert r.exit_code == 2 and expect in r.output, (argv, env, r.output)
+    for text, expect in (
+        ("[backend_options]\ntls_ca = true\n", "must be a string or a number"),
+        ("[backend_options]\ntls_ca = [1]\n", "must be a string or a number"),
+        ("backend_options = 3\n", "must be a table"),
+        ('backend_option = "tls_ca=/x"\n', "must be a list"),
+        ('backend_option = ["tls_ca"]\n', "is not KEY=VALUE"),
+        ('[s2cs]\n[s2cs.backend_options]\na = "1"\n[backend_options]\nb = "2"\n', "once"),
+    ):
+        cfg.write_text(text)
+        r = CliRunner().invoke(cli.main, ["--config", str(cfg)])
+        assert r.exit_code == 2 and expect in r.output, (text, r.output)
+    assert len(captured) == seen and "Traceback" not in r.output
+
+
 @pytest.fixture
 def cert_pair(tmp_path: Any) -> tuple[str, str]:
     from cryptography import x509
@@ -257,6 +332,20 @@ def test_startup_failures_are_one_clear_line(tmp_path: Any) -> None:
             "stunnel",
         ]
         for extra, expect in (
+            (["--port", "0", "--backend-option", "tls_cert=/x.pem"], "unknown backend option 'tls_cert'"),
+            (
+                ["--port", "0", "-t", "haproxy", "--backend-option", "tls_crt=/x.pem"],
+                "unknown backend option 'tls_crt' (did you mean 'tls_cert'?) for --type haproxy; "
+                "valid keys: connect_timeout, drain_timeout, haproxy_bin,",
+            ),
+            (
+                ["--port", "0", "-t", "haproxy", "--backend-option", f"tls_cert={tmp_path / 'no.pem'}"],
+                "the haproxy data plane could not start: HAProxy setting tls_cert:",
+            ),
+            (
+                ["--port", "0", "-t", "nginx", "--backend-option", "idle_timeout=soon"],
+                "the nginx data plane could not start: backend setting idle_timeout='soon' is not a number",
+            ),
             (["--port", "0", "--events", "7"], "cannot publish events"),
             (["--port", str(busy.getsockname()[1])], "cannot listen on"),
             (["--port", "0", "--state-dir", "/proc/nope"], "cannot create the state directory"),
@@ -353,6 +442,7 @@ OPTION_NAMES = [
     "--client-id",
     "--events",
     "--idle-timeout",
+    "--backend-option",
 ]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+from collections.abc import Iterable
 
 from scistream.s2cs.backends.base import Backend, BackendOptions
 
@@ -21,12 +23,33 @@ class UnknownBackend(ValueError):
     pass
 
 
+class UnknownBackendSetting(ValueError):
+    """A backend option the chosen backend does not read (the message lists the valid ones)."""
+
+
+def check_settings(cls: type[Backend], settings: Iterable[str]) -> None:
+    """Refuse every key the backend class does not declare in ``known_settings``."""
+    unknown = sorted(set(settings) - set(cls.known_settings))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, cls.known_settings, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    valid = ", ".join(sorted(cls.known_settings)) or "none"
+    noun = "option" if len(unknown) == 1 else "options"
+    raise UnknownBackendSetting(
+        f"unknown backend {noun} {', '.join(hints)} for --type {cls.name}; valid keys: {valid}"
+    )
+
+
 def backend_names() -> list[str]:
     return sorted(BACKENDS)
 
 
 def create_backend(type_name: str, options: BackendOptions) -> Backend:
-    """The backend for a --type value (any case); UnknownBackend lists the valid ones."""
+    """The backend for a --type value (any case); UnknownBackend lists the valid types,
+    UnknownBackendSetting the valid keys of ``options.extra``."""
     key = type_name.strip().lower()
     if key not in BACKENDS:
         raise UnknownBackend(
@@ -34,4 +57,5 @@ def create_backend(type_name: str, options: BackendOptions) -> Backend:
         )
     module_name, class_name = BACKENDS[key]
     cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
+    check_settings(cls, options.extra)
     return cls(options)

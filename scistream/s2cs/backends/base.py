@@ -84,6 +84,9 @@ class Backend(abc.ABC):
 
     #: canonical --type name, e.g. "native", "stunnel", "haproxy", "nginx"
     name: ClassVar[str]
+    #: The keys of ``BackendOptions.extra`` this backend reads (``s2cs --backend-option
+    #: KEY=VALUE``); create_backend refuses any other key, so a misspelling is a startup error.
+    known_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: BackendOptions) -> None:
         self.options = options

@@ -22,9 +22,11 @@ from typing import ClassVar
 
 from scistream.s2cs.backends.base import BackendError, SessionPlan, SessionUsage
 from scistream.s2cs.backends.proxyconf import CertFiles, haproxy_config
-from scistream.s2cs.backends.supervisor import SubprocessBackend, write_private
+from scistream.s2cs.backends.supervisor import TIMEOUT_SETTINGS, SubprocessBackend, write_private
 
 _STATS_SOCKET = "stats.sock"
+#: The operator certificate settings of the certificate-mode backends (HAProxy, nginx).
+CERT_SETTINGS = ("tls_cert", "tls_key", "tls_ca", "tls_server_name")
 
 
 def operator_certs(extra: dict[str, str] | object, proxy: str) -> CertFiles | None:
@@ -94,8 +96,13 @@ def _query_stats(session_dir: Path, timeout: float = 2.0) -> str:
 class HaproxyBackend(SubprocessBackend):
     name = "haproxy"
     package = "haproxy"
+    known_settings: ClassVar[tuple[str, ...]] = ("haproxy_bin", *TIMEOUT_SETTINGS, *CERT_SETTINGS)
     # SIGUSR1: soft stop -- close the listeners, let open streams finish.
     drain_signal: ClassVar[signal.Signals | None] = signal.SIGUSR1
+
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        operator_certs(self.options.extra, "HAProxy")
 
     def _write_files(self, plan: SessionPlan, path: Path) -> list[str]:
         certs = operator_certs(self.options.extra, "HAProxy")

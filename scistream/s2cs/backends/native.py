@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from scistream.dataplane import (
     COMPAT_PSK_IDENTITY,
@@ -229,6 +229,12 @@ def _last_log_line(state_dir: str) -> str:
 
 class NativeBackend(Backend):
     name = "native"
+    known_settings: ClassVar[tuple[str, ...]] = (
+        "s2ds_curve_server_key",
+        "s2ds_curve_client_key",
+        "s2ds_timeout",
+        "s2ds_args",
+    )
 
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from scistream.s2cs.backends.base import BackendError, BackendOptions, SessionPlan
-from scistream.s2cs.backends.haproxy import operator_certs
+from scistream.s2cs.backends.haproxy import CERT_SETTINGS, operator_certs
 from scistream.s2cs.backends.proxyconf import nginx_config
-from scistream.s2cs.backends.supervisor import SubprocessBackend, write_private
+from scistream.s2cs.backends.supervisor import TIMEOUT_SETTINGS, SubprocessBackend, write_private
 
 DEFAULT_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
@@ -28,6 +28,13 @@ DEFAULT_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 class NginxBackend(SubprocessBackend):
     name = "nginx"
     package = "nginx-light and libnginx-mod-stream"
+    known_settings: ClassVar[tuple[str, ...]] = (
+        "nginx_bin",
+        *TIMEOUT_SETTINGS,
+        *CERT_SETTINGS,
+        "nginx_workers",
+        "nginx_stream_module",
+    )
     enforces_rate_limit = True
     # SIGQUIT: graceful shutdown -- stop accepting, let open streams finish.
     drain_signal: ClassVar[signal.Signals | None] = signal.SIGQUIT
@@ -53,6 +60,11 @@ class NginxBackend(SubprocessBackend):
             self.stream_module = module
         elif "--with-stream" not in build:
             raise BackendError("this nginx was built without the stream module; the nginx backend needs it")
+
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        operator_certs(self.options.extra, "nginx")
+        self._workers()
 
     def _workers(self) -> int:
         text = self.options.extra.get("nginx_workers", "1")

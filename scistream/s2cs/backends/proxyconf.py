@@ -181,12 +181,14 @@ def _need_cert_mode(plan: SessionPlan, certs: CertFiles | None, proxy: str) -> C
     if plan.role == "PROD" and (certs is None or not certs.cert or not certs.key):
         raise BackendError(
             f"{proxy} cannot do TLS with a pre-shared key; configure tls_cert and tls_key "
-            "(and tls_ca) for this backend, or use security plain"
+            "(and tls_ca) for this backend (s2cs --backend-option tls_cert=PATH ...), "
+            "or use security plain"
         )
     if plan.role == "CONS" and (certs is None or not certs.ca):
         raise BackendError(
             f"{proxy} cannot do TLS with a pre-shared key; configure tls_ca (the CA of the "
-            "producer gateway's certificate) for this backend, or use security plain"
+            "producer gateway's certificate) for this backend (s2cs --backend-option "
+            "tls_ca=PATH), or use security plain"
         )
     return certs
 

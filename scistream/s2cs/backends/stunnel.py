@@ -17,12 +17,13 @@ from typing import ClassVar
 
 from scistream.s2cs.backends.base import SessionPlan
 from scistream.s2cs.backends.proxyconf import stunnel_config, stunnel_psk_file
-from scistream.s2cs.backends.supervisor import SubprocessBackend, write_private
+from scistream.s2cs.backends.supervisor import TIMEOUT_SETTINGS, SubprocessBackend, write_private
 
 
 class StunnelBackend(SubprocessBackend):
     name = "stunnel"
     package = "stunnel4"
+    known_settings: ClassVar[tuple[str, ...]] = ("stunnel_bin", *TIMEOUT_SETTINGS)
     # stunnel has no graceful stop: SIGTERM closes every connection.
     drain_signal: ClassVar[signal.Signals | None] = None
 

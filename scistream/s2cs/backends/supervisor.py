@@ -329,6 +329,10 @@ def find_binary(setting: str | None, default: str, package: str) -> str:
     return path
 
 
+#: Settings every subprocess backend reads (seconds); see SubprocessBackend.
+TIMEOUT_SETTINGS = ("start_timeout", "stop_timeout", "drain_timeout", "idle_timeout", "connect_timeout")
+
+
 class _Session:
     def __init__(self, plan: SessionPlan, path: Path, child: Child) -> None:
         self.plan = plan
@@ -346,7 +350,8 @@ class SubprocessBackend(Backend):
     Settings (``BackendOptions.extra``): ``<name>_bin`` (executable),
     ``start_timeout`` (s, default 10), ``stop_timeout`` (s, default 5),
     ``drain_timeout`` (s, default 30: how long ``remove(drain=True)`` lets open
-    streams finish), ``idle_timeout`` and ``connect_timeout`` (s).
+    streams finish), ``idle_timeout`` and ``connect_timeout`` (s). Each subclass
+    lists them, with its own, in ``known_settings``; ``start`` checks their values.
     """
 
     #: Debian package that provides the executable (for the error message).
@@ -367,6 +372,11 @@ class SubprocessBackend(Backend):
         self.on_session_failed: Callable[[str, str], None] | None = None
 
     # -- settings ---------------------------------------------------------------------------
+    def _check_settings(self) -> None:
+        """Refuse a malformed setting at start rather than at the first session."""
+        for key in TIMEOUT_SETTINGS:
+            self._setting_float(key, 1.0)
+
     def _setting_float(self, key: str, default: float) -> float:
         text = self.options.extra.get(key, "")
         try:
@@ -393,6 +403,7 @@ class SubprocessBackend(Backend):
 
     # -- Backend ----------------------------------------------------------------------------
     async def start(self) -> None:
+        self._check_settings()
         self.binary = find_binary(
             self.options.extra.get(f"{self.name}_bin"), self.default_binary(), self.package
         )
