@@ -22,6 +22,7 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
  && python -c "import scistream.dataplane.native"
 RUN useradd --system --home /var/lib/scistream --create-home scistream
+COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/bin/scistream-entrypoint
 USER scistream
 ENV SCISTREAM_STATE_DIR=/var/lib/scistream
 VOLUME ["/var/lib/scistream"]
@@ -31,5 +32,8 @@ EXPOSE 5000 5100-5200
 # (mount them); the health check pins the same certificate.
 ENV SCISTREAM_HEALTH_S2CS=127.0.0.1:5000 SCISTREAM_HEALTH_CERT=/etc/scistream/server.crt
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s CMD ["scistream", "health"]
-ENTRYPOINT ["s2cs"]
-CMD ["--port", "5000", "--listener-ip", "0.0.0.0", "--server_crt", "/etc/scistream/server.crt", "--server_key", "/etc/scistream/server.key"]
+# s2cs advertises its listener address to peers: the host's reachable address, which the
+# image cannot know. Run with --network host -e SCISTREAM_LISTENER_IP=<that address>; the
+# entry point refuses to start without it (or a --listener-ip argument).
+ENTRYPOINT ["scistream-entrypoint"]
+CMD ["--port", "5000", "--server_crt", "/etc/scistream/server.crt", "--server_key", "/etc/scistream/server.key"]

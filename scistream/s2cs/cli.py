@@ -14,7 +14,8 @@ Defaults that differ from 1.x, and why:
 
 * ``--listener_ip`` is 127.0.0.1: listeners are advertised at this address, so a
   real deployment names its reachable address (every tutorial does); 1.x's
-  0.0.0.0 advertised an address no peer can connect to.
+  0.0.0.0 advertised an address no peer can connect to, and is refused at startup
+  (as are :: and an empty address).
 * ``--type`` is ``native`` (our data plane); the 1.x names still work.
 * ``--security`` is ``tls`` (a random per-session key, real encryption);
   ``--scistream1-compat`` is the explicit 1.x interoperability mode.
@@ -170,7 +171,8 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "listener_ip",
     default="127.0.0.1",
     show_default=True,
-    help="Address data listeners bind to and advertise to peers.",
+    help="Address data listeners bind to and advertise to peers: this gateway's address as the "
+    "peer facility reaches it (0.0.0.0 and :: are refused).",
 )
 @click.option(
     "--port_range",

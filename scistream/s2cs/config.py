@@ -6,6 +6,7 @@ and a TOML file; tests build it directly.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,27 @@ def default_state_dir() -> str:
     if os.geteuid() == 0:
         return "/var/lib/scistream"
     return str(Path.home() / ".scistream")
+
+
+def listener_ip_problem(listener_ip: str) -> str | None:
+    """Why peers could not use ``listener_ip`` as the address s2cs advertises (one sentence),
+    or None. Empty, 0.0.0.0 and :: bind every interface but name none a peer can reach."""
+    text = listener_ip.strip().strip("[]")
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        addr = None  # a host name: resolved when listeners bind
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if text and (addr is None or not addr.is_unspecified):
+        return None
+    shown = f"--listener-ip {listener_ip}" if text else "--listener-ip is empty: it"
+    return (
+        f"{shown} is not an address peers can connect to, yet s2cs advertises it to them as "
+        "this gateway's listeners; set it to the address the peer facility reaches this gateway "
+        "at (e.g. --listener-ip 192.0.2.10, SCISTREAM_LISTENER_IP=192.0.2.10, or listener_ip "
+        "in the config file)"
+    )
 
 
 @dataclass

@@ -25,7 +25,7 @@ from scistream.s2cs.audit import AuditLog
 from scistream.s2cs.auth import Authenticator, make_authenticator
 from scistream.s2cs.backends import UnknownBackendSetting, create_backend
 from scistream.s2cs.backends.base import Backend, BackendOptions
-from scistream.s2cs.config import ServerConfig
+from scistream.s2cs.config import ServerConfig, listener_ip_problem
 from scistream.s2cs.events import EventPublisher
 from scistream.s2cs.manager import SessionManager
 from scistream.s2cs.metrics import Metrics
@@ -63,6 +63,9 @@ class S2CSServer:
 
     async def start(self) -> None:
         cfg = self.config
+        problem = listener_ip_problem(cfg.listener_ip)
+        if problem:
+            raise StartupError(problem)
         try:
             ensure_private_dir(cfg.state_dir)
         except OSError as exc:
@@ -117,7 +120,7 @@ class S2CSServer:
             cfg.listener_ip, cfg.allow_targets, own_ports=[cfg.port, metrics.port, events.port]
         )
         lo, hi = cfg.port_range
-        ports = PortAllocator(lo, hi, cfg.listener_ip if cfg.listener_ip else "0.0.0.0")
+        ports = PortAllocator(lo, hi, cfg.listener_ip)
         try:
             await backend.start()
         except Exception as exc:

@@ -3,6 +3,7 @@ a real `s2cs` process stopped by SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
@@ -23,7 +24,7 @@ from s2cs_support import FakeBackend, ServerThread, bindable, free_range, make_c
 from scistream._proto import scistream_pb2 as pb
 from scistream._proto import scistream_pb2_grpc
 from scistream.s2cs import cli
-from scistream.s2cs.config import ServerConfig
+from scistream.s2cs.config import ServerConfig, listener_ip_problem
 
 
 @pytest.fixture
@@ -346,6 +347,8 @@ def test_startup_failures_are_one_clear_line(tmp_path: Any) -> None:
                 ["--port", "0", "-t", "nginx", "--backend-option", "idle_timeout=soon"],
                 "the nginx data plane could not start: backend setting idle_timeout='soon' is not a number",
             ),
+            (["--port", "0", "--listener-ip", "0.0.0.0"], "--listener-ip 0.0.0.0 is not an address peers"),
+            (["--port", "0", "--listener_ip", ""], "--listener-ip is empty: it is not an address peers"),
             (["--port", "0", "--events", "7"], "cannot publish events"),
             (["--port", str(busy.getsockname()[1])], "cannot listen on"),
             (["--port", "0", "--state-dir", "/proc/nope"], "cannot create the state directory"),
@@ -364,6 +367,39 @@ def test_startup_failures_are_one_clear_line(tmp_path: Any) -> None:
             assert "Traceback" not in p.stderr
     finally:
         busy.close()
+
+
+@pytest.mark.parametrize(
+    ("listener_ip", "refused"),
+    [
+        ("0.0.0.0", True),
+        ("::", True),
+        ("[::]", True),
+        ("::ffff:0.0.0.0", True),
+        ("", True),
+        (" ", True),
+        ("192.0.2.10", False),
+        ("2001:db8::10", False),
+        ("127.0.0.1", False),
+        ("gateway.example.org", False),
+    ],
+)
+def test_unspecified_listener_ip_is_refused(listener_ip: str, refused: bool) -> None:
+    problem = listener_ip_problem(listener_ip)
+    if not refused:
+        assert problem is None
+        return
+    assert problem is not None and "not an address peers can connect to" in problem
+    assert "SCISTREAM_LISTENER_IP" in problem and "--listener-ip 192.0.2.10" in problem
+
+
+def test_server_refuses_an_unspecified_listener_ip_before_starting(tmp_path: Any) -> None:
+    from scistream.s2cs.server import S2CSServer, StartupError
+
+    server = S2CSServer(make_config(tmp_path, listener_ip="::"), backend=FakeBackend())
+    with pytest.raises(StartupError, match="--listener-ip :: is not an address peers can connect to"):
+        asyncio.run(server.start())
+    assert not (tmp_path / "state").exists()  # refused before anything was created
 
 
 def test_real_process_sigterm_exit_0(tmp_path: Any) -> None:
