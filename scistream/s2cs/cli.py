@@ -227,14 +227,19 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--allowed_identity",
     "allowed_identity",
     multiple=True,
-    help="Only these identities (sub or username) may create sessions (repeatable).",
+    help="Allow-list, with --client-secret: an identity (sub or username) allowed to use this "
+    "gateway (repeatable). With this or --allowed-domain set, a caller neither list admits is "
+    "refused (PERMISSION_DENIED) on every authenticated call: req, update, release, status.",
 )
 @click.option(
     "--allowed-domain",
     "--allowed_domain",
     "allowed_domain",
     multiple=True,
-    help="Only usernames in these domains may create sessions (repeatable).",
+    help="Allow-list, with --client-secret: usernames in this domain (e.g. anl.gov) may use "
+    "this gateway (repeatable). With this or --allowed-identity set, a caller neither list "
+    "admits is refused (PERMISSION_DENIED) on every authenticated call: req, update, release, "
+    "status.",
 )
 @click.option(
     "--server_crt",

@@ -192,6 +192,42 @@ def test_allow_list(standin: StandIn, s2cs_factory: Any, stub_for: Any) -> None:
     make_session(stub, BOB)  # bob@anl.gov is in the allowed domain
 
 
+def test_allow_list_refuses_every_authenticated_call_as_the_help_says(
+    standin: StandIn, s2cs_factory: Any, stub_for: Any
+) -> None:
+    st = s2cs_factory(client_secret=SECRET, allowed_identities=["bob@anl.gov"])
+    stub = stub_for(st)
+    uid = make_session(stub, BOB)  # listed
+    calls = {
+        "req": (stub.req, pb.Request(uid=new_uid(), role="PROD", num_conn=1)),
+        "update": (stub.update, pb.UpdateTargets(uid=uid, remote_listeners=["127.0.0.1:9"])),
+        "release": (stub.release, pb.Release(uid=uid)),
+        "status": (stub.status, pb.StatusRequest()),
+        "hello": (stub.hello, pb.Hello(uid=new_uid(), prod_listeners=["127.0.0.1:5074"])),
+        "server_info": (stub.server_info, pb.ServerInfoRequest()),
+    }
+    refused = set()
+    for name, (fn, msg) in calls.items():
+        try:
+            call(fn, msg, ALICE)  # a valid token of an identity on no list
+        except grpc.RpcError as exc:
+            assert exc.code() is SC.PERMISSION_DENIED, (name, exc.details())
+            assert (
+                "alice@uchicago.edu" in exc.details() and "not allowed to use this gateway" in exc.details()
+            )
+            refused.add(name)
+    assert refused == {"req", "update", "release", "status"}
+    assert uid in st.manager.sessions and st.manager.sessions[uid].state.value == "ready"
+    # The options' help names exactly the calls refused.
+    from scistream.s2cs import cli
+
+    for param in cli.main.params:
+        if param.name in ("allowed_identity", "allowed_domain"):
+            help_text = getattr(param, "help", "")
+            assert "with --client-secret" in help_text and "PERMISSION_DENIED" in help_text
+            assert help_text.endswith("every authenticated call: req, update, release, status.")
+
+
 def test_unreachable_introspection_is_bounded(
     monkeypatch: pytest.MonkeyPatch, s2cs_factory: Any, stub_for: Any
 ) -> None:
