@@ -265,6 +265,16 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     help="TLS on the control channel; False = plaintext (testing only).",
 )
 @click.option(
+    "--handshake-timeout",
+    "--handshake_timeout",
+    "handshake_timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a control-port connection has to finish its TLS handshake and HTTP/2 "
+    "setup; a stalled one is closed.",
+)
+@click.option(
     "--security",
     type=click.Choice(SECURITY_MODES, case_sensitive=False),
     default="tls",
@@ -418,6 +428,7 @@ def build_config(
         ssl=bool(opts["ssl"]),
         server_crt=str(opts["server_crt"]),
         server_key=str(opts["server_key"]),
+        handshake_timeout=float(opts["handshake_timeout"]),
         listener_ip=str(opts["listener_ip"]),
         port_range=port_range,
         backend_type=type_name,

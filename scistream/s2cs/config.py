@@ -54,6 +54,7 @@ class ServerConfig:
     ssl: bool = True
     server_crt: str = "server.crt"
     server_key: str = "server.key"
+    handshake_timeout: float = 10.0  # s; a control connection's TLS + HTTP/2 setup (gRPC: 120)
     # data plane
     listener_ip: str = "127.0.0.1"
     port_range: tuple[int, int] = (5100, 5200)

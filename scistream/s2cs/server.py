@@ -141,7 +141,13 @@ class S2CSServer:
         await manager.reconcile()
 
         server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 1 << 20), ("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.max_receive_message_length", 1 << 20),
+                ("grpc.so_reuseport", 0),
+                # A connection that stalls in its TLS handshake (or never sends the HTTP/2
+                # preface) is closed after this, not after gRPC's default 120 s.
+                ("grpc.server_handshake_timeout_ms", max(1, round(cfg.handshake_timeout * 1000))),
+            ],
             maximum_concurrent_rpcs=None,
         )
         servicer = ControlServicer(manager, auth, lambda: {"events": events.endpoint, "metrics": metrics.url})

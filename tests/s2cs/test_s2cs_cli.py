@@ -4,11 +4,13 @@ a real `s2cs` process stopped by SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -151,6 +153,12 @@ def test_modes_config_file_and_env(captured: list[ServerConfig], tmp_path: Any) 
     )
     r = run(["--config", str(cfg), "--listener-ip", "10.2.2.2"])  # the command line wins
     assert captured[-1].listener_ip == "10.2.2.2"
+    assert captured[-1].handshake_timeout == 10.0
+    r = run(["--handshake-timeout", "2.5"])
+    assert r.exit_code == 0 and captured[-1].handshake_timeout == 2.5
+    r = run([], env={"SCISTREAM_HANDSHAKE_TIMEOUT": "4"})
+    assert r.exit_code == 0 and captured[-1].handshake_timeout == 4.0
+    assert CliRunner().invoke(cli.main, ["--handshake_timeout", "0"]).exit_code == 2
     cfg.write_text("bogus_key = 1\n")
     r = CliRunner().invoke(cli.main, ["--config", str(cfg)])
     assert r.exit_code == 2 and "bogus_key" in r.output
@@ -283,6 +291,48 @@ def test_control_channel_tls_round_trip(tmp_path: Any, cert_pair: tuple[str, str
         with grpc.insecure_channel(st.address) as ch, pytest.raises(grpc.RpcError):
             scistream_pb2_grpc.ControlStub(ch).server_info(pb.ServerInfoRequest(), timeout=2)
     finally:
+        st.stop()
+
+
+def _partial_client_hello() -> bytes:
+    """The first half of a real TLS ClientHello (a handshake that stalls mid-message)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert hello[0] == 0x16  # a handshake record
+    return hello[: len(hello) // 2]
+
+
+def test_stalled_control_handshakes_are_closed(tmp_path: Any, cert_pair: tuple[str, str]) -> None:
+    crt, key = cert_pair
+    timeout, slack = 1.0, 5.0
+    cfg = make_config(tmp_path, ssl=True, server_crt=crt, server_key=key, handshake_timeout=timeout)
+    st = ServerThread(cfg, FakeBackend())
+    stalled: list[socket.socket] = []
+    try:
+        host, port = st.address.rsplit(":", 1)
+        started = time.monotonic()
+        silent = socket.create_connection((host, int(port)), timeout=5)  # never sends a ClientHello
+        half = socket.create_connection((host, int(port)), timeout=5)
+        stalled += [silent, half]
+        half.sendall(_partial_client_hello())
+        for sock in stalled:
+            sock.settimeout(timeout + slack)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(4096) == b""  # closed by s2cs, not by our timeout
+            took = time.monotonic() - started
+            assert timeout * 0.5 < took < timeout + slack, took
+        # The control port still serves a client that completes its handshake.
+        with open(crt, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        with grpc.secure_channel(st.address, creds) as ch:
+            info = scistream_pb2_grpc.ControlStub(ch).server_info(pb.ServerInfoRequest(), timeout=5)
+            assert info.version
+    finally:
+        for sock in stalled:
+            sock.close()
         st.stop()
 
 
@@ -479,6 +529,7 @@ OPTION_NAMES = [
     "--events",
     "--idle-timeout",
     "--backend-option",
+    "--handshake-timeout",
 ]
 
 
