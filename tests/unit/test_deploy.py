@@ -150,6 +150,9 @@ def test_sysctl_file_names_real_sysctls() -> None:
             key, sep, value = line.partition("=")
             assert sep and value.strip(), line
             settings[key.strip()] = value.strip()
+    # s2ds runs unprivileged: its pipes would shrink below --pipe-size past the per-user cap.
+    assert settings["fs.pipe-user-pages-soft"] == "0"
+    assert int(settings["fs.pipe-max-size"]) >= 1 << 20  # s2ds's default --pipe-size
     if not Path("/proc/sys/net/core/rmem_max").exists():
         pytest.skip("no /proc/sys here")
     missing = [k for k in settings if not Path("/proc/sys", *k.split(".")).exists()]
