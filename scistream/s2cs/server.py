@@ -84,6 +84,11 @@ class S2CSServer:
             raise StartupError(str(exc)) from None
         except (ImportError, ValueError) as exc:
             raise StartupError(f"the {cfg.backend_type} backend is not available: {exc}") from None
+        if (cfg.allowed_identities or cfg.allowed_domains) and not cfg.client_secret:
+            log.warning(
+                "--allowed-identity/--allowed-domain are ignored: without --client-secret no "
+                "caller is authenticated, so there is no identity to check"
+            )
         auth = self._auth_override or make_authenticator(
             cfg.client_id,
             cfg.client_secret,

@@ -256,3 +256,11 @@ def test_no_secret_means_no_check(s2cs: Any, stub: Any) -> None:
     uid = make_session(stub, "INVALID_TOKEN")
     assert s2cs.manager.sessions[uid].owner == "anonymous"
     call(stub.release, pb.Release(uid=uid), None)
+
+
+def test_allow_list_without_a_secret_is_ignored_with_a_warning(s2cs_factory: Any, caplog: Any) -> None:
+    caplog.set_level(logging.WARNING)
+    s2cs_factory(allowed_identities=["alice@example.org"], allowed_domains=["example.org"])
+    assert any(
+        "ignored" in r.getMessage() and "--client-secret" in r.getMessage() for r in caplog.records
+    ), caplog.text
