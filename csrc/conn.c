@@ -85,7 +85,8 @@ static void conn_fail(struct conn *c, int kind) {
 static int watch(struct conn *c, struct side *s) {
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = s};
     if (epoll_ctl(c->w->epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0) {
-        s2_log(c->w->e, S2_LOG_ERROR, "route %s: epoll_ctl failed: %s", c->r->id, strerror(errno));
+        s2_log_route(c->r, S2_E_IO, S2_LOG_ERROR, "route %s: epoll_ctl failed: %s", c->r->id,
+                     strerror(errno));
         return -1;
     }
     return 0;
@@ -99,7 +100,8 @@ static void establish(struct conn *c) {
     int tls = c->a.ssl || c->b.ssl;
     for (int i = 0; i < 2; i++) {
         if (dir_setup(e, &c->d[i], !tls) < 0) {
-            s2_log(e, S2_LOG_ERROR, "route %s: no memory or descriptors for a connection", c->r->id);
+            s2_log_route(c->r, S2_E_IO, S2_LOG_ERROR, "route %s: no memory or descriptors for a connection",
+                         c->r->id);
             conn_fail(c, S2_E_IO);
             return;
         }
@@ -122,8 +124,8 @@ static int handshake(struct conn *c, struct side *s) {
     else
         snprintf(why, sizeof why, "%s", err == SSL_ERROR_SYSCALL ? "connection closed or reset" : "error");
     ERR_clear_error();
-    s2_log(c->w->e, S2_LOG_WARNING, "route %s: TLS handshake with %s failed: %s", c->r->id,
-           s->is_target ? c->target : c->peer, why);
+    s2_log_route(c->r, S2_E_TLS_HANDSHAKE, S2_LOG_WARNING, "route %s: TLS handshake with %s failed: %s",
+                 c->r->id, s->is_target ? c->target : c->peer, why);
     conn_fail(c, S2_E_TLS_HANDSHAKE);
     return -1;
 }
@@ -154,21 +156,24 @@ static int connect_error_kind(int err) {
 }
 
 static void connect_failed(struct conn *c, int err) {
-    s2_log(c->w->e, S2_LOG_WARNING, "route %s: connecting to %s failed: %s", c->r->id, c->target,
-           strerror(err));
-    conn_fail(c, connect_error_kind(err));
+    int kind = connect_error_kind(err);
+    s2_log_route(c->r, kind, S2_LOG_WARNING, "route %s: connecting to %s failed: %s", c->r->id, c->target,
+                 strerror(err));
+    conn_fail(c, kind);
 }
 
 static void start_connect(struct conn *c) {
     struct s2_engine *e = c->w->e;
     if (c->taddrlen == 0) {
-        s2_log(e, S2_LOG_WARNING, "route %s: target %s did not resolve", c->r->id, c->target);
+        s2_log_route(c->r, S2_E_CONNECT_ERROR, S2_LOG_WARNING, "route %s: target %s did not resolve",
+                     c->r->id, c->target);
         conn_fail(c, S2_E_CONNECT_ERROR);
         return;
     }
     int fd = socket(c->taddr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
-        s2_log(e, S2_LOG_ERROR, "route %s: socket() failed: %s", c->r->id, strerror(errno));
+        s2_log_route(c->r, S2_E_CONNECT_ERROR, S2_LOG_ERROR, "route %s: socket() failed: %s", c->r->id,
+                     strerror(errno));
         conn_fail(c, S2_E_CONNECT_ERROR);
         return;
     }
@@ -311,7 +316,7 @@ void conn_timers(struct conn *c) {
     if (c->state == ST_DEAD) return;
     if (c->deadline && w->now >= c->deadline) {
         int kind = c->state == ST_CONNECTING ? S2_E_CONNECT_TIMEOUT : S2_E_TLS_HANDSHAKE;
-        s2_log(e, S2_LOG_WARNING, "route %s: %s timed out after %.1f s", c->r->id,
+        s2_log_route(c->r, kind, S2_LOG_WARNING, "route %s: %s timed out after %.1f s", c->r->id,
                kind == S2_E_CONNECT_TIMEOUT ? "connecting to the target" : "the TLS handshake",
                e->t.connect_timeout);
         conn_fail(c, kind);
@@ -326,8 +331,9 @@ void conn_timers(struct conn *c) {
     int64_t idle_ns = (int64_t)(e->t.idle_timeout * 1e9);
     if (idle_ns > 0 && c->state == ST_ESTABLISHED) {
         if (w->now - c->last_active >= idle_ns) {
-            s2_log(e, S2_LOG_INFO, "route %s: connection from %s idle for %.1f s, closed", c->r->id,
-                   c->peer, e->t.idle_timeout);
+            s2_log_route(c->r, S2_E_IDLE_TIMEOUT, S2_LOG_INFO,
+                         "route %s: connection from %s idle for %.1f s, closed", c->r->id, c->peer,
+                         e->t.idle_timeout);
             conn_fail(c, S2_E_IDLE_TIMEOUT);
             return;
         }

@@ -46,23 +46,84 @@ void format_sockaddr(const struct sockaddr *sa, char *out, size_t outlen) {
     }
 }
 
-void s2_log(struct s2_engine *e, int level, const char *fmt, ...) {
-    pthread_mutex_lock(&e->loglock);
+/* Queue one line; loglock held. */
+static void log_vpush(struct s2_engine *e, int level, const char *fmt, va_list ap) {
     if (e->log_count == S2_LOG_RING) {
         e->log_dropped++;
-    } else {
-        struct log_entry *le = &e->logs[(e->log_head + e->log_count) % S2_LOG_RING];
+        return;
+    }
+    struct log_entry *le = &e->logs[(e->log_head + e->log_count) % S2_LOG_RING];
+    vsnprintf(le->msg, sizeof le->msg, fmt, ap);
+    le->level = level;
+    e->log_count++;
+}
+
+static void log_push(struct s2_engine *e, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void log_push(struct s2_engine *e, int level, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    log_vpush(e, level, fmt, ap);
+    va_end(ap);
+}
+
+void s2_log(struct s2_engine *e, int level, const char *fmt, ...) {
+    va_list ap;
+    pthread_mutex_lock(&e->loglock);
+    va_start(ap, fmt);
+    log_vpush(e, level, fmt, ap);
+    va_end(ap);
+    pthread_mutex_unlock(&e->loglock);
+}
+
+/* End r's interval of kind: one line for what it did not log; loglock held. */
+static void loglimit_end(struct route *r, int kind, int64_t now) {
+    struct loglimit *l = &r->loglim[kind];
+    if (l->suppressed)
+        log_push(r->e, l->level,
+                 "route %s: %u more %s errors in the last %.1f s (each counted in the route's errors)", r->id,
+                 l->suppressed, s2_error_kind_names[kind], (double)(now - l->start) / S2_NS);
+    memset(l, 0, sizeof *l);
+}
+
+void s2_log_route(struct route *r, int kind, int level, const char *fmt, ...) {
+    struct s2_engine *e = r->e;
+    int64_t now = mono_ns();
+    pthread_mutex_lock(&e->loglock);
+    struct loglimit *l = &r->loglim[kind];
+    if (l->logged && now - l->start >= (int64_t)S2_LOG_WINDOW_S * S2_NS) loglimit_end(r, kind, now);
+    if (!l->logged) l->start = now;
+    if (l->logged < S2_LOG_BURST) {
+        l->logged++;
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(le->msg, sizeof le->msg, fmt, ap);
+        log_vpush(e, level, fmt, ap);
         va_end(ap);
-        le->level = level;
-        e->log_count++;
+    } else {
+        l->suppressed++;
+        if (level > l->level) l->level = level;
     }
     pthread_mutex_unlock(&e->loglock);
 }
 
+void route_log_flush(struct route *r, int force) {
+    int64_t now = mono_ns();
+    pthread_mutex_lock(&r->e->loglock);
+    for (int k = 0; k < S2_E_COUNT; k++) {
+        const struct loglimit *l = &r->loglim[k];
+        if (l->logged && (force || now - l->start >= (int64_t)S2_LOG_WINDOW_S * S2_NS))
+            loglimit_end(r, k, now);
+    }
+    pthread_mutex_unlock(&r->e->loglock);
+}
+
 void s2_engine_drain_logs(s2_engine *e, s2_log_sink sink, void *ud) {
+    /* Sum up the intervals that are over; if a control command holds the registry, the
+     * next drain does. */
+    if (pthread_mutex_trylock(&e->rlock) == 0) {
+        for (struct route *r = e->routes; r; r = r->next) route_log_flush(r, 0);
+        pthread_mutex_unlock(&e->rlock);
+    }
     for (;;) {
         struct log_entry le;
         unsigned dropped;
@@ -304,6 +365,7 @@ static int targets_build(struct targets *tg, const s2_target_spec *spec, int n, 
 
 void route_unref(struct route *r) {
     if (atomic_fetch_sub(&r->refs, 1) != 1) return;
+    route_log_flush(r, 1); /* what its draining connections did after its removal */
     if (r->listen_fd >= 0) close(r->listen_fd);
     targets_free(&r->tg);
     tls_conf_clear(&r->tls);
@@ -506,6 +568,7 @@ int s2_route_remove(s2_engine *e, const char *route_id, int drain, char *err, si
         r->listen_fd = -1;
     }
     pthread_mutex_unlock(&e->rlock);
+    route_log_flush(r, 1);
     s2_log(e, S2_LOG_INFO, "route %s removed%s", route_id, drain ? " (draining)" : "");
     route_unref(r);
     return S2_OK;

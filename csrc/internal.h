@@ -59,6 +59,20 @@ struct targets {
     int n;
 };
 
+/* Log lines about single connections, per route and error kind: the first S2_LOG_BURST of an
+ * interval of S2_LOG_WINDOW_S are logged one by one, the others only counted and summed up in
+ * one line when the interval is over (seen at the next such line or the next drain of the log)
+ * or the route is removed. Each of them is in the route's errors all the same. An attacker who
+ * fails handshakes by the thousand thus neither floods the log nor pushes other lines out of
+ * the ring. scistream/dataplane/loglimit.py does the same for the pure engine. */
+#define S2_LOG_BURST 5
+#define S2_LOG_WINDOW_S 10
+struct loglimit {
+    int64_t start;          /* interval start (ns); open while logged > 0 */
+    unsigned logged, suppressed;
+    int level;              /* highest level among the suppressed */
+};
+
 struct route {
     int kind;               /* TAG_LISTENER: epoll tag for the listening socket */
     _Atomic int refs;       /* registry + each connection */
@@ -77,9 +91,15 @@ struct route {
     _Atomic uint64_t bytes_to, bytes_from, total, key_updates;
     _Atomic int64_t active;
     _Atomic uint64_t errors[S2_E_COUNT];
+    struct loglimit loglim[S2_E_COUNT]; /* engine->loglock */
     struct route *next;     /* registry list (engine->rlock) */
 };
 void route_unref(struct route *r);
+/* A log line about one connection of r that failed with error kind (rate-limited, see above). */
+void s2_log_route(struct route *r, int kind, int level, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Sum up r's intervals that are over (all of them when force) in one line each. */
+void route_log_flush(struct route *r, int force);
 void route_error(struct route *r, int kind);
 
 /* ---- connections ------------------------------------------------------- */

@@ -108,7 +108,7 @@ static void read_fail(struct conn *c, struct dir *d, int err, struct pr *p) {
     if (p->kind == S2_E_RESET) {
         if (d->dst == &c->a) p->reset_a = 1; else p->reset_b = 1;
     } else {
-        s2_log(c->w->e, S2_LOG_WARNING, "route %s: read error: %s", c->r->id, strerror(err));
+        s2_log_route(c->r, S2_E_IO, S2_LOG_WARNING, "route %s: read error: %s", c->r->id, strerror(err));
     }
 }
 
@@ -119,7 +119,7 @@ static void write_fail(struct conn *c, struct dir *d, int err, struct pr *p) {
     if (p->kind == S2_E_RESET) {
         if (d->src == &c->a) p->reset_a = 1; else p->reset_b = 1;
     } else {
-        s2_log(c->w->e, S2_LOG_WARNING, "route %s: write error: %s", c->r->id, strerror(err));
+        s2_log_route(c->r, S2_E_IO, S2_LOG_WARNING, "route %s: write error: %s", c->r->id, strerror(err));
     }
 }
 
@@ -128,7 +128,7 @@ static void tls_fail(struct conn *c, struct pr *p, const char *what) {
     unsigned long e = ERR_peek_error();
     if (e) ERR_error_string_n(e, why, sizeof why);
     ERR_clear_error();
-    s2_log(c->w->e, S2_LOG_WARNING, "route %s: TLS %s failed: %s", c->r->id, what, why);
+    s2_log_route(c->r, S2_E_IO, S2_LOG_WARNING, "route %s: TLS %s failed: %s", c->r->id, what, why);
     p->failed = 1;
     p->kind = S2_E_IO;
 }

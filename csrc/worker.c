@@ -137,8 +137,8 @@ static void do_accept(struct worker *w, struct route *r) {
                 int x = accept4(r->listen_fd, NULL, NULL, SOCK_CLOEXEC);
                 if (x >= 0) close(x);
                 w->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-                s2_log(w->e, S2_LOG_WARNING, "route %s: out of file descriptors, connection dropped",
-                       r->id);
+                s2_log_route(r, S2_E_ACCEPT, S2_LOG_WARNING,
+                             "route %s: out of file descriptors, connection dropped", r->id);
             }
             return;
         }

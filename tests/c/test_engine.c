@@ -540,6 +540,57 @@ static void test_drain(void) {
     server_stop(&srv);
 }
 
+struct log_count {
+    int detail, summary, other_loud;
+    char last_summary[240];
+};
+
+static void count_log(void *ud, int level, const char *msg) {
+    struct log_count *lc = ud;
+    if (strstr(msg, "TLS handshake with")) {
+        lc->detail++;
+    } else if (strstr(msg, "more tls_handshake errors")) {
+        lc->summary++;
+        snprintf(lc->last_summary, sizeof lc->last_summary, "%s", msg);
+    } else if (level >= S2_LOG_WARNING) {
+        lc->other_loud++;
+        fprintf(stderr, "  engine log %d: %s\n", level, msg);
+    }
+}
+
+/* 12 failed handshakes on one route: all counted, 5 logged one by one, the other 7 in one
+ * summary line when the route is removed. */
+static void test_log_limit(void) {
+    s2_engine *e = engine_new(2);
+    int port;
+    CHECK(add_route(e, "lim", free_port(), S2_TLS_SERVER, S2_TLS_PSK, "id", "right-key-right-key", 0, &port) ==
+              S2_OK, "add");
+    const int n = 12;
+    for (int i = 0; i < n; i++) {
+        int fd = dial(port);
+        CHECK(fd >= 0 && write_all(fd, (const unsigned char *)"GET / HTTP/1.0\r\n\r\n", 18) == 0, "send");
+        unsigned char d[32];
+        read_all(fd, d);
+        close(fd);
+    }
+    double end = now_s() + 5;
+    while (route_stats(e, "lim").errors[S2_E_TLS_HANDSHAKE] < (uint64_t)n && now_s() < end) sleep_ms(10);
+    CHECK(route_stats(e, "lim").errors[S2_E_TLS_HANDSHAKE] == (uint64_t)n, "tls_handshake errors %llu",
+          (unsigned long long)route_stats(e, "lim").errors[S2_E_TLS_HANDSHAKE]);
+    struct log_count lc = {0};
+    s2_engine_drain_logs(e, count_log, &lc);
+    CHECK(lc.detail == 5 && lc.summary == 0, "before removal: %d lines one by one, %d summaries", lc.detail,
+          lc.summary);
+    char err[256];
+    CHECK(s2_route_remove(e, "lim", 0, err, sizeof err) == S2_OK, "remove: %s", err);
+    s2_engine_drain_logs(e, count_log, &lc);
+    CHECK(lc.detail == 5 && lc.summary == 1 && lc.other_loud == 0, "after removal: %d, %d summaries, %d other",
+          lc.detail, lc.summary, lc.other_loud);
+    CHECK(strncmp(lc.last_summary, "route lim: 7 more tls_handshake errors", 38) == 0, "summary: %s",
+          lc.last_summary);
+    engine_done(e, "log_limit");
+}
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     struct {
@@ -554,6 +605,7 @@ int main(void) {
         {"tls_wrong_key", test_tls_wrong_key},
         {"rate_limit", test_rate_limit},
         {"drain", test_drain},
+        {"log_limit", test_log_limit},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         int before = failures;
