@@ -61,6 +61,7 @@ from scistream.dataplane.api import (
     TlsRole,
     Tuning,
 )
+from scistream.dataplane.loglimit import LogLimiter
 from scistream.endpoints import format_endpoint, parse_endpoint
 
 log = logging.getLogger(__name__)
@@ -527,6 +528,7 @@ class PyEngine(EngineBase):
         self.n_fds = 0
         self.n_ssl = 0
         self.n_conns = 0
+        self.log_limit = LogLimiter(log)  # per-connection lines; used on the loop thread only
         self._thread = threading.Thread(target=self._run_loop, name="scistream-pyengine", daemon=True)
         self._thread.start()
         if self.tuning.idle_timeout > 0:
@@ -655,6 +657,7 @@ class PyEngine(EngineBase):
         for conn in list(state.conns):
             conn.abort(None, reset=False)
         await asyncio.sleep(0)  # let the transports deliver connection_lost
+        self.log_limit.flush(route_id)
 
     def _route(self, route_id: str) -> _RouteState:
         try:
@@ -677,7 +680,9 @@ class PyEngine(EngineBase):
                 return
             except OSError as exc:
                 state.count("accept")
-                log.warning("route %s: accept failed: %s", state.route.route_id, exc.strerror)
+                route_id = state.route.route_id
+                self.log_limit.log(route_id, "accept", logging.WARNING, "route %s: accept failed: %s",
+                                   route_id, exc.strerror)
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._backoff_accept(state)
                 return
@@ -731,8 +736,10 @@ class PyEngine(EngineBase):
                 raise
             conn.client = client
             if state.client_ctx is not None:
+                # Not shielded: a timeout or a cancel cancels client.up, so the leg's
+                # connection_lost has no exception left to put where nobody reads it.
                 try:
-                    await asyncio.wait_for(asyncio.shield(client.up), timeout)
+                    await asyncio.wait_for(client.up, timeout)
                 except (TimeoutError, ssl.SSLError, OSError):
                     conn.abort("tls_handshake", reset=False)
                     return
@@ -747,7 +754,8 @@ class PyEngine(EngineBase):
         except OSError as exc:
             # Anything else the set-up meets (fds exhausted mid-way, ...) ends this
             # connection, counted, never a half-set-up one left open.
-            log.info("route %s: connection set-up failed: %s", state.route.route_id, exc)
+            self.log_limit.log(state.route.route_id, "io", logging.INFO,
+                               "route %s: connection set-up failed: %s", state.route.route_id, exc)
             conn.abort("io", reset=False)
         except asyncio.CancelledError:
             for leg in conn.legs():
@@ -766,14 +774,17 @@ class PyEngine(EngineBase):
             infos = await asyncio.wait_for(
                 self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
         except (OSError, TimeoutError) as exc:
-            log.info("route %s: cannot resolve %s: %s", state.route.route_id, host, exc)
+            self.log_limit.log(state.route.route_id, "connect_error", logging.INFO,
+                               "route %s: cannot resolve %s: %s", state.route.route_id, host, exc)
             return "connect_error"
         kind = "connect_error"
         for family, _, proto, _, addr in infos:
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM, proto)
             except OSError as exc:  # EMFILE/ENFILE: out of fds, the accepted side is closed
-                log.info("route %s: no socket for %s: %s", state.route.route_id, conn.target, exc.strerror)
+                self.log_limit.log(state.route.route_id, "connect_error", logging.INFO,
+                                   "route %s: no socket for %s: %s",
+                                   state.route.route_id, conn.target, exc.strerror)
                 kind = "connect_error"
                 continue
             self.n_fds += 1
@@ -795,7 +806,8 @@ class PyEngine(EngineBase):
                 continue
             break
         else:
-            log.info("route %s: cannot connect to %s (%s)", state.route.route_id, conn.target, kind)
+            self.log_limit.log(state.route.route_id, kind, logging.INFO,
+                               "route %s: cannot connect to %s (%s)", state.route.route_id, conn.target, kind)
             return kind
         server_name = (state.route.tls.server_name if state.route.tls else "") or host
         try:
@@ -808,7 +820,8 @@ class PyEngine(EngineBase):
         conn.target_leg = leg
         if state.target_ctx is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(leg.up), max(deadline - self.loop.time(), 0.001))
+                # Not shielded, as in _setup.
+                await asyncio.wait_for(leg.up, max(deadline - self.loop.time(), 0.001))
             except TimeoutError:
                 return "connect_timeout"
             except (ssl.SSLError, OSError):
@@ -892,6 +905,7 @@ class PyEngine(EngineBase):
         return self._call(self._stats, route_id, connections)
 
     def _stats(self, route_id: str | None, connections: bool) -> EngineStats:
+        self.log_limit.flush()  # sum up the log intervals that are over, as the native engine does
         states = [self._route(route_id)] if route_id is not None else list(self._routes.values())
         out = {}
         for s in states:

@@ -7,6 +7,8 @@ connections sit on a plain route. While they all hang, a legitimate connection t
 route moves its bytes exactly. Then the engine's handshake timeout (Tuning.connect_timeout)
 closes every stalled handshake and counts it as ``tls_handshake``, and ``idle_timeout``
 closes the idle plain connections, counted as ``idle_timeout``: nothing is left behind.
+An attacker does not decide how much the engines log either: each failure is counted, but
+only the first few of a kind per route and interval are logged one by one, then one summary.
 
 Control port: idle TCP connections and stalled TLS handshakes on s2cs's TLS gRPC port;
 a legitimate req/hello/update/release still completes. (gRPC reaps those only after its
@@ -15,6 +17,7 @@ own 120 s server handshake timeout, longer than this suite may run: not checked 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from dputil import (
     EchoLoop,
     MiB,
@@ -40,6 +44,7 @@ from s2cs_support import FakeBackend, ServerThread, make_config, new_uid, prod_f
 
 from scistream._proto import scistream_pb2, scistream_pb2_grpc
 from scistream.dataplane import EngineBase, Route, TlsRole, Tuning
+from scistream.dataplane.loglimit import LOG_BURST, LOG_WINDOW_S
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +129,99 @@ def test_data_port_floods(
         idlers.close()
     # Still serving after the flood.
     assert legit_transfer(tls_front, seed=3) < LIVENESS_S
+
+
+def test_handshake_flood_logs_are_bounded(
+    enough_fds: None,
+    make_engine: Callable[..., EngineBase],
+    engine_impl: str,
+    certs: Any,
+    echo: EchoLoop,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """N stalled handshakes: N counted, at most LOG_BURST of them logged one by one and one
+    summary (native; the pure engine logs a handshake failure at DEBUG only), and on the pure
+    engine no asyncio "Future exception was never retrieved" error for any of them."""
+    n = 3 * LOG_BURST + 20
+    engine = make_engine(Tuning(connect_timeout=1.0))
+    tls = psk_tls(TlsRole.SERVER) if engine_impl == "native" else cert_tls(TlsRole.SERVER, certs)
+    listener = engine.add_route(Route("tls-in", "127.0.0.1:0", (echo.address,), tls=tls)).bound
+    caplog.set_level(logging.DEBUG, logger="asyncio")
+    caplog.set_level(logging.INFO, logger="scistream.dataplane")
+    attack = Attack()
+    try:
+        attack.stalled_tls(listener, n)
+        assert attack.open_count(wait=1.0 + LIVENESS_S) == 0
+        assert wait_for(lambda: engine.stats().routes["tls-in"].errors == {"tls_handshake": n}, LIVENESS_S), (
+            engine.stats()
+        )
+    finally:
+        attack.close()
+    engine.remove_route("tls-in")  # ends the route's logging interval: its summary comes now
+    gc.collect()  # asyncio reports a never-retrieved exception when its future is collected
+    engine.stats()
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR], loud
+    if engine_impl == "native":
+        one_by_one = [r for r in loud if "TLS handshake timed out" in r.getMessage()]
+        summaries = [r for r in loud if "more tls_handshake" in r.getMessage()]
+        assert len(one_by_one) == LOG_BURST, loud
+        assert len(summaries) == 1, [r.getMessage() for r in loud]
+        assert (
+            summaries[0].getMessage().startswith(f"route tls-in: {n - LOG_BURST} more tls_handshake errors")
+        )
+        assert len(loud) == LOG_BURST + 1, [r.getMessage() for r in loud]
+    else:
+        assert loud == [], [r.getMessage() for r in loud]
+
+
+def refused_handshakes(address: str, n: int) -> None:
+    """``n`` connections that each send an HTTP request where a ClientHello belongs and wait
+    for the listener to close them."""
+    for _ in range(n):
+        with connect(address, timeout=LIVENESS_S) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            while sock.recv(4096):
+                pass
+
+
+def test_log_summary_when_the_interval_is_over(
+    enough_fds: None,
+    make_native_engine: Callable[..., EngineBase],
+    echo: EchoLoop,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Native engine, route kept: the summary of an interval comes once the interval is over
+    (at the next forwarding of the engine's log), and the next interval logs one by one again."""
+    engine = make_native_engine()
+    listener = engine.add_route(
+        Route("tls-in", "127.0.0.1:0", (echo.address,), tls=psk_tls(TlsRole.SERVER))
+    ).bound
+    caplog.set_level(logging.INFO, logger="scistream.dataplane")
+
+    def lines() -> tuple[list[str], list[str]]:
+        engine.stats()  # forwards the engine's queued log lines
+        msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        return [m for m in msgs if "TLS handshake with" in m], [m for m in msgs if "more tls_handshake" in m]
+
+    started = time.monotonic()
+    refused_handshakes(listener, LOG_BURST + 3)
+    assert wait_for(
+        lambda: engine.stats().routes["tls-in"].errors == {"tls_handshake": LOG_BURST + 3}, LIVENESS_S
+    )
+    one_by_one, summaries = lines()
+    assert (len(one_by_one), summaries) == (LOG_BURST, []), (one_by_one, summaries)
+    time.sleep(max(0.0, started + LOG_WINDOW_S + 0.5 - time.monotonic()))
+    one_by_one, summaries = lines()
+    assert len(one_by_one) == LOG_BURST and len(summaries) == 1, (one_by_one, summaries)
+    assert summaries[0].startswith("route tls-in: 3 more tls_handshake errors in the last 1"), summaries
+    refused_handshakes(listener, 1)  # a new interval
+    assert wait_for(
+        lambda: engine.stats().routes["tls-in"].errors == {"tls_handshake": LOG_BURST + 4}, LIVENESS_S
+    )
+    engine.remove_route("tls-in")
+    one_by_one, summaries = lines()
+    assert len(one_by_one) == LOG_BURST + 1 and len(summaries) == 1, (one_by_one, summaries)
 
 
 def test_control_port_floods(enough_fds: None, tmp_path: Path, certs: Any, echo: EchoLoop) -> None:
