@@ -57,6 +57,12 @@ def _send_all(sock: socket.socket, seed: int, total: int, half_close: bool = Tru
         sock.shutdown(socket.SHUT_WR)
 
 
+def _client_send(sock: socket.socket, seed: int, total: int, half_close: bool) -> None:
+    """The client's sender: a refused or reset connection is the reader's to report."""
+    with contextlib.suppress(OSError):
+        _send_all(sock, seed, total, half_close)
+
+
 def _recv_digest(sock: socket.socket, expect: int | None = None) -> tuple[str, int]:
     """Hash what arrives until EOF (or, with ``expect``, until that many bytes came)."""
     h = hashlib.sha256()
@@ -132,11 +138,17 @@ def duplex_transfer(
     ``expect``, until that many bytes came (no half-close); returns (sha256, length)."""
     host, port = endpoint.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        sender = threading.Thread(target=_send_all, args=(s, seed, send_bytes, expect is None), daemon=True)
+        args = (s, seed, send_bytes, expect is None)
+        sender = threading.Thread(target=_client_send, args=args, daemon=True)
         sender.start()
-        result = _recv_digest(s, expect)
-        sender.join(timeout)
-        return result
+        try:
+            return _recv_digest(s, expect)
+        finally:
+            # A refused or reset connection ends the read early: wake the sender (its
+            # error is expected there) and let it finish before the socket is closed.
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            sender.join(timeout)
 
 
 def wait_for(predicate: object, timeout: float = 10.0) -> bool:
