@@ -695,13 +695,8 @@ void s2_stats_free(s2_stats *s) {
 }
 
 void s2_engine_resources(s2_engine *e, s2_resources *out) {
-#ifdef SCISTREAM_DEBUG
     out->fds = atomic_load(&e->dbg_fds);
     out->pipes = atomic_load(&e->dbg_pipes);
     out->ssl_objects = atomic_load(&e->dbg_ssl);
     out->connections = atomic_load(&e->dbg_conns);
-#else
-    (void)e;
-    out->fds = out->pipes = out->ssl_objects = out->connections = -1;
-#endif
 }

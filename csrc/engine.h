@@ -124,7 +124,7 @@ typedef struct s2_stats {
 } s2_stats;
 
 typedef struct s2_resources {
-    int64_t fds, pipes, ssl_objects, connections; /* -1 in non-debug builds */
+    int64_t fds, pipes, ssl_objects, connections; /* open now; 0 when all came back */
 } s2_resources;
 
 typedef struct s2_engine s2_engine;

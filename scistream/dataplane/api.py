@@ -243,7 +243,7 @@ class EngineStats:
 class ResourceCounts:
     """Live resources an engine holds; all return to zero when it is idle.
 
-    The native engine counts these only in debug builds (else all -1)."""
+    Both engines count these in every build (-1 only where an engine cannot)."""
 
     fds: int
     pipes: int

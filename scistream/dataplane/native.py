@@ -52,7 +52,7 @@ class NativeEngine(EngineBase):
         self._lock = threading.Lock()
         self._routes: dict[str, RouteInfo] = {}
         self._core: _engine.CEngine | None = _engine.CEngine(dataclasses.asdict(self.tuning))
-        self._debug_counts = self._core.resources()[0] >= 0  # counters exist only in debug builds
+        self._debug_counts = self._core.resources()[0] >= 0  # -1: an engine built without counters
 
     def _engine(self) -> _engine.CEngine:
         if self._core is None:
