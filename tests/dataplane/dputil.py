@@ -271,8 +271,9 @@ ServerFactory = Callable[..., StreamServer]
 
 
 def duplex_server(stream_server: ServerFactory, per_conn: int,
-                  host: str = "127.0.0.1") -> StreamServer:
-    """Each connection: send a distinct stream B while reading stream A to EOF."""
+                  host: str = "127.0.0.1", *, half_close: bool = True) -> StreamServer:
+    """Each connection: send a distinct stream B while reading stream A to EOF (or,
+    without ``half_close``, exactly ``per_conn`` bytes of it, sending no FIN)."""
     seeds = itertools.count(1000)
     lock = threading.Lock()
 
@@ -280,20 +281,21 @@ def duplex_server(stream_server: ServerFactory, per_conn: int,
         with lock:
             seed = next(seeds)
         with ThreadPoolExecutor(1) as pool:
-            sent = pool.submit(send_stream, sock, per_conn, seed)
-            served.results["got"] = recv_stream(sock)
+            sent = pool.submit(send_stream, sock, per_conn, seed, shutdown=half_close)
+            served.results["got"] = recv_stream(sock, None if half_close else per_conn)
             served.results["sent"] = sent.result(timeout=600)
 
     return stream_server(handler, host)
 
 
-def run_duplex_clients(bound: str, n: int, per_conn: int) -> list[tuple[str, tuple[int, str]]]:
+def run_duplex_clients(bound: str, n: int, per_conn: int, *,
+                       half_close: bool = True) -> list[tuple[str, tuple[int, str]]]:
     """n clients each send a distinct stream A and read stream B; returns (sent A, got B)."""
 
     def one(i: int) -> tuple[str, tuple[int, str]]:
         with connect(bound, timeout=120) as sock, ThreadPoolExecutor(1) as pool:
-            sent = pool.submit(send_stream, sock, per_conn, i + 1)
-            got = recv_stream(sock)
+            sent = pool.submit(send_stream, sock, per_conn, i + 1, shutdown=half_close)
+            got = recv_stream(sock, None if half_close else per_conn)
             return sent.result(timeout=600), got
 
     with ThreadPoolExecutor(n) as pool:

@@ -142,13 +142,16 @@ def duplex_transfer(
         sender = threading.Thread(target=_client_send, args=args, daemon=True)
         sender.start()
         try:
-            return _recv_digest(s, expect)
-        finally:
+            result = _recv_digest(s, expect)
+        except BaseException:
             # A refused or reset connection ends the read early: wake the sender (its
             # error is expected there) and let it finish before the socket is closed.
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             sender.join(timeout)
+            raise
+        sender.join(timeout)
+        return result
 
 
 def wait_for(predicate: object, timeout: float = 10.0) -> bool:
