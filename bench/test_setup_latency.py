@@ -61,11 +61,15 @@ def _controls(demo: Demo) -> tuple[flows.Control, flows.Control]:
 
 
 def setup_session(prod: flows.Control, cons: flows.Control, uid: str) -> None:
+    """Each side as its users drive it: the req (s2uc) in flight while the hello
+    (appctrl) arrives; no sleep anywhere."""
+    fut = prod.req_future(pb.Request(uid=uid, role="PROD", num_conn=1, rate=10000, security="tls"))
     prod.call("hello", pb.Hello(uid=uid, prod_listeners=["127.0.0.1:9"], role="PROD"))
-    resp = prod.call("req", pb.Request(uid=uid, role="PROD", num_conn=1, rate=10000, security="tls"))
+    resp = prod.result(fut, "req")
     prod.call("update", pb.UpdateTargets(uid=uid, remote_listeners=list(resp.prod_listeners), role="PROD"))
+    fut = cons.req_future(pb.Request(uid=uid, role="CONS", num_conn=1, rate=10000, security="tls"))
     cons.call("hello", pb.Hello(uid=uid, prod_listeners=[], role="CONS"))
-    cons.call("req", pb.Request(uid=uid, role="CONS", num_conn=1, rate=10000, security="tls"))
+    cons.result(fut, "req")
     cons.call(
         "update",
         pb.UpdateTargets(
