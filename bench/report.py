@@ -130,14 +130,15 @@ def latency_table(data: dict[str, Any]) -> str:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in data["rows"]:
         groups[row["name"]].append(row)
-    lines = ["| what | median | p90 | n | note |", "|---|---|---|---|---|"]
+    lines = ["| what | median | p90 | p99 | n | note |", "|---|---|---|---|---|---|"]
     for name, rows in groups.items():
         vals = sorted(v for r in rows for v in r["values"])
         unit = rows[0]["unit"]
         p90 = vals[min(len(vals) - 1, int(0.9 * len(vals)))] if vals else None
+        p99 = vals[min(len(vals) - 1, int(0.99 * len(vals)))] if vals else None
         lines.append(
             f"| {name} | {_fmt(_median(vals), 3)} {unit} | {_fmt(p90, 3)} {unit} | "
-            f"{len(vals)} | {rows[0].get('note', '')} |"
+            f"{_fmt(p99, 3)} {unit} | {len(vals)} | {rows[0].get('note', '')} |"
         )
     return "\n".join(lines)
 

@@ -26,13 +26,16 @@ from scistream.s2uc import flows
 SEQUENTIAL = 30
 THREADS = 4
 PER_THREAD = 15
+HELD = 300  # RELIABILITY 24: 300 sessions x 2 connections, all held at once
+HELD_CONN = 2
+HELD_CLIENTS = 6
 
 
 @pytest.fixture(scope="module")
 def gateways() -> Iterator[Demo]:
     opts = Options(
         size=0,
-        num_conn=THREADS,
+        num_conn=HELD * HELD_CONN + 16,  # the data port range of each s2cs: room for every held session
         security="tls",
         backend="native",
         use_netns=False,
@@ -60,14 +63,14 @@ def _controls(demo: Demo) -> tuple[flows.Control, flows.Control]:
     return ctl("producer"), ctl("consumer")
 
 
-def setup_session(prod: flows.Control, cons: flows.Control, uid: str) -> None:
+def setup_session(prod: flows.Control, cons: flows.Control, uid: str, num_conn: int = 1) -> None:
     """Each side as its users drive it: the req (s2uc) in flight while the hello
     (appctrl) arrives; no sleep anywhere."""
-    fut = prod.req_future(pb.Request(uid=uid, role="PROD", num_conn=1, rate=10000, security="tls"))
+    fut = prod.req_future(pb.Request(uid=uid, role="PROD", num_conn=num_conn, rate=10000, security="tls"))
     prod.call("hello", pb.Hello(uid=uid, prod_listeners=["127.0.0.1:9"], role="PROD"))
     resp = prod.result(fut, "req")
     prod.call("update", pb.UpdateTargets(uid=uid, remote_listeners=list(resp.prod_listeners), role="PROD"))
-    fut = cons.req_future(pb.Request(uid=uid, role="CONS", num_conn=1, rate=10000, security="tls"))
+    fut = cons.req_future(pb.Request(uid=uid, role="CONS", num_conn=num_conn, rate=10000, security="tls"))
     cons.call("hello", pb.Hello(uid=uid, prod_listeners=[], role="CONS"))
     cons.result(fut, "req")
     cons.call(
@@ -161,3 +164,59 @@ def test_sessions_per_second(benchmark: Any, gateways: Demo, results: Results) -
         },
     )
     benchmark.extra_info.update({"sessions_per_s": rate, "errors": len(errors)})
+
+
+def test_hundreds_of_sessions_held_at_once(benchmark: Any, gateways: Demo, results: Results) -> None:
+    """RELIABILITY 24: 300 two-sided sessions of 2 connections each set up by 6 clients and
+    all held at once (1,200 listeners over the two s2cs), then released."""
+    setups: list[float] = []
+    errors: list[str] = []
+    uids: list[str] = []
+    lock = threading.Lock()
+
+    def worker(count: int) -> None:
+        prod, cons = _controls(gateways)
+        try:
+            for _ in range(count):
+                uid = str(uuid.uuid1())
+                t0 = time.perf_counter()
+                try:
+                    setup_session(prod, cons, uid, HELD_CONN)
+                except Exception as exc:  # counted, reported below
+                    errors.append(str(exc))
+                    continue
+                with lock:
+                    setups.append((time.perf_counter() - t0) * 1000)
+                    uids.append(uid)
+        finally:
+            prod.close()
+            cons.close()
+
+    def run() -> None:
+        per = [HELD // HELD_CLIENTS + (1 if i < HELD % HELD_CLIENTS else 0) for i in range(HELD_CLIENTS)]
+        threads = [threading.Thread(target=worker, args=(n,)) for n in per]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    try:
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    finally:
+        prod, cons = _controls(gateways)
+        try:
+            for uid in uids:
+                release_session(prod, cons, uid)
+        finally:
+            prod.close()
+            cons.close()
+    results.add(
+        "latency",
+        {
+            "name": f"{HELD} sessions x {HELD_CONN} connections held at once ({HELD_CLIENTS} clients)",
+            "unit": "ms",
+            "values": setups,
+            "note": f"{len(setups)} ok, {len(errors)} failed",
+        },
+    )
+    benchmark.extra_info.update({"held_ok": len(setups), "held_failed": len(errors)})
