@@ -20,6 +20,7 @@ import click
 from scistream import __version__
 from scistream.appctrl import apps
 from scistream.appctrl.controller import AppController, ReadySession
+from scistream.cliutil import BothSpellingsGroup, ToolError
 from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
 from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, split_csv
 
@@ -29,21 +30,12 @@ DEFAULT_MOCK_PORTS = "5074,5075,5076,37000,47000"
 ENV_PREFIX = "SCISTREAM_APPCTRL_"
 
 
-class AppctrlError(click.ClickException):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        # click declares exit_code a class variable; each of our errors carries its own.
-        setattr(self, "exit_code", exit_code)  # noqa: B010
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"appctrl: error: {self.message}", err=True)
+class AppctrlError(ToolError):
+    tool = "appctrl"
 
 
-class AppctrlGroup(click.Group):
+class AppctrlGroup(BothSpellingsGroup):
     """Both spellings of every subcommand; ControlError and app failures become one line."""
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, cmd_name) or super().get_command(ctx, cmd_name.replace("_", "-"))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

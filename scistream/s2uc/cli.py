@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from scistream import __version__
+from scistream.cliutil import BothSpellingsGroup, ToolError
 from scistream.grpcutil import ControlError, ExitCode, split_csv
 from scistream.s2uc import flows, output, tokens
 from scistream.s2uc.config import ENV_PREFIX, S2ucConfig, load_config
@@ -28,23 +29,14 @@ DEFAULT_RECEIVER_PORTS = "5074,5075,5076,37000,47000"
 SECURITY_MODES = ("tls", "plain", "compat")
 
 
-class S2ucError(click.ClickException):
+class S2ucError(ToolError):
     """A ControlError on its way out: one line, its own exit code."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        # click declares exit_code a class variable; each of our errors carries its own.
-        setattr(self, "exit_code", exit_code)  # noqa: B010
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"s2uc: error: {self.message}", err=True)
+    tool = "s2uc"
 
 
-class S2ucGroup(click.Group):
+class S2ucGroup(BothSpellingsGroup):
     """Accepts ``inbound_request`` for ``inbound-request``; turns ControlError into one line."""
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, cmd_name) or super().get_command(ctx, cmd_name.replace("_", "-"))
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]
