@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
-import re
 import shutil
-import signal
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from proxy_harness import CertSet, DuplexServer, digest_of, duplex_transfer, make_certs, wait_for
+from s2cs_process import Gateway, start_s2cs, stop_s2cs
 
 from scistream._proto import scistream_pb2 as pb
 from scistream._proto import scistream_pb2_grpc
@@ -41,82 +36,21 @@ pytestmark = [
 SIZE = 4 << 20
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_range(n: int) -> tuple[int, int]:
-    for _ in range(200):
-        lo = random.randrange(20000, 60000 - n)
-        if all(_bindable(p) for p in range(lo, lo + n)):
-            return lo, lo + n - 1
-    raise RuntimeError("no free port range")
-
-
-@dataclass
-class Gateway:
-    address: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-def start_s2cs(workdir: Path, name: str, *args: str) -> Gateway:
-    lo, hi = free_range(4)
-    log = workdir / f"{name}.log"
-    env = dict(os.environ, SCISTREAM_STATE_DIR=str(workdir / f"state-{name}"))
-    env.pop("SCISTREAM_BACKEND_OPTION", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                "s2cs",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--ssl",
-                "False",
-                "--listener-ip",
-                "127.0.0.1",
-                "--port-range",
-                f"{lo}-{hi}",
-                "--type",
-                "Haproxy",
-                "--security",
-                "tls",
-                "--hello-timeout",
-                "20",
-                *args,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
-        if m:
-            return Gateway(f"127.0.0.1:{m.group(1)}", proc, log)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    stop(proc)
-    raise RuntimeError(f"s2cs {name} did not start: {log.read_text(errors='replace')[-2000:]}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def start_haproxy_s2cs(workdir: Path, name: str, *args: str) -> Gateway:
+    return start_s2cs(
+        workdir,
+        name,
+        "--ssl",
+        "False",
+        "--type",
+        "Haproxy",
+        "--security",
+        "tls",
+        "--hello-timeout",
+        "20",
+        *args,
+        ports=4,
+    )
 
 
 @pytest.fixture
@@ -131,12 +65,12 @@ def gateways(tmp_path: Path) -> Iterator[tuple[Gateway, Gateway, CertSet]]:
     started: list[Gateway] = []
     try:
         prod_args = [x for key, value in options.items() for x in ("--backend-option", f"{key}={value}")]
-        started.append(start_s2cs(tmp_path, "prod", *prod_args))
-        started.append(start_s2cs(tmp_path, "cons", "--config", str(cons_config)))
+        started.append(start_haproxy_s2cs(tmp_path, "prod", *prod_args))
+        started.append(start_haproxy_s2cs(tmp_path, "cons", "--config", str(cons_config)))
         yield started[0], started[1], certs
     finally:
         for g in started:
-            stop(g.proc)
+            stop_s2cs(g.proc)
         for g in started:
             text = g.log.read_text(errors="replace")
             assert g.proc.returncode == 0 and "Traceback" not in text, text[-3000:]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from s2cs_process import Gateway, start_s2cs, stop_s2cs
 
 from scistream.certs import make_self_signed
 from scistream.s2cs.backends.native import stop_spawned_s2ds
@@ -32,73 +33,10 @@ pytestmark = pytest.mark.timeout(120)
 MOCK_UID = "4f8583bc-a4d3-11ee-9fd6-034d1fcbd7c3"
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_range(n: int) -> tuple[int, int]:
-    for _ in range(200):
-        lo = random.randrange(20000, 60000 - n)
-        if all(_bindable(p) for p in range(lo, lo + n)):
-            return lo, lo + n - 1
-    raise RuntimeError("no free port range")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@dataclass
-class Gateway:
-    address: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-def start_s2cs(workdir: Path, name: str, cert: Path, key: Path) -> Gateway:
-    lo, hi = free_range(12)
-    log = workdir / f"{name}.log"
-    env = dict(os.environ, SCISTREAM_STATE_DIR=str(workdir / f"state-{name}"))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                "s2cs",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                f"--server_crt={cert}",
-                f"--server_key={key}",
-                "--listener-ip",
-                "127.0.0.1",
-                "--port_range",
-                f"{lo}-{hi}",
-                "--hello-timeout",
-                "30",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-        )
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
-        if m:
-            return Gateway(f"127.0.0.1:{m.group(1)}", proc, log)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"s2cs {name} did not start: {log.read_text(errors='replace')[-2000:]}")
 
 
 @dataclass
@@ -114,12 +52,12 @@ class Env:
 def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("seeds")
     cert, key = make_self_signed(d, ["127.0.0.1"], ["localhost"])
-    prod = start_s2cs(d, "prod", cert, key)
+    args = (f"--server_crt={cert}", f"--server_key={key}", "--hello-timeout", "30")
+    prod = start_s2cs(d, "prod", *args)
     try:
-        cons = start_s2cs(d, "cons", cert, key)
+        cons = start_s2cs(d, "cons", *args)
     except Exception:
-        prod.proc.kill()
-        prod.proc.wait()
+        stop_s2cs(prod.proc)
         raise
     env = dict(os.environ, SCISTREAM_HOME=str(d / "home"))
     for k in [k for k in env if k.startswith("SCISTREAM_S2UC_")]:
@@ -128,12 +66,7 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         yield Env(d, cert, prod, cons, env)
     finally:
         for g in (prod, cons):
-            g.proc.terminate()
-            try:
-                g.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                g.proc.kill()
-                g.proc.wait()
+            stop_s2cs(g.proc)
         for name in ("prod", "cons"):  # s2cs leaves its s2ds running on purpose; stop it here
             stop_spawned_s2ds(str(d / f"state-{name}"))
         for g in (prod, cons):
