@@ -12,6 +12,7 @@ launched process tree plus what its reaped children used (cutime+cstime).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from scistream.netns import PrivateNamespace, stop_process, wait_for_listen
 
@@ -437,41 +439,49 @@ class Measurement:
     retransmits: int
 
 
+def iperf3_client_argv(host: str, port: int | str, streams: int, seconds: float, *extra: str) -> list[str]:
+    """An iperf3 client run with JSON output (one shape for every benchmark)."""
+    return [
+        "iperf3",
+        "-c",
+        host,
+        "-p",
+        str(port),
+        "-t",
+        f"{seconds:g}",
+        "-P",
+        str(streams),
+        "-J",
+        "--connect-timeout",
+        "5000",
+        *extra,
+    ]
+
+
+def iperf3_end(res: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The ``end`` summary of an iperf3 -J run; RuntimeError with iperf3's reason if it failed."""
+    data = json.loads(res.stdout or "{}")
+    if res.returncode != 0 or "error" in data:
+        raise RuntimeError(f"iperf3 failed: {data.get('error') or res.stderr.strip()}")
+    end: dict[str, Any] = data["end"]
+    return end
+
+
 def iperf3(
     ns: PrivateNamespace, wd: Path, port: int, target: int, streams: int, seconds: float
 ) -> tuple[float, int]:
     """(Gbit/s received, retransmits) of an iperf3 run through ``port`` to a server on ``target``."""
-    import json
-
     server = _popen(ns, ["iperf3", "-s", "-p", str(target), "-1"], wd / "iperf3-s.log")
     try:
         wait_for_listen(ns.argv, target)
         res = subprocess.run(
-            ns.argv(
-                [
-                    "iperf3",
-                    "-c",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-t",
-                    f"{seconds:g}",
-                    "-P",
-                    str(streams),
-                    "-J",
-                    "--connect-timeout",
-                    "5000",
-                ]
-            ),
+            ns.argv(iperf3_client_argv("127.0.0.1", port, streams, seconds)),
             capture_output=True,
             text=True,
             timeout=seconds + 30,
             check=False,
         )
-        data = json.loads(res.stdout or "{}")
-        if res.returncode != 0 or "error" in data:
-            raise RuntimeError(f"iperf3 failed: {data.get('error') or res.stderr.strip()}")
-        end = data["end"]
+        end = iperf3_end(res)
         return (
             end["sum_received"]["bits_per_second"] / 1e9,
             int(end.get("sum_sent", {}).get("retransmits", 0)),

@@ -12,7 +12,6 @@ proxies they spawn) over the iperf3 run.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import ROUNDS, SECONDS, STREAMS, Results, selected
+from peers import iperf3_client_argv, iperf3_end
 
 from scistream import netns
 from scistream.demo import Demo, Options
@@ -41,28 +41,9 @@ IPERF_PORT = 5201
 def _iperf(demo: Demo, connect: str, streams: int) -> dict[str, Any]:
     host, port = connect.rsplit(":", 1)
     res = demo.run_cmd(
-        "consumer",
-        [
-            "iperf3",
-            "-c",
-            host,
-            "-p",
-            port,
-            "-R",
-            "-t",
-            f"{SECONDS:g}",
-            "-P",
-            str(streams),
-            "-J",
-            "--connect-timeout",
-            "5000",
-        ],
-        timeout=SECONDS + 30,
+        "consumer", iperf3_client_argv(host, port, streams, SECONDS, "-R"), timeout=SECONDS + 30
     )
-    data: dict[str, Any] = json.loads(res.stdout or "{}")
-    if res.returncode != 0 or "error" in data:
-        raise RuntimeError(f"iperf3 failed: {data.get('error') or res.stderr.strip()}")
-    return data
+    return iperf3_end(res)
 
 
 def run_case(name: str, streams: int) -> dict[str, Any]:
@@ -103,12 +84,11 @@ def run_case(name: str, streams: int) -> dict[str, Any]:
             setup_s = demo.report.setup_seconds
         time.sleep(0.3)  # start-up CPU out of the measured window
         cpu0 = sum(f.cpu_seconds() for f in demo.facilities.values()) if spec else 0.0
-        data = _iperf(demo, connect, streams)
+        end = _iperf(demo, connect, streams)
         cpu = (sum(f.cpu_seconds() for f in demo.facilities.values()) - cpu0) if spec else None
         if spec is not None:
             demo.release()
         server.wait(timeout=10)
-        end = data["end"]
         received = int(end["sum_received"]["bytes"])
         return {
             "config": name,
