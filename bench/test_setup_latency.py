@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -119,41 +119,48 @@ def test_setup_latency(benchmark: Any, gateways: Demo, results: Results) -> None
     benchmark.extra_info.update({"setup_ms_median": sorted(setups)[len(setups) // 2]})
 
 
+def run_clients(demo: Demo, counts: list[int], one: Callable[[flows.Control, flows.Control], None]) -> float:
+    """Client i (its own thread and gRPC channels to both s2cs) calls ``one`` counts[i]
+    times; returns the wall-clock seconds until every client is done."""
+
+    def client(n: int) -> None:
+        prod, cons = _controls(demo)
+        try:
+            for _ in range(n):
+                one(prod, cons)
+        finally:
+            prod.close()
+            cons.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in counts]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def test_sessions_per_second(benchmark: Any, gateways: Demo, results: Results) -> None:
     done = [0]
     errors: list[str] = []
     lock = threading.Lock()
 
-    def worker() -> None:
-        prod, cons = _controls(gateways)
+    def one(prod: flows.Control, cons: flows.Control) -> None:
+        uid = str(uuid.uuid1())
         try:
-            for _ in range(PER_THREAD):
-                uid = str(uuid.uuid1())
-                try:
-                    setup_session(prod, cons, uid)
-                    release_session(prod, cons, uid)
-                except Exception as exc:  # counted, reported below
-                    errors.append(str(exc))
-                    continue
-                with lock:
-                    done[0] += 1
-        finally:
-            prod.close()
-            cons.close()
+            setup_session(prod, cons, uid)
+            release_session(prod, cons, uid)
+        except Exception as exc:  # counted, reported below
+            errors.append(str(exc))
+            return
+        with lock:
+            done[0] += 1
 
-    elapsed = [0.0]
-
-    def run() -> None:
-        threads = [threading.Thread(target=worker) for _ in range(THREADS)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed[0] = time.perf_counter() - t0
-
-    benchmark.pedantic(run, rounds=1, iterations=1)
-    rate = done[0] / elapsed[0]
+    elapsed = benchmark.pedantic(
+        run_clients, args=(gateways, [PER_THREAD] * THREADS, one), rounds=1, iterations=1
+    )
+    rate = done[0] / elapsed
     results.add(
         "latency",
         {
@@ -174,34 +181,21 @@ def test_hundreds_of_sessions_held_at_once(benchmark: Any, gateways: Demo, resul
     uids: list[str] = []
     lock = threading.Lock()
 
-    def worker(count: int) -> None:
-        prod, cons = _controls(gateways)
+    def one(prod: flows.Control, cons: flows.Control) -> None:
+        uid = str(uuid.uuid1())
+        t0 = time.perf_counter()
         try:
-            for _ in range(count):
-                uid = str(uuid.uuid1())
-                t0 = time.perf_counter()
-                try:
-                    setup_session(prod, cons, uid, HELD_CONN)
-                except Exception as exc:  # counted, reported below
-                    errors.append(str(exc))
-                    continue
-                with lock:
-                    setups.append((time.perf_counter() - t0) * 1000)
-                    uids.append(uid)
-        finally:
-            prod.close()
-            cons.close()
+            setup_session(prod, cons, uid, HELD_CONN)
+        except Exception as exc:  # counted, reported below
+            errors.append(str(exc))
+            return
+        with lock:
+            setups.append((time.perf_counter() - t0) * 1000)
+            uids.append(uid)
 
-    def run() -> None:
-        per = [HELD // HELD_CLIENTS + (1 if i < HELD % HELD_CLIENTS else 0) for i in range(HELD_CLIENTS)]
-        threads = [threading.Thread(target=worker, args=(n,)) for n in per]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
+    counts = [HELD // HELD_CLIENTS + (1 if i < HELD % HELD_CLIENTS else 0) for i in range(HELD_CLIENTS)]
     try:
-        benchmark.pedantic(run, rounds=1, iterations=1)
+        benchmark.pedantic(run_clients, args=(gateways, counts, one), rounds=1, iterations=1)
     finally:
         prod, cons = _controls(gateways)
         try:
