@@ -20,6 +20,7 @@ import abc
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -49,19 +50,21 @@ OWNER_FILE = ".proxy-backend"
 _LISTEN_STATE = "0A"
 
 
-def _die_with_parent_argv() -> list[str]:
+@functools.cache
+def _die_with_parent_argv() -> tuple[str, ...]:
     """A prefix that makes the child get SIGTERM when the thread that spawned it exits.
 
-    setpriv (util-linux, on every Debian) sets PR_SET_PDEATHSIG and execs the proxy.
-    It replaces a preexec_fn: a preexec_fn makes Python fork() instead of vfork(),
-    which runs grpc's fork handlers in the child, and grpcio >= 1.80 can abort
-    there ("Check failed: next_worker->state == KICKED") before the proxy starts.
+    setpriv (util-linux, on every Debian; looked up once per s2cs) sets
+    PR_SET_PDEATHSIG and execs the proxy. It replaces a preexec_fn: a preexec_fn
+    makes Python fork() instead of vfork(), which runs grpc's fork handlers in the
+    child, and grpcio >= 1.80 can abort there ("Check failed: next_worker->state ==
+    KICKED") before the proxy starts.
     """
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         log.warning("setpriv (util-linux) not found: proxies may outlive a killed s2cs")
-        return []
-    return [setpriv, "--pdeathsig", "TERM", "--"]
+        return ()
+    return (setpriv, "--pdeathsig", "TERM", "--")
 
 
 _FAILURE = re.compile(
