@@ -96,6 +96,8 @@ static void establish(struct conn *c) {
     struct s2_engine *e = c->w->e;
     c->state = ST_ESTABLISHED;
     c->deadline = 0;
+    /* Edges seen during the handshake were consumed by it: let the first pump look everywhere. */
+    c->a.readable = c->a.writable = c->b.readable = c->b.writable = 1;
     c->last_active = c->w->now;
     int tls = c->a.ssl || c->b.ssl;
     for (int i = 0; i < 2; i++) {
@@ -274,6 +276,8 @@ void conn_accept(struct worker *w, struct route *r, int fd) {
 
 void conn_event(struct side *s, uint32_t events) {
     struct conn *c = s->c;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) s->readable = 1;
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) s->writable = 1;
     switch (c->state) {
     case ST_HANDSHAKE_A:
         if (!s->is_target && handshake(c, &c->a) == 1) start_connect(c);

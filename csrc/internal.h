@@ -109,6 +109,12 @@ struct side {
     SSL *ssl;
     struct conn *c;
     int is_target;
+    /* Edge-triggered readiness: set by an epoll event, cleared when a read
+     * (write) found the socket empty (full). The pump skips a side whose flag is
+     * clear, so an idle direction costs no syscall per round; the next edge sets
+     * it again. Cleared only on a sure "nothing there" (EAGAIN / WANT_*), never
+     * on a guess, so no byte can wait for an edge that will not come. */
+    int readable, writable;
 };
 
 struct dir {

@@ -144,7 +144,7 @@ static void shut_plain(struct dir *d, struct pr *p) {
 static void step_pipe(struct conn *c, struct dir *d, struct pr *p) {
     /* Bounded in bytes, not only by the pipe's slots: a slot can hold a whole
      * socket fragment, so the kernel alone would let a pipe hold several MiB. */
-    if (!d->eof && d->pipe_bytes < d->pipe_cap) {
+    if (!d->eof && d->src->readable && d->pipe_bytes < d->pipe_cap) {
         size_t g = rate_grant(c, d->pipe_cap - d->pipe_bytes);
         if (g) {
             ssize_t n = splice(d->src->fd, NULL, d->pipe_w, NULL, g, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
@@ -166,21 +166,26 @@ static void step_pipe(struct conn *c, struct dir *d, struct pr *p) {
                 }
                 p->progress = 1;
                 return;
-            } else if (err != EAGAIN && err != EINTR) {
-                /* EAGAIN is "socket empty" or "pipe out of slots"; both resolve
-                 * on the next edge or after the write below drains the pipe. */
+            } else if (err == EAGAIN) {
+                /* "Socket empty" or "pipe out of slots". Only with an empty pipe
+                 * is it surely the socket; otherwise the write below frees slots
+                 * and the next round reads again. */
+                if (d->pipe_bytes == 0) d->src->readable = 0;
+            } else if (err != EINTR) {
                 read_fail(c, d, err, p);
                 return;
             }
         }
     }
-    if (d->pipe_bytes) {
+    if (d->pipe_bytes && d->dst->writable) {
         ssize_t n = splice(d->pipe_r, NULL, d->dst->fd, NULL, d->pipe_bytes,
                            SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (n > 0) {
             d->pipe_bytes -= (size_t)n;
             p->progress = 1;
-        } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+        } else if (n < 0 && errno == EAGAIN) {
+            d->dst->writable = 0;
+        } else if (n < 0 && errno != EINTR) {
             write_fail(c, d, errno, p);
             return;
         }
@@ -198,7 +203,7 @@ static void read_buf(struct conn *c, struct dir *d, struct pr *p) {
         d->tail -= d->head;
         d->head = 0;
     }
-    if (d->eof || d->tail == d->cap) return;
+    if (d->eof || d->tail == d->cap || !d->src->readable) return;
     size_t g = rate_grant(c, d->cap - d->tail);
     if (!g) return;
     size_t got = 0;
@@ -212,7 +217,12 @@ static void read_buf(struct conn *c, struct dir *d, struct pr *p) {
                 continue;
             }
             int err = SSL_get_error(ssl, 0);
-            if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) break;
+            if (err == SSL_ERROR_WANT_READ) {
+                /* OpenSSL has no whole record left and the socket is empty. */
+                d->src->readable = 0;
+                break;
+            }
+            if (err == SSL_ERROR_WANT_WRITE) break; /* a post-handshake reply waits for room */
             if (err == SSL_ERROR_ZERO_RETURN) {
                 d->eof = 1;
                 p->progress = 1;
@@ -235,7 +245,9 @@ static void read_buf(struct conn *c, struct dir *d, struct pr *p) {
         } else if (n == 0) {
             d->eof = 1;
             p->progress = 1;
-        } else if (errno != EAGAIN && errno != EINTR) {
+        } else if (errno == EAGAIN) {
+            d->src->readable = 0;
+        } else if (errno != EINTR) {
             read_fail(c, d, errno, p);
         }
     }
@@ -273,6 +285,7 @@ static void cork(struct side *s, int on) {
 static void write_records(struct conn *c, struct dir *d, struct pr *p);
 
 static void write_buf(struct conn *c, struct dir *d, struct pr *p) {
+    if (d->tail > d->head && !d->dst->writable) return; /* EPOLLOUT brings us back */
     int corked = d->dst->ssl && d->tail - d->head > SSL3_RT_MAX_PLAIN_LENGTH;
     if (corked) cork(d->dst, 1);
     write_records(c, d, p);
@@ -293,6 +306,7 @@ static void write_records(struct conn *c, struct dir *d, struct pr *p) {
                 continue;
             }
             int err = SSL_get_error(ssl, 0);
+            if (err == SSL_ERROR_WANT_WRITE) d->dst->writable = 0;
             if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) return;
             if (err == SSL_ERROR_SYSCALL && errno)
                 write_fail(c, d, errno, p);
@@ -306,7 +320,10 @@ static void write_records(struct conn *c, struct dir *d, struct pr *p) {
             p->progress = 1;
             if ((size_t)n < len) return; /* socket buffer full: wait for EPOLLOUT */
         } else {
-            if (n < 0 && errno != EAGAIN && errno != EINTR) write_fail(c, d, errno, p);
+            if (n < 0 && errno == EAGAIN)
+                d->dst->writable = 0;
+            else if (n < 0 && errno != EINTR)
+                write_fail(c, d, errno, p);
             return;
         }
     }
