@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 from conftest import Results
+from gateways import controls, loopback_gateways, release_session, setup_session
 
-from scistream._proto import scistream_pb2 as pb
-from scistream.demo import Demo, Options
+from scistream.demo import Demo
 from scistream.s2uc import flows
 
 SEQUENTIAL = 30
@@ -33,61 +33,13 @@ HELD_CLIENTS = 6
 
 @pytest.fixture(scope="module")
 def gateways() -> Iterator[Demo]:
-    opts = Options(
-        size=0,
-        num_conn=HELD * HELD_CONN + 16,  # the data port range of each s2cs: room for every held session
-        security="tls",
-        backend="native",
-        use_netns=False,
-        keep=False,
-        seed=1,
-        engine="",
-        timeout=10,
-    )
-    demo = Demo(opts, lambda s: None)
-    try:
-        demo.build_hosts()
-        demo.start_gateways()
+    # the data port range of each s2cs: room for every held session
+    with loopback_gateways(num_conn=HELD * HELD_CONN + 16) as demo:
         yield demo
-    finally:
-        demo.stop_all()
-        demo.close()
-
-
-def _controls(demo: Demo) -> tuple[flows.Control, flows.Control]:
-    def ctl(side: str) -> flows.Control:
-        return flows.Control(
-            flows.Target(demo.facilities[side].control, server_cert=str(demo.cert), timeout=15)
-        )
-
-    return ctl("producer"), ctl("consumer")
-
-
-def setup_session(prod: flows.Control, cons: flows.Control, uid: str, num_conn: int = 1) -> None:
-    """Each side as its users drive it: the req (s2uc) in flight while the hello
-    (appctrl) arrives; no sleep anywhere."""
-    fut = prod.req_future(pb.Request(uid=uid, role="PROD", num_conn=num_conn, rate=10000, security="tls"))
-    prod.call("hello", pb.Hello(uid=uid, prod_listeners=["127.0.0.1:9"], role="PROD"))
-    resp = prod.result(fut, "req")
-    prod.call("update", pb.UpdateTargets(uid=uid, remote_listeners=list(resp.prod_listeners), role="PROD"))
-    fut = cons.req_future(pb.Request(uid=uid, role="CONS", num_conn=num_conn, rate=10000, security="tls"))
-    cons.call("hello", pb.Hello(uid=uid, prod_listeners=[], role="CONS"))
-    cons.result(fut, "req")
-    cons.call(
-        "update",
-        pb.UpdateTargets(
-            uid=uid, remote_listeners=list(resp.listeners), role="CONS", session_key=resp.session_key
-        ),
-    )
-
-
-def release_session(prod: flows.Control, cons: flows.Control, uid: str) -> None:
-    prod.call("release", pb.Release(uid=uid))
-    cons.call("release", pb.Release(uid=uid))
 
 
 def test_setup_latency(benchmark: Any, gateways: Demo, results: Results) -> None:
-    prod, cons = _controls(gateways)
+    prod, cons = controls(gateways)
     setups: list[float] = []
     releases: list[float] = []
 
@@ -124,7 +76,7 @@ def run_clients(demo: Demo, counts: list[int], one: Callable[[flows.Control, flo
     times; returns the wall-clock seconds until every client is done."""
 
     def client(n: int) -> None:
-        prod, cons = _controls(demo)
+        prod, cons = controls(demo)
         try:
             for _ in range(n):
                 one(prod, cons)
@@ -197,7 +149,7 @@ def test_hundreds_of_sessions_held_at_once(benchmark: Any, gateways: Demo, resul
     try:
         benchmark.pedantic(run_clients, args=(gateways, counts, one), rounds=1, iterations=1)
     finally:
-        prod, cons = _controls(gateways)
+        prod, cons = controls(gateways)
         try:
             for uid in uids:
                 release_session(prod, cons, uid)
