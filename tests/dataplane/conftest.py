@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from dputil import Served, StreamServer, wait_for
+from streams import Served, StreamServer, wait_for
 
 from scistream.dataplane import Engine, EngineBase, ResourceCounts, Tuning, native_available
 

@@ -1,189 +1,31 @@
-"""Helpers of the data-plane tests: sizes, polling, SHA-256 streams, a threaded TCP server."""
+"""Helpers of the data-plane tests: sizes, engine routes (plain and TLS legs), many duplex
+streams through one route, a cheap echo server.
+
+Streams, servers and polling are the shared ones of tests/streams.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import os
 import socket
-import struct
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from random import Random
 from typing import Any
 
 import pytest
+from streams import Served, StreamServer, duplex_transfer, serve_duplex
 
 from scistream.dataplane import EngineBase, Route, Tls, TlsMode, TlsRole
-from scistream.endpoints import parse_endpoint
 
-_BLOCK = 1 << 20
 BIG = os.environ.get("SCISTREAM_TEST_BIG", "1") != "0"
-MiB = 1 << 20
-GiB = 1 << 30
 
 
 def size(full: int, small: int) -> int:
     """``full`` bytes in the default (CI) run, ``small`` with SCISTREAM_TEST_BIG=0."""
     return full if BIG else small
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    """Poll ``pred`` until it is truthy; return its value, or the last one after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
-def connect(bound: str, timeout: float = 10.0) -> socket.socket:
-    host, port = parse_endpoint(bound)
-    sock = socket.create_connection((host, port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def pattern_block(seed: int, size: int = _BLOCK) -> bytearray:
-    """A pseudo-random block; streams stamp a counter into its first 8 bytes per chunk."""
-    return bytearray(Random(seed).randbytes(size))
-
-
-def send_stream(sock: socket.socket, total: int, seed: int, *, shutdown: bool = True) -> str:
-    """Send ``total`` bytes of the seed's pattern; return their SHA-256 (hex).
-
-    Every 1 MiB chunk differs (a counter in its first bytes), so a reordered,
-    repeated or dropped chunk changes the digest. Hashing and sendall release
-    the GIL, so several streams in threads run in parallel.
-    """
-    block = pattern_block(seed)
-    view = memoryview(block)
-    digest = hashlib.sha256()
-    sent, index = 0, 0
-    while sent < total:
-        n = min(_BLOCK, total - sent)
-        struct.pack_into("<Q", block, 0, index)
-        sock.sendall(view[:n])
-        digest.update(view[:n])
-        sent += n
-        index += 1
-    if shutdown:
-        sock.shutdown(socket.SHUT_WR)
-    return digest.hexdigest()
-
-
-def recv_stream(sock: socket.socket, limit: int | None = None) -> tuple[int, str]:
-    """Read until EOF (or ``limit`` bytes); return (bytes read, SHA-256 hex)."""
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    digest = hashlib.sha256()
-    got = 0
-    while limit is None or got < limit:
-        want = _BLOCK if limit is None else min(_BLOCK, limit - got)
-        n = sock.recv_into(view[:want])
-        if n == 0:
-            break
-        digest.update(view[:n])
-        got += n
-    return got, digest.hexdigest()
-
-
-def pattern_digest(total: int, seed: int) -> str:
-    """The SHA-256 of the first ``total`` bytes of the seed's stream (what send_stream sends)."""
-    block = pattern_block(seed)
-    digest = hashlib.sha256()
-    done, index = 0, 0
-    while done < total:
-        n = min(_BLOCK, total - done)
-        struct.pack_into("<Q", block, 0, index)
-        digest.update(memoryview(block)[:n])
-        done += n
-        index += 1
-    return digest.hexdigest()
-
-
-@dataclass
-class Served:
-    """What one server-side connection saw: filled by the handler."""
-
-    peer: tuple[str, int]
-    results: dict[str, Any] = field(default_factory=dict)
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-class StreamServer:
-    """A TCP server on loopback running ``handler(sock, served)`` per connection in a thread."""
-
-    def __init__(self, handler: Callable[[socket.socket, Served], None], host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(1024)
-        port = self.sock.getsockname()[1]
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.handler = handler
-        self.served: list[Served] = []
-        self.lock = threading.Lock()
-        self.conn_socks: list[socket.socket] = []
-        self.threads: list[threading.Thread] = []
-        self.closing = False
-        self.acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self.acceptor.start()
-
-    def _accept_loop(self) -> None:
-        while not self.closing:
-            try:
-                conn, peer = self.sock.accept()
-            except OSError:
-                return
-            if self.closing:
-                conn.close()
-                return
-            served = Served(peer)
-            with self.lock:
-                self.served.append(served)
-                self.conn_socks.append(conn)
-            t = threading.Thread(target=self._run, args=(conn, served), daemon=True)
-            self.threads.append(t)
-            t.start()
-
-    def _run(self, conn: socket.socket, served: Served) -> None:
-        try:
-            self.handler(conn, served)
-        except BaseException as exc:  # reported by the test through served.error
-            served.error = exc
-        finally:
-            with contextlib.suppress(OSError):
-                conn.close()
-            served.done.set()
-
-    def wait_served(self, n: int, timeout: float = 30.0) -> list[Served]:
-        ok = wait_for(lambda: len(self.served) >= n and all(s.done.is_set() for s in self.served[:n]),
-                      timeout)
-        assert ok, f"only {len(self.served)} of {n} connections served in time"
-        return self.served[:n]
-
-    def close(self) -> None:
-        self.closing = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        with self.lock:
-            for c in self.conn_socks:
-                with contextlib.suppress(OSError):
-                    c.shutdown(socket.SHUT_RDWR)
-        self.acceptor.join(5)
-        for t in self.threads:
-            t.join(5)
-
-
 
 
 def echo_handler(sock: socket.socket, served: Served) -> None:
@@ -196,23 +38,6 @@ def echo_handler(sock: socket.socket, served: Served) -> None:
         sock.sendall(data)
         n += len(data)
     served.results["echoed"] = n
-
-
-def recv_prefix(sock: socket.socket) -> tuple[int, str, str]:
-    """Read until EOF or reset: (bytes, SHA-256 hex, "eof" or "reset")."""
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    digest = hashlib.sha256()
-    got = 0
-    while True:
-        try:
-            n = sock.recv_into(view)
-        except ConnectionResetError:
-            return got, digest.hexdigest(), "reset"
-        if n == 0:
-            return got, digest.hexdigest(), "eof"
-        digest.update(view[:n])
-        got += n
 
 
 def outcome(sock: socket.socket, timeout: float = 10.0) -> str:
@@ -280,10 +105,7 @@ def duplex_server(stream_server: ServerFactory, per_conn: int,
     def handler(sock: socket.socket, served: Served) -> None:
         with lock:
             seed = next(seeds)
-        with ThreadPoolExecutor(1) as pool:
-            sent = pool.submit(send_stream, sock, per_conn, seed, shutdown=half_close)
-            served.results["got"] = recv_stream(sock, None if half_close else per_conn)
-            served.results["sent"] = sent.result(timeout=600)
+        serve_duplex(sock, served, per_conn, seed, None if half_close else per_conn)
 
     return stream_server(handler, host)
 
@@ -293,10 +115,8 @@ def run_duplex_clients(bound: str, n: int, per_conn: int, *,
     """n clients each send a distinct stream A and read stream B; returns (sent A, got B)."""
 
     def one(i: int) -> tuple[str, tuple[int, str]]:
-        with connect(bound, timeout=120) as sock, ThreadPoolExecutor(1) as pool:
-            sent = pool.submit(send_stream, sock, per_conn, i + 1, shutdown=half_close)
-            got = recv_stream(sock, None if half_close else per_conn)
-            return sent.result(timeout=600), got
+        return duplex_transfer(bound, send_bytes=per_conn, seed=i + 1,
+                               expect=None if half_close else per_conn, timeout=120)
 
     with ThreadPoolExecutor(n) as pool:
         return list(pool.map(one, range(n)))

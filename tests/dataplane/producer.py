@@ -10,8 +10,11 @@ import contextlib
 import socket
 import sys
 import threading
+from pathlib import Path
 
-from dputil import send_stream
+# Run as a script, this file has tests/dataplane on sys.path, not tests/ (where streams.py is).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from streams import send_stream
 
 
 def main() -> int:

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dputil import GiB, MiB, Served, ServerFactory, connect, send_stream, size, wait_for
+from dputil import ServerFactory, size
+from streams import GiB, MiB, Served, connect, send_stream, wait_for
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent

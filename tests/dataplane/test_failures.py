@@ -17,23 +17,16 @@ from typing import Any
 import pytest
 from dputil import (
     LEG_KINDS,
-    MiB,
-    Served,
     ServerFactory,
     build_path,
     check_duplex,
-    connect,
     duplex_server,
     echo_handler,
     error_count,
     outcome,
-    pattern_digest,
-    recv_prefix,
-    recv_stream,
     run_duplex_clients,
-    send_stream,
-    wait_for,
 )
+from streams import MiB, Served, connect, pattern_digest, recv_prefix, recv_stream, send_stream, wait_for
 
 from scistream.dataplane import EngineBase, Route, Tuning
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from dputil import MiB, ServerFactory, check_duplex, duplex_server, run_duplex_clients
+from dputil import ServerFactory, check_duplex, duplex_server, run_duplex_clients
+from streams import MiB
 
 from scistream.dataplane import EngineBase, Route
 

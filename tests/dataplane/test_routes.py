@@ -11,22 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from dputil import (
-    MiB,
-    Served,
-    ServerFactory,
-    check_duplex,
-    connect,
-    duplex_server,
-    echo_handler,
-    outcome,
-    pattern_block,
-    pattern_digest,
-    recv_stream,
-    run_duplex_clients,
-    send_stream,
-    wait_for,
-)
+from dputil import ServerFactory, check_duplex, duplex_server, echo_handler, outcome, run_duplex_clients
+from streams import MiB, Served, connect, pattern_block, pattern_digest, recv_stream, send_stream, wait_for
 
 from scistream.dataplane import (
     ERROR_KINDS,

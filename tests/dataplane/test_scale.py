@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dputil import EchoLoop, connect, wait_for
+from dputil import EchoLoop
+from streams import connect, wait_for
 
 from scistream.dataplane import EngineBase, Route
 from scistream.endpoints import parse_endpoint

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dputil import MiB, ServerFactory, check_duplex, duplex_server, run_duplex_clients, size
+from dputil import ServerFactory, check_duplex, duplex_server, run_duplex_clients, size
+from streams import MiB
 
 from scistream.dataplane import (
     COMPAT_PSK_IDENTITY,

@@ -17,21 +17,17 @@ from typing import Any
 
 import pytest
 from dputil import (
-    MiB,
-    Served,
     ServerFactory,
-    StreamServer,
     cert_tls,
     check_duplex,
-    connect,
     duplex_server,
     outcome,
     psk_tls,
     run_duplex_clients,
     size,
     tls_pair,
-    wait_for,
 )
+from streams import MiB, Served, StreamServer, connect, wait_for
 
 from scistream.dataplane import (
     COMPAT_PSK_IDENTITY,

@@ -7,8 +7,6 @@ from collections.abc import Callable
 
 import pytest
 from dputil import (
-    GiB,
-    MiB,
     ServerFactory,
     cert_tls,
     check_duplex,
@@ -18,6 +16,7 @@ from dputil import (
     size,
     tls_pair,
 )
+from streams import GiB, MiB
 
 from scistream.dataplane import Engine, EngineBase, InvalidRoute, Route, TlsRole, Tuning
 

@@ -27,20 +27,10 @@ from typing import Any
 
 import grpc
 import pytest
-from dputil import (
-    EchoLoop,
-    MiB,
-    cert_tls,
-    connect,
-    pattern_digest,
-    psk_tls,
-    recv_stream,
-    send_stream,
-    tls_pair,
-    wait_for,
-)
+from dputil import EchoLoop, cert_tls, psk_tls, tls_pair
 from rbutil import Attack, short_connections
 from s2cs_support import FakeBackend, ServerThread, make_config, new_uid, prod_flow
+from streams import MiB, connect, pattern_digest, recv_stream, send_stream, wait_for
 
 from scistream._proto import scistream_pb2, scistream_pb2_grpc
 from scistream.dataplane import EngineBase, Route, TlsRole, Tuning

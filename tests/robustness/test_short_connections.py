@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dputil import EchoLoop, wait_for
+from dputil import EchoLoop
 from rbutil import ProcSample, sample, short_connections
+from streams import wait_for
 
 log = logging.getLogger(__name__)
 
