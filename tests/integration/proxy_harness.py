@@ -1,7 +1,11 @@
-"""Shared pieces of the subprocess-backend tests: servers, duplex SHA-256 transfers, a PROD+CONS pair.
+"""Shared pieces of the subprocess-backend tests: a PROD+CONS pair of one backend kind in front of
+producer stand-ins, and the checks every backend must pass (exact duplex bytes, cleanup,
+supervision, refusals, certificates).
 
-Every process and socket started here is stopped by its owner's ``close``/context
-exit, also on failure; ports come from the kernel (bind port 0).
+Streams, the producer stand-in (``DuplexServer``), the consumer (``duplex_transfer``) and
+polling are the shared ones of tests/streams.py. Every process and socket started here is
+stopped by its owner's ``close``/context exit, also on failure; ports come from the kernel
+(bind port 0).
 """
 
 from __future__ import annotations
@@ -9,159 +13,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
+import functools
 import ipaddress
 import os
-import random
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streams import DuplexServer, MiB, duplex_transfer, pattern_digest, wait_for
+
 from scistream.s2cs.backends import create_backend
 from scistream.s2cs.backends.base import Backend, BackendOptions, RoutePlan, Security, SessionPlan
-
-CHUNK = 1 << 20
-LOOP_TIMEOUT = 60.0
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def chunks(seed: int, total: int) -> Iterator[bytes]:
-    """Deterministic, distinct pseudo-random chunks (a reordering would change the hash)."""
-    rng = random.Random(seed)
-    left = total
-    while left > 0:
-        n = min(CHUNK, left)
-        yield rng.randbytes(n)
-        left -= n
-
-
-def digest_of(seed: int, total: int) -> str:
-    h = hashlib.sha256()
-    for c in chunks(seed, total):
-        h.update(c)
-    return h.hexdigest()
-
-
-def _send_all(sock: socket.socket, seed: int, total: int, half_close: bool = True) -> None:
-    for c in chunks(seed, total):
-        sock.sendall(c)
-    if half_close:
-        sock.shutdown(socket.SHUT_WR)
-
-
-def _client_send(sock: socket.socket, seed: int, total: int, half_close: bool) -> None:
-    """The client's sender: a refused or reset connection is the reader's to report."""
-    with contextlib.suppress(OSError):
-        _send_all(sock, seed, total, half_close)
-
-
-def _recv_digest(sock: socket.socket, expect: int | None = None) -> tuple[str, int]:
-    """Hash what arrives until EOF (or, with ``expect``, until that many bytes came)."""
-    h = hashlib.sha256()
-    n = 0
-    while expect is None or n < expect:
-        b = sock.recv(CHUNK if expect is None else min(CHUNK, expect - n))
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    return h.hexdigest(), n
-
-
-class DuplexServer:
-    """A producer stand-in: per connection, sends ``send_bytes`` (seeded) and hashes what arrives."""
-
-    def __init__(self, seed: int, send_bytes: int) -> None:
-        self.seed = seed
-        self.send_bytes = send_bytes
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.endpoint = f"127.0.0.1:{self.port}"
-        #: None: read each connection to EOF; a number: read exactly that many bytes.
-        self.expect_bytes: int | None = None
-        self.received: list[tuple[str, int]] = []
-        self.accepted = 0
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(LOOP_TIMEOUT)
-            sender = threading.Thread(target=self._send, args=(conn,), daemon=True)
-            sender.start()
-            try:
-                self.received.append(_recv_digest(conn, self.expect_bytes))
-            except OSError as exc:
-                self.errors.append(exc)
-            sender.join(LOOP_TIMEOUT)
-
-    def _send(self, conn: socket.socket) -> None:
-        try:
-            _send_all(conn, self.seed, self.send_bytes, half_close=self.expect_bytes is None)
-        except OSError as exc:
-            self.errors.append(exc)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(5)
-
-
-def duplex_transfer(
-    endpoint: str, *, seed: int, send_bytes: int, timeout: float = LOOP_TIMEOUT, expect: int | None = None
-) -> tuple[str, int]:
-    """Connect, send ``send_bytes`` while reading to EOF (then half-close), or, with
-    ``expect``, until that many bytes came (no half-close); returns (sha256, length)."""
-    host, port = endpoint.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        args = (s, seed, send_bytes, expect is None)
-        sender = threading.Thread(target=_client_send, args=args, daemon=True)
-        sender.start()
-        try:
-            result = _recv_digest(s, expect)
-        except BaseException:
-            # A refused or reset connection ends the read early: wake the sender (its
-            # error is expected there) and let it finish before the socket is closed.
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            sender.join(timeout)
-            raise
-        sender.join(timeout)
-        return result
-
-
-def wait_for(predicate: object, timeout: float = 10.0) -> bool:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def pid_gone(pid: int) -> bool:
@@ -236,7 +106,7 @@ def running_pair(
     tmp_path: Path,
     *,
     routes: int = 2,
-    server_bytes: int = CHUNK,
+    server_bytes: int = MiB,
     prod_extra: dict[str, str] | None = None,
     cons_extra: dict[str, str] | None = None,
     uid: str = "",
@@ -250,12 +120,12 @@ def running_pair(
     else:
         key = key or os.urandom(32).hex().encode()
         identity = identity or uid
-    servers = [DuplexServer(seed=1000 + i, send_bytes=server_bytes) for i in range(routes)]
+    servers = [DuplexServer(send_bytes=server_bytes, seed=1000 + i) for i in range(routes)]
     runner = asyncio.Runner()
     prod = make_backend(kind, tmp_path / "prod", prod_extra)
     cons = make_backend(kind, tmp_path / "cons", cons_extra)
     prod_plan, cons_plan, prod_eps, cons_eps = plans(
-        uid, security, [s.endpoint for s in servers], key=key, identity=identity
+        uid, security, [s.address for s in servers], key=key, identity=identity
     )
     try:
         runner.run(prod.start())
@@ -281,15 +151,17 @@ def check_duplex(pair: Pair, *, big: int) -> None:
     with a default config does it too). Half-close is the native engine's promise,
     tested in tests/dataplane; this checks that the proxies carry the bytes exactly."""
     for i, endpoint in enumerate(pair.client_endpoints):
-        size = big if i == 0 else CHUNK
-        server = pair.servers[i]
-        server.send_bytes = size
-        server.expect_bytes = size
-        got = duplex_transfer(endpoint, seed=7 + i, send_bytes=size, expect=size)
-        assert got == (digest_of(server.seed, size), size), f"route {i}: bytes from the producer differ"
-        assert wait_for(lambda s=server: len(s.received) >= 1), f"route {i}: the producer saw no connection"
-        assert server.received[-1] == (digest_of(7 + i, size), size), f"route {i}: bytes to producer differ"
-        assert not server.errors
+        _check_route(i, endpoint, pair.servers[i], big if i == 0 else MiB)
+
+
+def _check_route(i: int, endpoint: str, server: DuplexServer, size: int) -> None:
+    server.send_bytes = size
+    server.expect_bytes = size
+    _, got = duplex_transfer(endpoint, send_bytes=size, seed=7 + i, expect=size)
+    assert got == (size, pattern_digest(size, server.seed)), f"route {i}: bytes from the producer differ"
+    assert wait_for(lambda: len(server.received) >= 1, 10), f"route {i}: the producer saw no connection"
+    assert server.received[-1] == (size, pattern_digest(size, 7 + i)), f"route {i}: bytes to producer differ"
+    assert not server.errors
 
 
 def check_removed(pair: Pair) -> None:
@@ -304,7 +176,7 @@ def check_removed(pair: Pair) -> None:
         assert pair.run(b.running_sessions()) == set()
     for pid in procs:
         assert pid_gone(pid), f"proxy pid {pid} still exists (running or zombie) after remove"
-        assert wait_for(lambda p=pid: group_gone(p), 5), f"processes of group {pid} survived remove"
+        assert wait_for(functools.partial(group_gone, pid), 5), f"processes of group {pid} survived remove"
     for b in (pair.prod, pair.cons):
         session_dir = Path(b.options.state_dir) / "sessions" / pair.uid
         assert not session_dir.exists(), f"{session_dir} left behind"
@@ -521,7 +393,9 @@ def check_untrusted_server_is_refused(kind: str, tmp_path: Path) -> None:
         kind, "tls", tmp_path, routes=1, prod_extra=certs.extra(), cons_extra=cons_extra
     ) as pair:
         try:
-            _, n = duplex_transfer(pair.client_endpoints[0], seed=1, send_bytes=4096, timeout=10)
+            _, (n, _) = duplex_transfer(
+                pair.client_endpoints[0], send_bytes=4096, seed=1, timeout=10, check_send=False
+            )
         except ConnectionError:
             n = 0
         assert n == 0, "the consumer got data through a PROD gateway its CA did not sign"
@@ -529,4 +403,4 @@ def check_untrusted_server_is_refused(kind: str, tmp_path: Path) -> None:
         # nginx checks the peer only after its handshake completes, so the PROD side may
         # open (and at once lose) a connection to the producer; no byte may arrive there.
         assert wait_for(lambda: len(server.received) == server.accepted, 5)
-        assert all(n == 0 for _, n in server.received), "the consumer's bytes reached the producer"
+        assert all(n == 0 for n, _ in server.received), "the consumer's bytes reached the producer"

@@ -14,19 +14,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from proxy_harness import (
-    DuplexServer,
-    check_duplex,
-    check_removed,
-    digest_of,
-    duplex_transfer,
-    free_port,
-    make_backend,
-    pid_gone,
-    plans,
-    running_pair,
-    wait_for,
-)
+from proxy_harness import check_duplex, check_removed, free_port, make_backend, pid_gone, plans, running_pair
+from streams import DuplexServer, duplex_transfer, pattern_digest, wait_for
 
 from scistream.s2cs.backends.base import BackendError, RoutePlan, SessionPlan
 
@@ -63,32 +52,32 @@ def test_apply_is_idempotent_and_replaces_a_changed_plan(tmp_path: Path) -> None
         plan = pair.prod._sessions[pair.uid].plan  # type: ignore[attr-defined]
         pair.run(pair.prod.apply(plan))
         assert pair.prod.child_pid(pair.uid) == pid  # type: ignore[attr-defined]
-        other = DuplexServer(seed=55, send_bytes=4096)
+        other = DuplexServer(send_bytes=4096, seed=55)
         try:
-            route = RoutePlan(plan.routes[0].route_id, plan.routes[0].listen, other.endpoint)
+            route = RoutePlan(plan.routes[0].route_id, plan.routes[0].listen, other.address)
             moved = SessionPlan(plan.uid, plan.role, (route,), plan.security, plan.psk_identity, plan.psk_key)
             pair.run(pair.prod.apply(moved))
             assert pid_gone(pid)
-            got = duplex_transfer(pair.client_endpoints[0], seed=3, send_bytes=4096)
-            assert got == (digest_of(55, 4096), 4096)
+            _, got = duplex_transfer(pair.client_endpoints[0], send_bytes=4096, seed=3)
+            assert got == (4096, pattern_digest(4096, 55))
         finally:
             other.close()
 
 
 def test_wrong_key_reaches_nothing(tmp_path: Path) -> None:
-    server = DuplexServer(seed=1, send_bytes=4096)
+    server = DuplexServer(send_bytes=4096, seed=1)
     runner = asyncio.Runner()
     prod = make_backend("stunnel", tmp_path / "p")
     cons = make_backend("stunnel", tmp_path / "c")
     try:
         prod_plan, cons_plan, _, cons_eps = plans(
-            "k1", "tls", [server.endpoint], key=os.urandom(32).hex().encode(), identity="k1"
+            "k1", "tls", [server.address], key=os.urandom(32).hex().encode(), identity="k1"
         )
         wrong = SessionPlan("k1", "CONS", cons_plan.routes, "tls", "k1", os.urandom(32).hex().encode())
         runner.run(prod.apply(prod_plan))
         runner.run(cons.apply(wrong))
         try:
-            _, n = duplex_transfer(cons_eps[0], seed=2, send_bytes=4096, timeout=10)
+            _, (n, _) = duplex_transfer(cons_eps[0], send_bytes=4096, seed=2, timeout=10, check_send=False)
         except ConnectionError:
             n = 0
         assert n == 0
@@ -119,7 +108,7 @@ def test_compat_listener_refuses_anonymous_null_cipher(tmp_path: Path) -> None:
         assert result.returncode != 0
         assert pair.servers[0].accepted == 0, "an anonymous client reached the producer"
     # The probe itself works: a 1.x-style stunnel (ciphers = eNULL) lets it through.
-    server = DuplexServer(seed=9, send_bytes=16)
+    server = DuplexServer(send_bytes=16, seed=9)
     port = free_port()
     conf = tmp_path / "legacy.conf"
     conf.write_text(
@@ -128,7 +117,7 @@ def test_compat_listener_refuses_anonymous_null_cipher(tmp_path: Path) -> None:
         pid =
         [legacy]
         accept = 127.0.0.1:{port}
-        connect = {server.endpoint}
+        connect = {server.address}
         ciphers = eNULL
         sslVersionMax = TLSv1.2
         PSKsecrets = {tmp_path / "legacy.psk"}
@@ -160,7 +149,7 @@ def test_compat_interoperates_with_a_1x_stunnel(tmp_path: Path) -> None:
     They agree on a PSK suite (PSK-NULL-SHA256), never the anonymous one."""
     uid = "4f8583bc-a4d3-11ee-9fd6-034d1fcbd7c3"
     key = uid.replace("-", "")
-    server = DuplexServer(seed=4, send_bytes=1 << 20)
+    server = DuplexServer(send_bytes=1 << 20, seed=4)
     port = free_port()
     (tmp_path / "legacy.psk").write_text(f"client1:{key}\n")
     conf = tmp_path / "legacy.conf"
@@ -171,7 +160,7 @@ def test_compat_interoperates_with_a_1x_stunnel(tmp_path: Path) -> None:
         debug = 6
         [legacy]
         accept = 127.0.0.1:{port}
-        connect = {server.endpoint}
+        connect = {server.address}
         ciphers = eNULL
         sslVersionMax = TLSv1.2
         PSKsecrets = {tmp_path / "legacy.psk"}
@@ -185,7 +174,6 @@ def test_compat_interoperates_with_a_1x_stunnel(tmp_path: Path) -> None:
     cons = make_backend("stunnel", tmp_path / "c")
     try:
         assert wait_for(lambda: _port_open(port), 10)
-        server.accepted = 0
         cport = free_port()
         plan = SessionPlan(
             uid,
@@ -196,9 +184,9 @@ def test_compat_interoperates_with_a_1x_stunnel(tmp_path: Path) -> None:
             key.encode(),
         )
         runner.run(cons.apply(plan))
-        got = duplex_transfer(f"127.0.0.1:{cport}", seed=5, send_bytes=1 << 20)
-        assert got == (digest_of(4, 1 << 20), 1 << 20)
-        assert wait_for(lambda: server.received == [(digest_of(5, 1 << 20), 1 << 20)], 5)
+        _, got = duplex_transfer(f"127.0.0.1:{cport}", send_bytes=1 << 20, seed=5)
+        assert got == (1 << 20, pattern_digest(1 << 20, 4))
+        assert wait_for(lambda: server.received == [(1 << 20, pattern_digest(1 << 20, 5))], 5)
         negotiated = [line for line in legacy_log.read_text().splitlines() if "ciphersuite" in line]
         assert negotiated and all("PSK" in line and "AECDH" not in line for line in negotiated), negotiated
     finally:

@@ -21,8 +21,9 @@ from typing import Any
 
 import grpc
 import pytest
-from proxy_harness import CertSet, DuplexServer, digest_of, duplex_transfer, make_certs, wait_for
+from proxy_harness import CertSet, make_certs
 from s2cs_process import Gateway, start_s2cs, stop_s2cs
+from streams import DuplexServer, duplex_transfer, pattern_digest, wait_for
 
 from scistream._proto import scistream_pb2 as pb
 from scistream._proto import scistream_pb2_grpc
@@ -93,8 +94,7 @@ def establish(prod: Any, cons: Any, uid: str, app: str) -> tuple[Any, Any]:
 
 def test_haproxy_tls_pair_configured_by_backend_options(gateways: tuple[Gateway, Gateway, CertSet]) -> None:
     prod_gw, cons_gw, _certs = gateways
-    server = DuplexServer(seed=41, send_bytes=SIZE)
-    server.expect_bytes = SIZE
+    server = DuplexServer(send_bytes=SIZE, seed=41, expect_bytes=SIZE)
     uid = "opts-" + os.urandom(4).hex()
     with (
         contextlib.closing(server),
@@ -102,13 +102,13 @@ def test_haproxy_tls_pair_configured_by_backend_options(gateways: tuple[Gateway,
         grpc.insecure_channel(cons_gw.address) as cch,
     ):
         prod, cons = scistream_pb2_grpc.ControlStub(pch), scistream_pb2_grpc.ControlStub(cch)
-        p, c = establish(prod, cons, uid, server.endpoint)
+        p, c = establish(prod, cons, uid, server.address)
         assert p.security == "tls"
 
-        got = duplex_transfer(c.listeners[0], seed=42, send_bytes=SIZE, expect=SIZE)
-        assert got == (digest_of(41, SIZE), SIZE), "bytes from the producer differ"
-        assert wait_for(lambda: len(server.received) >= 1), "the producer saw no connection"
-        assert server.received[-1] == (digest_of(42, SIZE), SIZE), "bytes to the producer differ"
+        _, got = duplex_transfer(c.listeners[0], send_bytes=SIZE, seed=42, expect=SIZE)
+        assert got == (SIZE, pattern_digest(SIZE, 41)), "bytes from the producer differ"
+        assert wait_for(lambda: len(server.received) >= 1, 10), "the producer saw no connection"
+        assert server.received[-1] == (SIZE, pattern_digest(SIZE, 42)), "bytes to the producer differ"
         assert not server.errors
         status = prod.status(pb.StatusRequest(uid=uid), timeout=5).sessions[0]
         assert status.backend == "haproxy" and status.security == "tls"
