@@ -61,12 +61,15 @@ def pattern_block(seed: int, size: int = _BLOCK) -> bytearray:
     return bytearray(Random(seed).randbytes(size))
 
 
-def send_stream(sock: socket.socket, total: int, seed: int, *, shutdown: bool = True) -> str:
+def send_stream(sock: socket.socket, total: int, seed: int, *, shutdown: bool = True,
+                write_size: int = _BLOCK, pace: float = 0.0) -> str:
     """Send ``total`` bytes of the seed's stream (then a FIN, with ``shutdown``); return their SHA-256 (hex).
 
     Every 1 MiB chunk differs (a counter in its first bytes), so a reordered,
     repeated or dropped chunk changes the digest. Hashing and sendall release
-    the GIL, so several streams in threads run in parallel.
+    the GIL, so several streams in threads run in parallel. ``write_size`` and
+    ``pace`` (seconds slept after each write) only change how the same bytes are
+    written, to keep a stream in flight for a while.
     """
     block = pattern_block(seed)
     view = memoryview(block)
@@ -75,7 +78,10 @@ def send_stream(sock: socket.socket, total: int, seed: int, *, shutdown: bool = 
     while sent < total:
         n = min(_BLOCK, total - sent)
         struct.pack_into("<Q", block, 0, index)
-        sock.sendall(view[:n])
+        for start in range(0, n, write_size):
+            sock.sendall(view[start:min(n, start + write_size)])
+            if pace:
+                time.sleep(pace)
         digest.update(view[:n])
         sent += n
         index += 1
@@ -84,8 +90,12 @@ def send_stream(sock: socket.socket, total: int, seed: int, *, shutdown: bool = 
     return digest.hexdigest()
 
 
-def recv_stream(sock: socket.socket, limit: int | None = None) -> tuple[int, str]:
-    """Read until EOF (or ``limit`` bytes); return (bytes read, SHA-256 hex)."""
+def recv_stream(sock: socket.socket, limit: int | None = None, *,
+                progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """Read until EOF (or ``limit`` bytes); return (bytes read, SHA-256 hex).
+
+    ``progress`` is called with the bytes read so far after every read, for a test that
+    watches a transfer in flight."""
     buf = bytearray(_BLOCK)
     view = memoryview(buf)
     digest = hashlib.sha256()
@@ -97,6 +107,8 @@ def recv_stream(sock: socket.socket, limit: int | None = None) -> tuple[int, str
             break
         digest.update(view[:n])
         got += n
+        if progress is not None:
+            progress(got)
     return got, digest.hexdigest()
 
 
@@ -221,11 +233,13 @@ class StreamServer:
 
 
 @contextlib.contextmanager
-def _sending(sock: socket.socket, send_bytes: int, seed: int, expect: int | None) -> Iterator[Future[str]]:
-    """Send the seed's stream on ``sock`` from a thread (FIN after it when ``expect`` is None)
-    while the body reads; a failing body wakes the sender first, by shutting the socket down."""
+def _sending(sock: socket.socket, send_bytes: int, seed: int, expect: int | None,
+             **pacing: Any) -> Iterator[Future[str]]:
+    """Send the seed's stream on ``sock`` from a thread (FIN after it when ``expect`` is None;
+    ``pacing``: send_stream's write_size and pace) while the body reads; a failing body wakes
+    the sender first, by shutting the socket down."""
     with ThreadPoolExecutor(1) as pool:
-        sending = pool.submit(send_stream, sock, send_bytes, seed, shutdown=expect is None)
+        sending = pool.submit(send_stream, sock, send_bytes, seed, shutdown=expect is None, **pacing)
         try:
             yield sending
         except BaseException:
@@ -280,16 +294,21 @@ class DuplexServer(StreamServer):
 
 
 def duplex_transfer(address: str, *, send_bytes: int, seed: int, expect: int | None = None,
-                    timeout: float = 60.0, check_send: bool = True) -> tuple[str, tuple[int, str]]:
+                    timeout: float = 60.0, check_send: bool = True, write_size: int = _BLOCK,
+                    pace: float = 0.0, progress: Callable[[int], None] | None = None
+                    ) -> tuple[str, tuple[int, str]]:
     """A consumer's side of a duplex transfer: connect to ``address`` (``timeout`` per socket
     operation) and send ``send_bytes`` of the seed's stream while hashing what arrives.
     Returns (SHA-256 sent, (bytes read, SHA-256 read)).
 
     A read error (refused, reset) is raised. So is a send error, unless ``check_send`` is off,
     for a connection that may be refused, where only what was read matters: then the SHA-256
-    sent is "" when the send failed."""
-    with connect(address, timeout=timeout) as sock, _sending(sock, send_bytes, seed, expect) as sending:
-        got = recv_stream(sock, expect)
+    sent is "" when the send failed.
+
+    ``write_size`` and ``pace`` are send_stream's, ``progress`` recv_stream's."""
+    with (connect(address, timeout=timeout) as sock,
+          _sending(sock, send_bytes, seed, expect, write_size=write_size, pace=pace) as sending):
+        got = recv_stream(sock, expect, progress=progress)
         try:
             return sending.result(timeout=_SEND_RESULT_TIMEOUT), got
         except OSError:
