@@ -1,9 +1,13 @@
-"""Helpers of the s2ds and native-backend tests: a daemon launcher, an echo server, SHA-256 streams."""
+"""Helpers of the s2ds and native-backend tests: a daemon launcher, an echo server, an echo round trip.
+
+Streams, the threaded server, ``connect`` and ``wait_for`` come from tests/streams.py; the echo
+server is a streams.StreamServer with an echo handler, and a round trip through it is a
+streams.duplex_transfer of the seeded stream that must come back unchanged.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import socket
@@ -16,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from streams import MiB, Served, StreamServer, connect, duplex_transfer, wait_for
 
 from scistream.dataplane import native_available
-from scistream.endpoints import parse_endpoint
 from scistream.s2ds.server import probe
 
 S2DS = [sys.executable, "-m", "scistream.s2ds"]
@@ -31,15 +35,6 @@ def need_native(what: str) -> None:
     if os.environ.get("SCISTREAM_REQUIRE_NATIVE") == "1":
         pytest.fail(f"SCISTREAM_REQUIRE_NATIVE=1 but the native engine is not built ({what})")
     pytest.skip(f"{what} needs the native engine (TLS PSK), which is not built")
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
@@ -90,97 +85,36 @@ class Daemon:
         self._log.close()
 
 
-class EchoServer:
-    """A TCP server that echoes every connection until EOF, then half-closes it."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_server((host, 0))
-        self.address = f"{host}:{self.sock.getsockname()[1]}"
-        self.connections = 0
-        self._stop = False
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        t = threading.Thread(target=self._accept, daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self._conns.append(conn)
-            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn:
-            while data := conn.recv(1 << 16):
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
-        for c in self._conns:
-            with contextlib.suppress(OSError):
-                c.close()
-
-
-def connect(endpoint: str, timeout: float = 10.0) -> socket.socket:
-    host, port = parse_endpoint(endpoint)
-    return socket.create_connection((host, port), timeout=timeout)
+#: The seed of the stream an echo round trip sends (and must get back).
+ECHO_SEED = 0xEC40
 
 
 def echo_roundtrip(
     endpoint: str,
     total: int,
     *,
-    chunk: int = 1 << 16,
+    chunk: int = MiB,
     pace: float = 0.0,
     on_first_echo: Callable[[], None] | None = None,
     timeout: float = 30.0,
 ) -> tuple[str, str, int]:
-    """Send ``total`` random bytes through ``endpoint`` to an echo server.
+    """Send ``total`` bytes of the seeded stream through ``endpoint`` to an echo server.
 
-    Returns (sha256 sent, sha256 received, bytes received). ``pace`` sleeps
-    between chunks so a stream stays in flight for a while.
+    Returns (sha256 sent, sha256 received, bytes received). ``chunk`` is the size of each
+    write and ``pace`` sleeps after each so a stream stays in flight for a while;
+    ``on_first_echo`` is called once, when the first echoed bytes arrive.
     """
-    data = os.urandom(total)
-    sent_sha = hashlib.sha256(data).hexdigest()
-    sock = connect(endpoint, timeout)
-    got = hashlib.sha256()
-    received = 0
-    errors: list[BaseException] = []
+    first: list[Callable[[], None]] = [on_first_echo] if on_first_echo is not None else []
 
-    def sender() -> None:
-        try:
-            view = memoryview(data)
-            for i in range(0, total, chunk):
-                sock.sendall(view[i : i + chunk])
-                if pace:
-                    time.sleep(pace)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            errors.append(exc)
+    def progress(_got: int) -> None:
+        if first:
+            first.pop()()
 
-    t = threading.Thread(target=sender, daemon=True)
-    t.start()
-    try:
-        while buf := sock.recv(1 << 16):
-            if received == 0 and on_first_echo is not None:
-                on_first_echo()
-            got.update(buf)
-            received += len(buf)
-    finally:
-        t.join(timeout)
-        sock.close()
-    assert not errors, f"sending failed: {errors[0]}"
-    return sent_sha, got.hexdigest(), received
+    sent, (received, got) = duplex_transfer(
+        endpoint, send_bytes=total, seed=ECHO_SEED, timeout=timeout, write_size=chunk, pace=pace,
+        progress=progress,
+    )
+    return sent, got, received
 
 
 def refused(endpoint: str) -> bool:
@@ -198,9 +132,17 @@ def refused(endpoint: str) -> bool:
             return True
 
 
+def _echo(sock: socket.socket, served: Served) -> None:
+    """Echo a connection until EOF, then half-close it."""
+    while data := sock.recv(1 << 16):
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
 @contextlib.contextmanager
-def echo_server(host: str = "127.0.0.1") -> Iterator[EchoServer]:
-    srv = EchoServer(host)
+def echo_server(host: str = "127.0.0.1") -> Iterator[StreamServer]:
+    """A StreamServer that echoes every connection; ``accepted`` counts the connections."""
+    srv = StreamServer(_echo, host)
     try:
         yield srv
     finally:

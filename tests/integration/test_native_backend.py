@@ -15,14 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s2ds_support import S2DS, Daemon, connect, echo_roundtrip, echo_server, need_native, refused, wait_for
+from s2ds_support import S2DS, Daemon, echo_roundtrip, echo_server, need_native, refused
+from streams import MiB, connect, wait_for
 
 from scistream.dataplane import compat_key_from_uid
 from scistream.s2cs.backends import create_backend
 from scistream.s2cs.backends.base import BackendError, BackendOptions, RoutePlan, SessionPlan
 from scistream.s2cs.backends.native import NativeBackend, stop_spawned_s2ds
-
-MiB = 1 << 20
 
 
 @pytest.fixture
@@ -105,10 +104,10 @@ def test_apply_usage_restart_remove(state_dirs: list[Path]) -> None:
                 security="plain",
                 routes=(RoutePlan(f"{uid}/0", f"127.0.0.1:{p0}", e2.address), plan.routes[1]),
             )
-            before = e2.connections
+            before = e2.accepted
             await b.apply(moved)
             sent, got, _ = await asyncio.to_thread(echo_roundtrip, f"127.0.0.1:{p0}", 1000)
-            assert got == sent and e2.connections == before + 1
+            assert got == sent and e2.accepted == before + 1
             held.sendall(b"c")
             assert held.recv(1) == b"c"
             held.close()
@@ -247,7 +246,7 @@ def test_tls_session_pair(state_dirs: list[Path], security: str) -> None:
         asyncio.run(run())
     if key:
         for d in state_dirs:
-            assert wait_for(lambda d=d: (d / "s2ds.log").exists())
+            assert wait_for(lambda d=d: (d / "s2ds.log").exists(), 10)
             assert key.hex() not in (d / "s2ds.log").read_text()
 
 

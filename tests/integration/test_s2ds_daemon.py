@@ -21,14 +21,13 @@ import zmq
 from s2ds_support import (
     S2DS,
     Daemon,
-    connect,
     echo_roundtrip,
     echo_server,
     need_native,
     refused,
     stop,
-    wait_for,
 )
+from streams import MiB, connect, wait_for
 
 from scistream._proto import dataplane_pb2 as pb
 from scistream.dataplane import AddressInUse, Route, RouteExists, RouteNotFound
@@ -36,7 +35,6 @@ from scistream.s2ds.client import S2dsClient, S2dsUnavailable
 from scistream.s2ds.keys import keygen, load_keypair, load_public
 
 T = TypeVar("T")
-MiB = 1 << 20
 
 
 @pytest.fixture
@@ -109,7 +107,8 @@ def test_routes_bytes_and_stats(daemon: Daemon) -> None:
         assert wait_for(
             lambda: (
                 call(daemon.address, lambda c: c.stats("r1")).routes["r1"].bytes_from_target == 3 * MiB + 17
-            )
+            ),
+            10,
         )
         assert rs.bytes_to_target == 3 * MiB + 17
         assert rs.connections_total == 1 and rs.labels == {"uid": "u1"}

@@ -16,17 +16,14 @@ import pytest
 from s2ds_support import (
     S2DS,
     Forward,
-    connect,
     echo_roundtrip,
     echo_server,
     make_certs,
     need_native,
     refused,
     stop,
-    wait_for,
 )
-
-MiB = 1 << 20
+from streams import MiB, connect, wait_for
 
 
 def test_plain_forward_with_stats() -> None:
@@ -50,7 +47,7 @@ def test_forward_round_robin_and_rate_option() -> None:
             for _ in range(4):
                 sent, got, _n = echo_roundtrip(fwd.bound, 4096)
                 assert got == sent
-            assert (a.connections, b.connections) == (2, 2)
+            assert (a.accepted, b.accepted) == (2, 2)
         finally:
             assert fwd.finish() == 0
 
