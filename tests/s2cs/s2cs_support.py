@@ -4,13 +4,15 @@
 every listener and (security "plain") forwards bytes to the target with
 asyncio, so tests move real bytes; with a TLS plan it only accepts and closes
 (the TLS data plane is the native backend's business, tested elsewhere).
+
+``Producer`` and ``Consumer`` are the stream applications at either end, built on
+tests/streams.py (the seeded SHA-256 stream, its StreamServer, connect, recv_stream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import random
 import socket
@@ -20,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
+from streams import Served, StreamServer, connect, recv_stream, send_stream
 
 from scistream._proto import scistream_pb2
 from scistream.endpoints import parse_endpoint
@@ -280,55 +283,45 @@ def prod_flow(
     return resp
 
 
-class Producer:
-    """A producer application: a TCP server that sends ``total`` bytes to its first client."""
+#: The seed of the stream a Producer sends.
+PRODUCER_SEED = 0x9D0D
 
-    def __init__(self, total: int, block: int = 1 << 20) -> None:
+
+class Producer(StreamServer):
+    """A producer application: a TCP server that sends ``total`` bytes of the seeded stream to
+    each client, then a FIN; a connection's ``results["sent"]`` is the SHA-256 it sent."""
+
+    def __init__(self, total: int, seed: int = PRODUCER_SEED) -> None:
         self.total = total
-        self.block = os.urandom(block)
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.seed = seed
+        super().__init__(self._send)
         self.port = int(self.sock.getsockname()[1])
-        self.sha = hashlib.sha256()
-        self.sent = 0
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-            with conn:
-                view = memoryview(self.block)
-                while self.sent < self.total:
-                    chunk = view[: min(len(view), self.total - self.sent)]
-                    conn.sendall(chunk)
-                    self.sha.update(chunk)
-                    self.sent += len(chunk)
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-        finally:
-            self.sock.close()
+    def _send(self, sock: socket.socket, served: Served) -> None:
+        served.results["sent"] = send_stream(sock, self.total, self.seed)
 
 
 class Consumer:
-    """A consumer application: connects and reads to EOF, hashing, in a thread."""
+    """A consumer application: connects and reads to EOF, hashing, in a thread.
+
+    ``received`` grows as bytes arrive (a test watches the transfer in flight); ``sha`` is
+    the SHA-256 (hex) of what was read, once the read ended."""
 
     def __init__(self, endpoint: str, timeout: float = 60.0) -> None:
-        host, port = parse_endpoint(endpoint)
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sha = hashlib.sha256()
+        self.sock = connect(endpoint, timeout)
+        self.sha = ""
         self.received = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _progress(self, got: int) -> None:
+        self.received = got
+
     def _run(self) -> None:
         try:
             with self.sock:
-                buf = bytearray(1 << 20)
-                while n := self.sock.recv_into(buf):
-                    self.sha.update(memoryview(buf)[:n])
-                    self.received += n
+                self.received, self.sha = recv_stream(self.sock, progress=self._progress)
         except BaseException as exc:
             self.error = exc
 

@@ -60,16 +60,15 @@ def test_tls_stream_through_two_native_gateways(gateways: tuple[ServerThread, Se
     prod_st, cons_st = gateways
     pch, prod = connect(prod_st)
     cch, cons = connect(cons_st)
-    with contextlib.closing(pch), contextlib.closing(cch):
-        app = Producer(64 << 20)
+    with contextlib.closing(pch), contextlib.closing(cch), contextlib.closing(Producer(64 << 20)) as app:
         uid = new_uid()
         p, c = establish(prod, cons, uid, app.port, num_conn=2)
         assert p.security == "tls" and len(p.session_key) == 32
         consumer = Consumer(c.listeners[0])
         consumer.join(60)
-        app.thread.join(10)
-        assert app.error is None and consumer.error is None
-        assert consumer.received == app.total and consumer.sha.hexdigest() == app.sha.hexdigest()
+        (served,) = app.wait_served(1, timeout=10)
+        assert served.error is None and consumer.error is None
+        assert consumer.received == app.total and consumer.sha == served.results["sent"]
         deadline = time.time() + 10
         while time.time() < deadline:
             s = prod.status(pb.StatusRequest(uid=uid), timeout=5).sessions[0]

@@ -123,9 +123,9 @@ def test_kill9_mid_stream(tmp_path: Path) -> None:
                 assert [(s.uid, s.role) for s in listed] == [(uid, role)]
                 assert listed[0].state in ("ready", "active")
             consumer.join(120)
-            app.thread.join(10)
-            assert app.error is None and consumer.error is None
-            assert consumer.received == TOTAL and consumer.sha.hexdigest() == app.sha.hexdigest()
+            (served,) = app.wait_served(1, timeout=10)
+            assert served.error is None and consumer.error is None
+            assert consumer.received == TOTAL and consumer.sha == served.results["sent"]
             assert killed_at < TOTAL, "the stream ended before s2cs was killed; nothing was proven"
             for stub in (cons, prod):
                 stub.release(pb.Release(uid=uid), timeout=10)
@@ -142,6 +142,5 @@ def test_kill9_mid_stream(tmp_path: Path) -> None:
             with contextlib.suppress(OSError):
                 consumer.sock.close()
         if app is not None:
-            with contextlib.suppress(OSError):
-                app.sock.close()
+            app.close()
         assert not os.path.exists(tmp_path / "app.log")
