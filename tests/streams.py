@@ -11,7 +11,7 @@ sends no FIN (for proxies whose half-close is not under test). ``StreamServer`` 
 handler per connection in a thread; ``DuplexServer`` is the producer stand-in built on it,
 ``duplex_transfer`` the consumer.
 
-Imported as ``streams`` by tests/dataplane, tests/robustness and tests/integration: tests/ is
+Imported as ``streams`` by tests/dataplane, tests/robustness, tests/integration and tests/s2cs: tests/ is
 on sys.path because tests/conftest.py lives there (pytest's default "prepend" import mode).
 """
 
