@@ -61,6 +61,16 @@ def pattern_block(seed: int, size: int = _BLOCK) -> bytearray:
     return bytearray(Random(seed).randbytes(size))
 
 
+def _pattern_chunks(total: int, seed: int) -> Iterator[memoryview]:
+    """The first ``total`` bytes of the seed's stream in 1 MiB chunks, chunk i stamped with i.
+    The chunks share one buffer: use each before asking for the next."""
+    block = pattern_block(seed)
+    view = memoryview(block)
+    for index, start in enumerate(range(0, total, _BLOCK)):
+        struct.pack_into("<Q", block, 0, index)
+        yield view[:min(_BLOCK, total - start)]
+
+
 def send_stream(sock: socket.socket, total: int, seed: int, *, shutdown: bool = True,
                 write_size: int = _BLOCK, pace: float = 0.0) -> str:
     """Send ``total`` bytes of the seed's stream (then a FIN, with ``shutdown``); return their SHA-256 (hex).
@@ -71,20 +81,13 @@ def send_stream(sock: socket.socket, total: int, seed: int, *, shutdown: bool = 
     ``pace`` (seconds slept after each write) only change how the same bytes are
     written, to keep a stream in flight for a while.
     """
-    block = pattern_block(seed)
-    view = memoryview(block)
     digest = hashlib.sha256()
-    sent, index = 0, 0
-    while sent < total:
-        n = min(_BLOCK, total - sent)
-        struct.pack_into("<Q", block, 0, index)
-        for start in range(0, n, write_size):
-            sock.sendall(view[start:min(n, start + write_size)])
+    for chunk in _pattern_chunks(total, seed):
+        for start in range(0, len(chunk), write_size):
+            sock.sendall(chunk[start:start + write_size])
             if pace:
                 time.sleep(pace)
-        digest.update(view[:n])
-        sent += n
-        index += 1
+        digest.update(chunk)
     if shutdown:
         sock.shutdown(socket.SHUT_WR)
     return digest.hexdigest()
@@ -131,15 +134,9 @@ def recv_prefix(sock: socket.socket) -> tuple[int, str, str]:
 
 def pattern_digest(total: int, seed: int) -> str:
     """The SHA-256 of the first ``total`` bytes of the seed's stream (what send_stream sends)."""
-    block = pattern_block(seed)
     digest = hashlib.sha256()
-    done, index = 0, 0
-    while done < total:
-        n = min(_BLOCK, total - done)
-        struct.pack_into("<Q", block, 0, index)
-        digest.update(memoryview(block)[:n])
-        done += n
-        index += 1
+    for chunk in _pattern_chunks(total, seed):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
