@@ -91,9 +91,11 @@ def _leaf(
     sans: list[x509.GeneralName],
     days: int,
     self_signed: bool,
+    client_auth: bool = False,
 ) -> x509.Certificate:
     not_before, not_after = _validity(days)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -106,7 +108,7 @@ def _leaf(
         # A self-signed server cert is its own trust anchor when pinned, so it must
         # be allowed to act as one (OpenSSL refuses CA:FALSE roots for verification).
         .add_extension(x509.BasicConstraints(ca=self_signed, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if not self_signed:
@@ -150,8 +152,10 @@ def make_ca_and_leaf(
     common_name: str | None = None,
     days: int = 365,
     key_type: str = "ec",
+    client_auth: bool = False,
 ) -> CaAndLeaf:
-    """A CA (``ca.crt``/``ca.key``) and a server leaf it signs (``server.crt``/``server.key``)."""
+    """A CA (``ca.crt``/``ca.key``) and a server leaf it signs (``server.crt``/``server.key``).
+    With ``client_auth`` the leaf may also authenticate a client (mutual TLS between gateways)."""
     ips, dns = list(ip_addresses or []), list(dns_names or [])
     sans = _sans(ips, dns)
     out = Path(directory)
@@ -187,7 +191,10 @@ def make_ca_and_leaf(
     )
     key = _new_key(key_type)
     cn = common_name or (ips[0] if ips else dns[0])
-    leaf = _leaf(cn, key, issuer=ca_subject, issuer_key=ca_key, sans=sans, days=days, self_signed=False)
+    leaf = _leaf(
+        cn, key, issuer=ca_subject, issuer_key=ca_key, sans=sans, days=days, self_signed=False,
+        client_auth=client_auth,
+    )
     paths = CaAndLeaf(
         out / f"{ca_name}.crt", out / f"{ca_name}.key", out / f"{name}.crt", out / f"{name}.key"
     )

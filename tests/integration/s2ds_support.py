@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from streams import MiB, Served, StreamServer, connect, duplex_transfer, wait_for
 
+from scistream.certs import make_ca_and_leaf
 from scistream.dataplane import native_available
 from scistream.s2ds.server import probe
 
@@ -151,56 +152,8 @@ def echo_server(host: str = "127.0.0.1") -> Iterator[StreamServer]:
 
 def make_certs(out: Path) -> tuple[Path, Path, Path]:
     """(ca, cert, key) PEM files: a CA and a server certificate for 127.0.0.1 / localhost."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "s2ds test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    paths = (out / "ca.pem", out / "cert.pem", out / "key.pem")
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    paths[2].chmod(0o600)
-    return paths
+    made = make_ca_and_leaf(out, ["127.0.0.1"], ["localhost"], common_name="localhost", days=1)
+    return made.ca_cert, made.cert, made.key
 
 
 class Forward:

@@ -68,6 +68,22 @@ def test_openssl_verifies_self_signed_and_ca_leaf(tmp_path: Path) -> None:
     assert stat.S_IMODE(made.key.stat().st_mode) == 0o600
 
 
+def test_leaf_authenticates_clients_only_when_asked(tmp_path: Path) -> None:
+    def purposes(cert: Path, ca: Path) -> tuple[bool, bool]:
+        """(valid for a TLS server, valid for a TLS client) by openssl verify -purpose."""
+
+        def check(purpose: str) -> bool:
+            argv = ["openssl", "verify", "-CAfile", str(ca), "-purpose", purpose, str(cert)]
+            return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+        return check("sslserver"), check("sslclient")
+
+    server_only = make_ca_and_leaf(tmp_path / "a", ["127.0.0.1"])
+    assert purposes(server_only.cert, server_only.ca_cert) == (True, False)
+    both = make_ca_and_leaf(tmp_path / "b", ["127.0.0.1"], client_auth=True)
+    assert purposes(both.cert, both.ca_cert) == (True, True)
+
+
 def test_cli_writes_files_and_refuses_to_overwrite(tmp_path: Path) -> None:
     runner = CliRunner()
     r = runner.invoke(
