@@ -211,3 +211,16 @@ def split_csv(values: Sequence[str] | str) -> list[str]:
     """``a,b`` / ``["a,b", "c"]`` -> ``["a", "b", "c"]``: options take lists both ways."""
     items = [values] if isinstance(values, str) else list(values)
     return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def port_list(values: Sequence[str] | str, option: str, *, required: bool = False) -> list[int]:
+    """The port numbers given to ``option`` (comma-separated); one that is not a port, or
+    none at all when ``required``, is a usage error naming the option."""
+    ports = []
+    for item in split_csv(values):
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise ControlError(f"{option}: {item!r} is not a port number", ExitCode.USAGE)
+        ports.append(int(item))
+    if required and not ports:
+        raise ControlError(f"{option}: no ports given", ExitCode.USAGE)
+    return ports

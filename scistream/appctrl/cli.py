@@ -22,7 +22,7 @@ from scistream.appctrl import apps
 from scistream.appctrl.controller import AppController, ReadySession
 from scistream.cliutil import BothSpellingsGroup, ToolError
 from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
-from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, split_csv
+from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, port_list, split_csv
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +84,6 @@ def server_options(f: Any) -> Any:
     for opt in reversed(opts):
         f = opt(f)
     return f
-
-
-def _ports(text: str) -> list[int]:
-    out = []
-    for item in split_csv(text):
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
-            raise ControlError(f"--ports: {item!r} is not a port number", ExitCode.USAGE)
-        out.append(int(item))
-    return out
 
 
 def _endpoints(ip: str, ports: Sequence[int]) -> list[str]:
@@ -158,7 +149,7 @@ def mock(
     timeout: float,
 ) -> None:
     """Send the hello for UID to S2CS: the application listens at IP:--ports."""
-    listeners = _endpoints(ip, _ports(ports))
+    listeners = _endpoints(ip, port_list(ports, "--ports"))
     got = asyncio.run(
         _hello(
             s2cs=s2cs,

@@ -60,6 +60,19 @@ class ReadySession:
     targets: list[str] = field(default_factory=list)
     security: str = ""
 
+    @classmethod
+    def of(cls, src: pb.SessionStatus | SessionEvent) -> ReadySession:
+        """From a status answer or a session event (they carry the same fields)."""
+        return cls(
+            uid=src.uid,
+            role=src.role,
+            state=src.state,
+            listeners=list(src.listeners),
+            prod_listeners=list(src.prod_listeners),
+            targets=list(src.targets),
+            security=src.security,
+        )
+
 
 def events_address(advertised: str, s2cs: str) -> str:
     """A wildcard bind (``tcp://*:N``, ``tcp://0.0.0.0:N``) is reached at the s2cs's host."""
@@ -196,15 +209,7 @@ class AppController:
             st = await self.status()
             if st is not None:
                 if st.state in READY_STATES:
-                    return ReadySession(
-                        uid=st.uid,
-                        role=st.role,
-                        state=st.state,
-                        listeners=list(st.listeners),
-                        prod_listeners=list(st.prod_listeners),
-                        targets=list(st.targets),
-                        security=st.security,
-                    )
+                    return ReadySession.of(st)
                 if st.state in DEAD_STATES:
                     raise ControlError(f"session {self.uid} is {st.state}: {st.error or 'no reason given'}")
             wait = poll_every
@@ -221,15 +226,7 @@ class AppController:
             if event.event in DEAD_STATES or event.state in DEAD_STATES:
                 raise ControlError(f"session {self.uid} is {event.state}: {event.error or 'no reason given'}")
             if event.event in READY_STATES or event.state in READY_STATES:
-                return ReadySession(
-                    uid=event.uid,
-                    role=event.role,
-                    state=event.state,
-                    listeners=list(event.listeners),
-                    prod_listeners=list(event.prod_listeners),
-                    targets=list(event.targets),
-                    security=event.security,
-                )
+                return ReadySession.of(event)
 
     async def _next_event(self, wait: float) -> SessionEvent | None:
         if self._sub is None:

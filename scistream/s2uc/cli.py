@@ -17,7 +17,7 @@ import click
 
 from scistream import __version__
 from scistream.cliutil import BothSpellingsGroup, ToolError
-from scistream.grpcutil import ControlError, ExitCode, split_csv
+from scistream.grpcutil import ControlError, ExitCode, port_list, split_csv
 from scistream.s2uc import flows, output, tokens
 from scistream.s2uc.config import ENV_PREFIX, S2ucConfig, load_config
 from scistream.s2uc.store import SessionRecord, SessionStore, read_key_file, write_key_file
@@ -201,15 +201,8 @@ def request_options(f: F) -> F:
     return f
 
 
-def _ports(text: str) -> list[int]:
-    ports = []
-    for item in split_csv(text):
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
-            raise ControlError(f"--receiver_ports: {item!r} is not a port number", ExitCode.USAGE)
-        ports.append(int(item))
-    if not ports:
-        raise ControlError("--receiver_ports: no ports given", ExitCode.USAGE)
-    return ports
+def _receiver_ports(text: str) -> list[int]:
+    return port_list(text, "--receiver_ports", required=True)
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:b(?:ytes?)?(?:/s)?)?\s*$", re.IGNORECASE)
@@ -367,7 +360,7 @@ def _producer(
     target = _target(
         ctx, address=s2cs, server_cert=server_cert, ssl=ssl, no_ssl=no_ssl, timeout=timeout, scope=scope
     )
-    hello = flows.expand_endpoints(remote_ip, _ports(receiver_ports)) if remote_ip else None
+    hello = flows.expand_endpoints(remote_ip, _receiver_ports(receiver_ports)) if remote_ip else None
     uid = flows.new_uid(mock)
     if not as_json:
         output.header(uid, s2cs, target.token, "PROD")
@@ -445,7 +438,7 @@ def _consumer(
     target = _target(
         ctx, address=s2cs, server_cert=server_cert, ssl=ssl, no_ssl=no_ssl, timeout=timeout, scope=scope
     )
-    hello = flows.expand_endpoints(remote_ip, _ports(receiver_ports)) if remote_ip else None
+    hello = flows.expand_endpoints(remote_ip, _receiver_ports(receiver_ports)) if remote_ip else None
     if not as_json:
         output.header(uid, s2cs, target.token, "CONS")
     side = flows.consumer_side(
@@ -581,7 +574,7 @@ def stream(
     if producer:
         prod_eps: list[str] | None = flows.check_endpoints(split_csv(list(producer)), "--producer")
     elif remote_ip:
-        prod_eps = flows.expand_endpoints(remote_ip, _ports(receiver_ports))
+        prod_eps = flows.expand_endpoints(remote_ip, _receiver_ports(receiver_ports))
     elif wait_appctrl:
         prod_eps = None
     else:
