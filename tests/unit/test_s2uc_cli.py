@@ -68,6 +68,24 @@ def s2uc(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def inbound(gw: Running, *extra: str, ports: str = "7000", num_conn: str = "1") -> Result:
+    """``s2uc inbound-request`` against ``gw`` for a producer on 127.0.0.1 at ``ports``."""
+    return s2uc(
+        "inbound-request",
+        "--server_cert",
+        str(gw.cert),
+        "--s2cs",
+        gw.address,
+        "--remote_ip",
+        "127.0.0.1",
+        "--receiver_ports",
+        ports,
+        "--num_conn",
+        num_conn,
+        *extra,
+    )
+
+
 def one_error_line(result: Result) -> str:
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, result.output
@@ -136,19 +154,7 @@ def test_underscore_spelling_defaults_and_mock(prod: Running) -> None:
 
 
 def test_outbound_request_takes_key_from_store(prod: Running, cons: Running) -> None:
-    r = s2uc(
-        "inbound-request",
-        "--server_cert",
-        str(prod.cert),
-        "--s2cs",
-        prod.address,
-        "--remote_ip",
-        "127.0.0.1",
-        "--receiver_ports",
-        "7000",
-        "--num_conn",
-        "2",
-    )
+    r = inbound(prod, num_conn="2")
     assert r.exit_code == 0, r.output
     uid = r.stdout.splitlines()[1].split()[0]
     r2 = s2uc(
@@ -290,21 +296,7 @@ def test_release_several_s2cs_reports_each(prod: Running, cons: Running) -> None
 
 
 def test_check_status_and_list(prod: Running) -> None:
-    s2uc(
-        "inbound-request",
-        "--server_cert",
-        str(prod.cert),
-        "--s2cs",
-        prod.address,
-        "--remote_ip",
-        "127.0.0.1",
-        "--receiver_ports",
-        "7000",
-        "--num_conn",
-        "1",
-        "--mock",
-        "True",
-    )
+    inbound(prod, "--mock", "True")
     r = s2uc("check-status", MOCK_UID, "--s2cs", prod.address, "--server_cert", str(prod.cert), "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -323,19 +315,7 @@ def test_check_status_and_list(prod: Running) -> None:
 
 
 def test_legacy_server_core_flows_work_and_extensions_degrade(legacy: Running) -> None:
-    r = s2uc(
-        "inbound-request",
-        "--server_cert",
-        str(legacy.cert),
-        "--s2cs",
-        legacy.address,
-        "--remote_ip",
-        "127.0.0.1",
-        "--receiver_ports",
-        "80",
-        "--num_conn",
-        "1",
-    )
+    r = inbound(legacy, ports="80")
     assert r.exit_code == 0, r.output
     assert 'listeners: "127.0.0.1:5100"' in r.stdout
     assert "returned no data-channel key (SciStream 1.x?)" in r.stderr
@@ -475,21 +455,7 @@ def test_env_and_config_file_defaults_and_scope_mapping(
 
 def test_key_file_recorded_sides_and_status_of_both(prod: Running, cons: Running, tmp_path: Path) -> None:
     keyfile = tmp_path / "out" / "session.key"
-    r = s2uc(
-        "inbound-request",
-        "--server_cert",
-        str(prod.cert),
-        "--s2cs",
-        prod.address,
-        "--remote_ip",
-        "127.0.0.1",
-        "--receiver_ports",
-        "7000",
-        "--num_conn",
-        "1",
-        "--key-file",
-        str(keyfile),
-    )
+    r = inbound(prod, "--key-file", str(keyfile))
     assert r.exit_code == 0, r.output
     uid = r.stdout.splitlines()[1].split()[0]
     assert keyfile.read_text().strip() == prod.fake.sessions[uid].session_key.hex()
@@ -524,21 +490,7 @@ def test_watch_refreshes_until_ctrl_c(prod: Running, tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    s2uc(
-        "inbound-request",
-        "--server_cert",
-        str(prod.cert),
-        "--s2cs",
-        prod.address,
-        "--remote_ip",
-        "127.0.0.1",
-        "--receiver_ports",
-        "7000",
-        "--num_conn",
-        "1",
-        "--mock",
-        "True",
-    )
+    inbound(prod, "--mock", "True")
     env = dict(os.environ, COLUMNS="200")
     p = subprocess.Popen(
         [
