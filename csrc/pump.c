@@ -273,25 +273,6 @@ static void key_update(struct conn *c, struct dir *d, SSL *ssl, size_t n) {
         ERR_clear_error();
 }
 
-/* TLS records are at most 16 KiB, and OpenSSL writes each with its own write().
- * With TCP_NODELAY each would leave as its own segment, and every segment costs
- * both hosts' stacks (and, on one machine, the peer's receive path runs in our
- * context). Corking the socket for a burst of records lets the kernel pack them
- * into full-size segments without a copy; uncorking sends the remainder at once. */
-static void cork(struct side *s, int on) {
-    if (setsockopt(s->fd, IPPROTO_TCP, TCP_CORK, &on, sizeof on) < 0) { /* not a TCP socket */ }
-}
-
-static void write_records(struct conn *c, struct dir *d, struct pr *p);
-
-static void write_buf(struct conn *c, struct dir *d, struct pr *p) {
-    if (d->tail > d->head && !d->dst->writable) return; /* EPOLLOUT brings us back */
-    int corked = d->dst->ssl && d->tail - d->head > SSL3_RT_MAX_PLAIN_LENGTH;
-    if (corked) cork(d->dst, 1);
-    write_records(c, d, p);
-    if (corked) cork(d->dst, 0);
-}
-
 static void write_records(struct conn *c, struct dir *d, struct pr *p) {
     SSL *ssl = d->dst->ssl;
     while (d->tail > d->head) {
@@ -342,6 +323,23 @@ static void write_records(struct conn *c, struct dir *d, struct pr *p) {
         d->shut = 1;
         p->progress = 1;
     }
+}
+
+/* TLS records are at most 16 KiB, and OpenSSL writes each with its own write().
+ * With TCP_NODELAY each would leave as its own segment, and every segment costs
+ * both hosts' stacks (and, on one machine, the peer's receive path runs in our
+ * context). Corking the socket for a burst of records lets the kernel pack them
+ * into full-size segments without a copy; uncorking sends the remainder at once. */
+static void cork(struct side *s, int on) {
+    if (setsockopt(s->fd, IPPROTO_TCP, TCP_CORK, &on, sizeof on) < 0) { /* not a TCP socket */ }
+}
+
+static void write_buf(struct conn *c, struct dir *d, struct pr *p) {
+    if (d->tail > d->head && !d->dst->writable) return; /* EPOLLOUT brings us back */
+    int corked = d->dst->ssl && d->tail - d->head > SSL3_RT_MAX_PLAIN_LENGTH;
+    if (corked) cork(d->dst, 1);
+    write_records(c, d, p);
+    if (corked) cork(d->dst, 0);
 }
 
 static void step_buf(struct conn *c, struct dir *d, struct pr *p) {
