@@ -1,12 +1,16 @@
 """Click pieces the user-facing tools (s2uc, appctrl) share: a failure shown as one
-``<tool>: error: ...`` line with its own exit code, and subcommands accepted in
-both the dash and the underscore spelling (1.x scripts use either)."""
+``<tool>: error: ...`` line with its own exit code, subcommands accepted in both
+the dash and the underscore spelling (1.x scripts use either), and the options
+that say how to reach an s2cs over gRPC."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ToolError(click.ClickException):
@@ -28,3 +32,36 @@ class BothSpellingsGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return super().get_command(ctx, cmd_name) or super().get_command(ctx, cmd_name.replace("_", "-"))
+
+
+def s2cs_tls_options(env_prefix: str, cert_help: str) -> list[Callable[[F], F]]:
+    """``--server_cert``, ``--ssl`` and ``--no-ssl``, spelled as 1.x scripts spell them
+    (``--ssl False`` too); the command gets ``server_cert``, ``ssl`` and ``no_ssl``."""
+    return [
+        click.option(
+            "--server_cert",
+            "--server-cert",
+            "server_cert",
+            default="server.crt",
+            envvar=[env_prefix + "SERVER_CERT"],
+            show_default=True,
+            help=cert_help,
+        ),
+        click.option(
+            "--ssl",
+            "ssl",
+            type=click.BOOL,
+            is_flag=False,
+            flag_value=True,
+            default=True,
+            envvar=[env_prefix + "SSL"],
+            help="TLS to the s2cs (1.x: --ssl False for plaintext).",
+        ),
+        click.option(
+            "--no-ssl",
+            "--no_ssl",
+            "no_ssl",
+            is_flag=True,
+            help="Plaintext gRPC (testing only; same as --ssl False).",
+        ),
+    ]

@@ -20,7 +20,7 @@ import click
 from scistream import __version__
 from scistream.appctrl import apps
 from scistream.appctrl.controller import AppController, ReadySession
-from scistream.cliutil import BothSpellingsGroup, ToolError
+from scistream.cliutil import BothSpellingsGroup, ToolError, s2cs_tls_options
 from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
 from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, port_list, split_csv
 
@@ -54,25 +54,7 @@ class AppctrlGroup(BothSpellingsGroup):
 
 def server_options(f: Any) -> Any:
     opts = [
-        click.option(
-            "--server-cert",
-            "--server_cert",
-            "server_cert",
-            default="server.crt",
-            show_default=True,
-            envvar=[ENV_PREFIX + "SERVER_CERT"],
-            help="The s2cs certificate to pin.",
-        ),
-        click.option(
-            "--ssl",
-            "ssl",
-            type=click.BOOL,
-            is_flag=False,
-            flag_value=True,
-            default=True,
-            help="TLS to the s2cs (--ssl False: plaintext).",
-        ),
-        click.option("--no-ssl", "--no_ssl", "no_ssl", is_flag=True, help="Plaintext gRPC (testing only)."),
+        *s2cs_tls_options(ENV_PREFIX, "The s2cs certificate to pin."),
         click.option(
             "--timeout",
             type=click.FloatRange(min=0.1),

@@ -6,6 +6,8 @@ is one line on stderr and a non-zero exit code (see grpcutil.ExitCode).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import re
 import sys
@@ -16,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from scistream import __version__
-from scistream.cliutil import BothSpellingsGroup, ToolError
+from scistream.cliutil import BothSpellingsGroup, ToolError, s2cs_tls_options
 from scistream.grpcutil import ControlError, ExitCode, port_list, split_csv
 from scistream.s2uc import flows, output, tokens
 from scistream.s2uc.config import ENV_PREFIX, S2ucConfig, load_config
@@ -66,10 +68,66 @@ def _config(ctx: click.Context) -> S2ucConfig:
 # ---------------------------------------------------------------- options
 
 
-def connection_options(default_s2cs: str | None, *, multiple: bool = False) -> Callable[[F], F]:
-    """The options every command that talks to an s2cs takes; no --s2cs when default_s2cs is None."""
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """How to reach an s2cs: the options of connection_options but --s2cs and --json."""
+
+    server_cert: str
+    ssl: bool
+    timeout: float | None
+    scope: str | None
+
+    def target(self, ctx: click.Context, address: str) -> flows.Target:
+        scope_id = self.scope or _config(ctx).scope_for(address)
+        return flows.Target(
+            address=address,
+            server_cert=self.server_cert,
+            ssl=self.ssl,
+            token=tokens.access_token(scope_id),
+            timeout=self.timeout,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSettings:
+    """What a req asks for: the options of request_options, parsed and checked."""
+
+    num_conn: int
+    rate: int
+    rate_limit: int  # bytes/s, 0 = none
+    security: str  # lowercased; "" = the s2cs's default
+    hello: list[str] | None  # the endpoints s2uc says hello with itself (--remote_ip), else None
+    mock: bool
+    key_file: str | None
+
+
+def _bundled(name: str, build: Callable[..., Any], keys: Sequence[str]) -> Callable[[F], F]:
+    """Call the command with the option values ``keys`` folded into one ``name=build(...)``
+    argument. Click calls the wrapper with every option; the options are declared on it."""
 
     def deco(f: F) -> F:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {k: kwargs.pop(k) for k in keys}
+            return f(*args, **kwargs, **{name: build(**values)})
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+def _connection(
+    *, server_cert: str, ssl: bool, no_ssl: bool, timeout: float | None, scope: str | None
+) -> Connection:
+    return Connection(server_cert=server_cert, ssl=ssl and not no_ssl, timeout=timeout, scope=scope)
+
+
+def connection_options(default_s2cs: str | None, *, multiple: bool = False) -> Callable[[F], F]:
+    """The options every command that talks to an s2cs takes, passed on as ``conn``
+    (a Connection) beside ``s2cs`` and ``as_json``; no --s2cs when default_s2cs is None."""
+
+    def deco(f: F) -> F:
+        f = _bundled("conn", _connection, ("server_cert", "ssl", "no_ssl", "timeout", "scope"))(f)
         s2cs_opt = click.option(
             "--s2cs",
             "s2cs",
@@ -80,32 +138,7 @@ def connection_options(default_s2cs: str | None, *, multiple: bool = False) -> C
             help="Control server host:port" + (" (repeatable)." if multiple else "."),
         )
         opts = [
-            click.option(
-                "--server_cert",
-                "--server-cert",
-                "server_cert",
-                default="server.crt",
-                envvar=_env("SERVER_CERT"),
-                show_default=True,
-                help="The s2cs certificate (or its CA) to pin as the only trust root.",
-            ),
-            click.option(
-                "--ssl",
-                "ssl",
-                type=click.BOOL,
-                is_flag=False,
-                flag_value=True,
-                default=True,
-                envvar=_env("SSL"),
-                help="TLS to the s2cs (1.x: --ssl False for plaintext).",
-            ),
-            click.option(
-                "--no-ssl",
-                "--no_ssl",
-                "no_ssl",
-                is_flag=True,
-                help="Plaintext gRPC (testing only; same as --ssl False).",
-            ),
+            *s2cs_tls_options(ENV_PREFIX, "The s2cs certificate (or its CA) to pin as the only trust root."),
             click.option(
                 "--timeout",
                 type=click.FloatRange(min=0.1),
@@ -130,7 +163,35 @@ def connection_options(default_s2cs: str | None, *, multiple: bool = False) -> C
     return deco
 
 
+def _request_settings(
+    *,
+    num_conn: int,
+    rate: int,
+    rate_limit: str | None,
+    security: str | None,
+    receiver_ports: str,
+    remote_ip: str | None,
+    mock: bool,
+    key_file: str | None,
+) -> RequestSettings:
+    return RequestSettings(
+        num_conn=num_conn,
+        rate=rate,
+        rate_limit=parse_rate_limit(rate_limit),
+        security=(security or "").lower(),
+        hello=flows.expand_endpoints(remote_ip, _receiver_ports(receiver_ports)) if remote_ip else None,
+        mock=mock,
+        key_file=key_file,
+    )
+
+
 def request_options(f: F) -> F:
+    """The options of a req (inbound/outbound/stream), passed on as ``req`` (RequestSettings)."""
+    f = _bundled(
+        "req",
+        _request_settings,
+        ("num_conn", "rate", "rate_limit", "security", "receiver_ports", "remote_ip", "mock", "key_file"),
+    )(f)
     opts = [
         click.option(
             "--num_conn",
@@ -216,26 +277,6 @@ def parse_rate_limit(text: str | None) -> int:
         raise ControlError(f"--rate-limit {text!r} is not a rate in bytes/s (e.g. 500M)", ExitCode.USAGE)
     scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
-
-
-def _target(
-    ctx: click.Context,
-    *,
-    address: str,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float | None,
-    scope: str | None,
-) -> flows.Target:
-    scope_id = scope or _config(ctx).scope_for(address)
-    return flows.Target(
-        address=address,
-        server_cert=server_cert,
-        ssl=ssl and not no_ssl,
-        token=tokens.access_token(scope_id),
-        timeout=timeout,
-    )
 
 
 def _progress(as_json: bool) -> flows.Progress:
@@ -338,44 +379,25 @@ def check_auth(ctx: click.Context, scope: str | None, ip: str | None, show_token
 
 
 def _producer(
-    ctx: click.Context,
-    *,
-    s2cs: str,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float | None,
-    scope: str | None,
-    as_json: bool,
-    num_conn: int,
-    rate: int,
-    rate_limit: str | None,
-    security: str | None,
-    receiver_ports: str,
-    remote_ip: str | None,
-    mock: bool,
-    key_file: str | None,
-    style: str,
+    ctx: click.Context, *, s2cs: str, conn: Connection, as_json: bool, req: RequestSettings, style: str
 ) -> None:
-    target = _target(
-        ctx, address=s2cs, server_cert=server_cert, ssl=ssl, no_ssl=no_ssl, timeout=timeout, scope=scope
-    )
-    hello = flows.expand_endpoints(remote_ip, _receiver_ports(receiver_ports)) if remote_ip else None
-    uid = flows.new_uid(mock)
+    target = conn.target(ctx, s2cs)
+    uid = flows.new_uid(req.mock)
     if not as_json:
         output.header(uid, s2cs, target.token, "PROD")
     side = flows.producer_side(
         target,
         uid,
-        num_conn=num_conn,
-        rate=rate,
-        security=(security or "").lower(),
-        rate_limit=parse_rate_limit(rate_limit),
-        hello_endpoints=hello,
+        num_conn=req.num_conn,
+        rate=req.rate,
+        security=req.security,
+        rate_limit=req.rate_limit,
+        hello_endpoints=req.hello,
         progress=_progress(as_json),
     )
     store = SessionStore()
     flows.remember(store, side)
+    key_file = req.key_file
     if key_file and side.session_key:
         write_key_file(key_file, side.session_key)
     if as_json:
@@ -402,22 +424,11 @@ def _consumer(
     uid: str,
     remote: Sequence[str],
     s2cs: str,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float | None,
-    scope: str | None,
+    conn: Connection,
     as_json: bool,
-    num_conn: int,
-    rate: int,
-    rate_limit: str | None,
-    security: str | None,
-    receiver_ports: str,
-    remote_ip: str | None,
-    mock: bool,
-    key_file: str | None,
+    req: RequestSettings,
 ) -> None:
-    if mock:
+    if req.mock:
         uid = flows.MOCK_UID
     store = SessionStore()
     record = store.get(uid)
@@ -427,30 +438,27 @@ def _consumer(
     if not remote:
         raise ControlError(f"give the inbound gateway's listener(s) after the uid {uid}", ExitCode.USAGE)
     endpoints = flows.check_endpoints(split_csv(list(remote)), "remote endpoint")
-    key: bytes | None = read_key_file(key_file) if key_file else (record.key_bytes if record else None)
-    mode = (security or (record.security if record else "")).lower()
+    key = read_key_file(req.key_file) if req.key_file else (record.key_bytes if record else None)
+    mode = (req.security or (record.security if record else "")).lower()
     if key is None and mode not in ("plain", "compat"):
         where = "in the session store" if record is None else "recorded for it"
         _note(
             f"no data-channel key for {uid} {where} (give --key-file): the consumer s2cs can only "
             "connect to a 1.x/compat or plain producer side"
         )
-    target = _target(
-        ctx, address=s2cs, server_cert=server_cert, ssl=ssl, no_ssl=no_ssl, timeout=timeout, scope=scope
-    )
-    hello = flows.expand_endpoints(remote_ip, _receiver_ports(receiver_ports)) if remote_ip else None
+    target = conn.target(ctx, s2cs)
     if not as_json:
         output.header(uid, s2cs, target.token, "CONS")
     side = flows.consumer_side(
         target,
         uid,
         endpoints,
-        num_conn=num_conn,
-        rate=rate,
+        num_conn=req.num_conn,
+        rate=req.rate,
         security=mode,
-        rate_limit=parse_rate_limit(rate_limit),
+        rate_limit=req.rate_limit,
         session_key=key,
-        hello_endpoints=hello,
+        hello_endpoints=req.hello,
         progress=_progress(as_json),
     )
     flows.remember(store, side)
@@ -551,20 +559,9 @@ def stream(
     uid: str | None,
     prod_server_cert: str | None,
     cons_server_cert: str | None,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float | None,
-    scope: str | None,
+    conn: Connection,
     as_json: bool,
-    num_conn: int,
-    rate: int,
-    rate_limit: str | None,
-    security: str | None,
-    receiver_ports: str,
-    remote_ip: str | None,
-    mock: bool,
-    key_file: str | None,
+    req: RequestSettings,
 ) -> None:
     """Both sides in one go: inbound on the producer's s2cs, outbound on the consumer's, same uid.
 
@@ -573,8 +570,8 @@ def stream(
     """
     if producer:
         prod_eps: list[str] | None = flows.check_endpoints(split_csv(list(producer)), "--producer")
-    elif remote_ip:
-        prod_eps = flows.expand_endpoints(remote_ip, _receiver_ports(receiver_ports))
+    elif req.hello is not None:
+        prod_eps = req.hello
     elif wait_appctrl:
         prod_eps = None
     else:
@@ -583,34 +580,17 @@ def stream(
             "(or --remote_ip, or --appctrl to wait for appctrl hellos)",
             ExitCode.USAGE,
         )
-    sid = uid or flows.new_uid(mock)
-    pt = _target(
-        ctx,
-        address=prod_s2cs,
-        server_cert=prod_server_cert or server_cert,
-        ssl=ssl,
-        no_ssl=no_ssl,
-        timeout=timeout,
-        scope=scope,
-    )
-    ct = _target(
-        ctx,
-        address=cons_s2cs,
-        server_cert=cons_server_cert or server_cert,
-        ssl=ssl,
-        no_ssl=no_ssl,
-        timeout=timeout,
-        scope=scope,
-    )
+    sid = uid or flows.new_uid(req.mock)
+    pt = dataclasses.replace(conn, server_cert=prod_server_cert or conn.server_cert).target(ctx, prod_s2cs)
+    ct = dataclasses.replace(conn, server_cert=cons_server_cert or conn.server_cert).target(ctx, cons_s2cs)
     progress = _progress(True)  # the 1.x chatter would interleave two sides: keep it in the log
-    limit = parse_rate_limit(rate_limit)
     prod = flows.producer_side(
         pt,
         sid,
-        num_conn=num_conn,
-        rate=rate,
-        security=(security or "").lower(),
-        rate_limit=limit,
+        num_conn=req.num_conn,
+        rate=req.rate,
+        security=req.security,
+        rate_limit=req.rate_limit,
         hello_endpoints=prod_eps,
         progress=progress,
     )
@@ -621,10 +601,10 @@ def stream(
             ct,
             sid,
             prod.listeners,
-            num_conn=num_conn,
-            rate=rate,
+            num_conn=req.num_conn,
+            rate=req.rate,
             security=prod.security,
-            rate_limit=limit,
+            rate_limit=req.rate_limit,
             session_key=prod.session_key,
             hello_endpoints=None if wait_appctrl else [],
             hello_role="CONS",
@@ -637,8 +617,8 @@ def stream(
             f"consumer side failed, producer side released: {exc.message}", exc.exit_code
         ) from None
     flows.remember(store, cons)
-    if key_file and prod.session_key:
-        write_key_file(key_file, prod.session_key)
+    if req.key_file and prod.session_key:
+        write_key_file(req.key_file, prod.session_key)
     if as_json:
         output.echo_json(
             {
@@ -675,11 +655,7 @@ def release(
     producer_s2cs: str | None,
     consumer_s2cs: str | None,
     s2cs: tuple[str, ...],
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float | None,
-    scope: str | None,
+    conn: Connection,
     as_json: bool,
 ) -> None:
     """Release UID on one or more s2cs (--s2cs repeatable; default: the sides s2uc recorded)."""
@@ -690,10 +666,7 @@ def release(
         addresses = (
             list(dict.fromkeys(record.sides.values())) if record and record.sides else ["localhost:5000"]
         )
-    targets = [
-        _target(ctx, address=a, server_cert=server_cert, ssl=ssl, no_ssl=no_ssl, timeout=timeout, scope=scope)
-        for a in addresses
-    ]
+    targets = [conn.target(ctx, a) for a in addresses]
     outcomes = flows.release(targets, uid)
     ok = all(o.ok for o in outcomes)
     if record is not None and ok:
@@ -730,11 +703,7 @@ def check_status(
     watch: bool,
     interval: float,
     s2cs: str,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float | None,
-    scope: str | None,
+    conn: Connection,
     as_json: bool,
 ) -> None:
     """State, endpoints, bytes and rates of UID (or of every session you may see)."""
@@ -744,11 +713,7 @@ def check_status(
         watch=watch,
         interval=interval,
         s2cs=s2cs,
-        server_cert=server_cert,
-        ssl=ssl,
-        no_ssl=no_ssl,
-        timeout=timeout,
-        scope=scope,
+        conn=conn,
         as_json=as_json,
     )
 
@@ -766,11 +731,7 @@ def list_(
     watch: bool,
     interval: float,
     s2cs: str,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float | None,
-    scope: str | None,
+    conn: Connection,
     as_json: bool,
 ) -> None:
     """Sessions on an s2cs (or, with --local, the ones this user's s2uc remembers)."""
@@ -791,11 +752,7 @@ def list_(
         watch=watch,
         interval=interval,
         s2cs=s2cs,
-        server_cert=server_cert,
-        ssl=ssl,
-        no_ssl=no_ssl,
-        timeout=timeout,
-        scope=scope,
+        conn=conn,
         as_json=as_json,
     )
 
@@ -819,11 +776,7 @@ def _show_status(
     watch: bool,
     interval: float,
     s2cs: str,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float | None,
-    scope: str | None,
+    conn: Connection,
     as_json: bool,
 ) -> None:
     from rich.console import Console, Group
@@ -833,10 +786,7 @@ def _show_status(
     if record and record.sides and ctx.get_parameter_source("s2cs") == click.core.ParameterSource.DEFAULT:
         # A session s2uc set up itself: show every side it recorded.
         addresses = list(dict.fromkeys(record.sides.values()))
-    targets = [
-        _target(ctx, address=a, server_cert=server_cert, ssl=ssl, no_ssl=no_ssl, timeout=timeout, scope=scope)
-        for a in addresses
-    ]
+    targets = [conn.target(ctx, a) for a in addresses]
 
     def snapshot() -> list[tuple[str, list[Any]]]:
         return [(t.address, flows.status(t, uid)) for t in targets]
