@@ -5,7 +5,8 @@ that say how to reach an s2cs over gRPC."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import click
@@ -32,6 +33,22 @@ class BothSpellingsGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return super().get_command(ctx, cmd_name) or super().get_command(ctx, cmd_name.replace("_", "-"))
+
+
+def bundle_options(name: str, build: Callable[..., Any], keys: Sequence[str]) -> Callable[[F], F]:
+    """Call the command with the option values ``keys`` folded into one argument,
+    ``name=build(**values)``. Apply it before (below) the options it folds: click
+    calls the wrapper with every option, and the options are declared on it."""
+
+    def deco(f: F) -> F:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {k: kwargs.pop(k) for k in keys}
+            return f(*args, **kwargs, **{name: build(**values)})
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
 
 
 def s2cs_tls_options(env_prefix: str, cert_help: str) -> list[Callable[[F], F]]:

@@ -7,6 +7,7 @@ the certificate, ports and timing that 1.x hard-coded are options here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ import click
 from scistream import __version__
 from scistream.appctrl import apps
 from scistream.appctrl.controller import AppController, ReadySession
-from scistream.cliutil import BothSpellingsGroup, ToolError, s2cs_tls_options
+from scistream.cliutil import BothSpellingsGroup, ToolError, bundle_options, s2cs_tls_options
 from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
 from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, port_list, split_csv
 
@@ -52,7 +53,42 @@ class AppctrlGroup(BothSpellingsGroup):
             raise AppctrlError("interrupted", 130) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class S2csLink:
+    """How to reach the s2cs: --server_cert, --ssl / --no-ssl and --timeout."""
+
+    server_cert: str
+    ssl: bool
+    timeout: float
+
+    def controller(self, s2cs: str, uid: str, role: str, token: str | None) -> AppController:
+        return AppController(
+            s2cs,
+            uid,
+            role=role,
+            server_cert=self.server_cert,
+            ssl=self.ssl,
+            token=token,
+            timeout=self.timeout,
+        )
+
+    def hello(self, s2cs: str, uid: str, role: str, token: str | None, listeners: list[str]) -> list[str]:
+        """Send one hello; the s2cs's listeners for the session (empty before they exist)."""
+
+        async def send() -> list[str]:
+            async with self.controller(s2cs, uid, role, _token(token)) as ctl:
+                return await ctl.hello(listeners)
+
+        return asyncio.run(send())
+
+
+def _s2cs_link(*, server_cert: str, ssl: bool, no_ssl: bool, timeout: float) -> S2csLink:
+    return S2csLink(server_cert=server_cert, ssl=ssl and not no_ssl, timeout=timeout)
+
+
 def server_options(f: Any) -> Any:
+    """The options that say how to reach the s2cs, passed on as ``link`` (S2csLink)."""
+    f = bundle_options("link", _s2cs_link, ("server_cert", "ssl", "no_ssl", "timeout"))(f)
     opts = [
         *s2cs_tls_options(ENV_PREFIX, "The s2cs certificate to pin."),
         click.option(
@@ -92,23 +128,6 @@ def main(verbose: bool) -> None:
 # ------------------------------------------------------------------ hello
 
 
-async def _hello(
-    *,
-    s2cs: str,
-    uid: str,
-    role: str,
-    token: str | None,
-    listeners: list[str],
-    server_cert: str,
-    ssl: bool,
-    timeout: float,
-) -> list[str]:
-    async with AppController(
-        s2cs, uid, role=role, server_cert=server_cert, ssl=ssl, token=token, timeout=timeout
-    ) as ctl:
-        return await ctl.hello(listeners)
-
-
 @main.command()
 @click.argument("uid")
 @click.argument("s2cs")
@@ -125,25 +144,11 @@ def mock(
     role: str,
     ip: str,
     ports: str,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float,
+    link: S2csLink,
 ) -> None:
     """Send the hello for UID to S2CS: the application listens at IP:--ports."""
     listeners = _endpoints(ip, port_list(ports, "--ports"))
-    got = asyncio.run(
-        _hello(
-            s2cs=s2cs,
-            uid=uid,
-            role=role,
-            token=_token(token),
-            listeners=listeners,
-            server_cert=server_cert,
-            ssl=ssl and not no_ssl,
-            timeout=timeout,
-        )
-    )
+    got = link.hello(s2cs, uid, role, token, listeners)
     click.echo("Hello message sent successfully")
     click.echo(f"prod_listeners: {listeners}")
     if got:
@@ -174,25 +179,11 @@ def create_appctrl(
     count: int,
     size: int,
     seconds: float,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float,
+    link: S2csLink,
 ) -> None:
     """Hello for UID, then run the demo app: PROD serves at --host:--port, CONS connects to the listener."""
     listeners = [format_endpoint(host, port)] if role == "PROD" else []
-    got = asyncio.run(
-        _hello(
-            s2cs=s2cs,
-            uid=uid,
-            role=role,
-            token=_token(token),
-            listeners=listeners,
-            server_cert=server_cert,
-            ssl=ssl and not no_ssl,
-            timeout=timeout,
-        )
-    )
+    got = link.hello(s2cs, uid, role, token, listeners)
     if role == "PROD":
         if app == "zmq":
             _report(apps.run_producer(listeners[0], count=count, size=size))
@@ -308,15 +299,11 @@ async def _run(
     listen: list[str],
     command: list[str],
     token: str | None,
-    server_cert: str,
-    ssl: bool,
-    timeout: float,
+    link: S2csLink,
     ready_timeout: float,
     release: bool,
 ) -> int:
-    async with AppController(
-        s2cs, uid, role=role, server_cert=server_cert, ssl=ssl, token=token, timeout=timeout
-    ) as ctl:
+    async with link.controller(s2cs, uid, role, token) as ctl:
         await ctl.hello(listen)
         click.echo(f"appctrl: hello sent for {uid}; waiting for the session to be ready", err=True)
         session = await ctl.wait_ready(ready_timeout)
@@ -368,10 +355,7 @@ def run(
     token: str | None,
     ready_timeout: float,
     release: bool,
-    server_cert: str,
-    ssl: bool,
-    no_ssl: bool,
-    timeout: float,
+    link: S2csLink,
     command: tuple[str, ...],
 ) -> None:
     """Hello, wait until the session is ready, then run COMMAND with its endpoints filled in.
@@ -392,9 +376,7 @@ def run(
             listen=listeners,
             command=list(command),
             token=_token(token),
-            server_cert=server_cert,
-            ssl=ssl and not no_ssl,
-            timeout=timeout,
+            link=link,
             ready_timeout=ready_timeout,
             release=release,
         )

@@ -7,7 +7,6 @@ is one line on stderr and a non-zero exit code (see grpcutil.ExitCode).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import re
 import sys
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from scistream import __version__
-from scistream.cliutil import BothSpellingsGroup, ToolError, s2cs_tls_options
+from scistream.cliutil import BothSpellingsGroup, ToolError, bundle_options, s2cs_tls_options
 from scistream.grpcutil import ControlError, ExitCode, port_list, split_csv
 from scistream.s2uc import flows, output, tokens
 from scistream.s2uc.config import ENV_PREFIX, S2ucConfig, load_config
@@ -101,21 +100,6 @@ class RequestSettings:
     key_file: str | None
 
 
-def _bundled(name: str, build: Callable[..., Any], keys: Sequence[str]) -> Callable[[F], F]:
-    """Call the command with the option values ``keys`` folded into one ``name=build(...)``
-    argument. Click calls the wrapper with every option; the options are declared on it."""
-
-    def deco(f: F) -> F:
-        @functools.wraps(f)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = {k: kwargs.pop(k) for k in keys}
-            return f(*args, **kwargs, **{name: build(**values)})
-
-        return wrapper  # type: ignore[return-value]
-
-    return deco
-
-
 def _connection(
     *, server_cert: str, ssl: bool, no_ssl: bool, timeout: float | None, scope: str | None
 ) -> Connection:
@@ -127,7 +111,7 @@ def connection_options(default_s2cs: str | None, *, multiple: bool = False) -> C
     (a Connection) beside ``s2cs`` and ``as_json``; no --s2cs when default_s2cs is None."""
 
     def deco(f: F) -> F:
-        f = _bundled("conn", _connection, ("server_cert", "ssl", "no_ssl", "timeout", "scope"))(f)
+        f = bundle_options("conn", _connection, ("server_cert", "ssl", "no_ssl", "timeout", "scope"))(f)
         s2cs_opt = click.option(
             "--s2cs",
             "s2cs",
@@ -187,7 +171,7 @@ def _request_settings(
 
 def request_options(f: F) -> F:
     """The options of a req (inbound/outbound/stream), passed on as ``req`` (RequestSettings)."""
-    f = _bundled(
+    f = bundle_options(
         "req",
         _request_settings,
         ("num_conn", "rate", "rate_limit", "security", "receiver_ports", "remote_ip", "mock", "key_file"),
