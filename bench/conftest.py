@@ -1,8 +1,10 @@
 """Benchmark session settings (environment) and the results sink read by report.py.
 
 BENCH_SECONDS (5), BENCH_ROUNDS (3), BENCH_STREAMS ("1,4"), BENCH_CONFIGS (all
-available), BENCH_OUT (bench/results). Run with ``./dev bench``; not a test suite:
-nothing here asserts performance.
+available), BENCH_OUT (bench/results), BENCH_LOAD_HOP (10) and BENCH_LOAD_PAIR (2):
+the offered load in Gbit/s of the equal-load runs of 1-hop forwarders and TLS pairs
+(one stream; 0 = none). Run with ``./dev bench``; not a test suite: nothing here
+asserts performance.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 STREAMS = tuple(int(s) for s in os.environ.get("BENCH_STREAMS", "1,4").split(",") if s)
 OUT = Path(os.environ.get("BENCH_OUT", Path(__file__).parent / "results"))
+#: Offered load (Gbit/s) of the equal-load runs, by kind of forwarder: below what the
+#: slowest peer of that kind reaches here, so every forwarder carries the same bytes.
+LOADS = {
+    "1 hop": float(os.environ.get("BENCH_LOAD_HOP", "10")),
+    "TLS pair": float(os.environ.get("BENCH_LOAD_PAIR", "2")),
+}
 
 
 def selected(names: list[str]) -> list[str]:

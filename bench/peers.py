@@ -437,6 +437,7 @@ class Measurement:
     forwarder_cpu_s: float
     gbit_per_cpu_s: float | None
     retransmits: int
+    load_gbps: float | None = None  # the offered load (iperf3 -b), None = as fast as it goes
 
 
 def iperf3_client_argv(host: str, port: int | str, streams: int, seconds: float, *extra: str) -> list[str]:
@@ -468,14 +469,22 @@ def iperf3_end(res: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 def iperf3(
-    ns: PrivateNamespace, wd: Path, port: int, target: int, streams: int, seconds: float
+    ns: PrivateNamespace,
+    wd: Path,
+    port: int,
+    target: int,
+    streams: int,
+    seconds: float,
+    load_gbps: float | None = None,
 ) -> tuple[float, int]:
-    """(Gbit/s received, retransmits) of an iperf3 run through ``port`` to a server on ``target``."""
+    """(Gbit/s received, retransmits) of an iperf3 run through ``port`` to a server on
+    ``target``; ``load_gbps`` paces the streams to that total (iperf3 -b is per stream)."""
+    pace = ["-b", f"{load_gbps * 1e9 / streams:.0f}"] if load_gbps else []
     server = _popen(ns, ["iperf3", "-s", "-p", str(target), "-1"], wd / "iperf3-s.log")
     try:
         wait_for_listen(ns.argv, target)
         res = subprocess.run(
-            ns.argv(iperf3_client_argv("127.0.0.1", port, streams, seconds)),
+            ns.argv(iperf3_client_argv("127.0.0.1", port, streams, seconds, *pace)),
             capture_output=True,
             text=True,
             timeout=seconds + 30,
@@ -491,9 +500,16 @@ def iperf3(
 
 
 def measure(
-    config: Config, workdir: Path, streams: int, seconds: float, round_: int, prefix: str = "sstb"
+    config: Config,
+    workdir: Path,
+    streams: int,
+    seconds: float,
+    round_: int,
+    prefix: str = "sstb",
+    load_gbps: float | None = None,
 ) -> Measurement:
-    """Fresh namespace, fresh processes: start the forwarder, run iperf3, read CPU, stop."""
+    """Fresh namespace, fresh processes: start the forwarder, run iperf3 (as fast as it
+    goes, or paced to ``load_gbps``), read CPU, stop."""
     client_port, server_port = 16000, 16002
     with PrivateNamespace(prefix) as ns:
         fwd = config.start(ns, workdir, client_port, server_port)
@@ -501,7 +517,7 @@ def measure(
             time.sleep(0.2)  # let start-up CPU settle out of the measured window
             cpu0 = fwd.cpu_seconds()
             port = server_port if config.name == "direct" else client_port
-            gbps, retrans = iperf3(ns, workdir, port, server_port, streams, seconds)
+            gbps, retrans = iperf3(ns, workdir, port, server_port, streams, seconds, load_gbps)
             time.sleep(0.1)  # forked per-connection children exit and are reaped
             cpu = fwd.cpu_seconds() - cpu0
         finally:
@@ -516,4 +532,5 @@ def measure(
         round(cpu, 3),
         round(per, 2) if per else None,
         retrans,
+        load_gbps,
     )

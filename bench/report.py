@@ -40,10 +40,29 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _ordered(configs: set[str]) -> list[str]:
+    return sorted(configs, key=lambda c: list(KIND).index(c) if c in KIND else 99)
+
+
+def _best_peer(med: dict[Any, dict[str, Any]], config: str, key: Any, metric: str) -> float | None:
+    """The best ``metric`` among the peers (not ours) of ``config``'s kind at ``key``."""
+    kind = KIND.get(config, "")
+    return max(
+        (
+            med[(c, key)][metric]
+            for c in KIND
+            if KIND[c] == kind and c not in OURS and c != config and (c, key) in med and med[(c, key)][metric]
+        ),
+        default=None,
+    )
+
+
 def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], dict[str, Any]]]:
+    """Medians per (config, streams) of the unpaced runs, with ratios to direct and the best peer."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for row in data["rows"]:
-        groups[(row["config"], row["streams"])].append(row)
+        if not row.get("load_gbps"):
+            groups[(row["config"], row["streams"])].append(row)
     med: dict[tuple[str, int], dict[str, Any]] = {}
     for key, rows in groups.items():
         med[key] = {
@@ -59,18 +78,11 @@ def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], d
     ]
     for streams in sorted({k[1] for k in med}):
         direct = med.get(("direct", streams), {}).get("gbps")
-        for config in sorted(
-            {k[0] for k in med if k[1] == streams}, key=lambda c: list(KIND).index(c) if c in KIND else 99
-        ):
+        for config in _ordered({k[0] for k in med if k[1] == streams}):
             m = med[(config, streams)]
             kind = KIND.get(config, "")
-            peers = [
-                med[(c, streams)]
-                for c in KIND
-                if KIND[c] == kind and c not in OURS and c != config and (c, streams) in med
-            ]
-            best_gbps = max((p["gbps"] for p in peers if p["gbps"]), default=None)
-            best_per = max((p["per_cpu"] for p in peers if p["per_cpu"]), default=None)
+            best_gbps = _best_peer(med, config, streams, "gbps")
+            best_per = _best_peer(med, config, streams, "per_cpu")
             vs = config in OURS
             lines.append(
                 f"| {config} ({kind}) | {streams} | {_fmt(m['gbps'])} | "
@@ -81,6 +93,41 @@ def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], d
                 f"{m['n']} |"
             )
     return "\n".join(lines), med
+
+
+def load_table(data: dict[str, Any]) -> str | None:
+    """Medians per (config, offered load) of the paced runs: the CPU each forwarder
+    spends on the same bytes at the same rate, with the ratio to the best peer."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for row in data["rows"]:
+        if row.get("load_gbps"):
+            groups[(row["config"], row["load_gbps"])].append(row)
+    if not groups:
+        return None
+    med = {
+        key: {
+            "gbps": _median([r["gbps"] for r in rows]),
+            "cpu_cores": _median([r["forwarder_cpu_s"] / r["seconds"] for r in rows]),
+            "per_cpu": _median([r["gbit_per_cpu_s"] for r in rows]),
+            "n": len(rows),
+        }
+        for key, rows in groups.items()
+    }
+    lines = [
+        "| path | offered Gbit/s | delivered Gbit/s | forwarder cores | Gbit per CPU-s | "
+        "x best peer (per CPU-s) | rounds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for load in sorted({k[1] for k in med}):
+        for config in _ordered({k[0] for k in med if k[1] == load}):
+            m = med[(config, load)]
+            best = _best_peer(med, config, load, "per_cpu") if config in OURS else None
+            lines.append(
+                f"| {config} ({KIND.get(config, '')}) | {load:g} | {_fmt(m['gbps'])} | "
+                f"{_fmt(m['cpu_cores'], 2)} | {_fmt(m['per_cpu'])} | "
+                f"{_fmt(m['per_cpu'] / best if best and m['per_cpu'] else None, 2)} | {m['n']} |"
+            )
+    return "\n".join(lines)
 
 
 def throughput_chart(med: dict[tuple[str, int], dict[str, Any]], path: Path) -> Path | None:
@@ -187,6 +234,17 @@ def render(results: Path) -> list[Path]:
             table,
             "",
         ]
+        loads = load_table(data)
+        if loads:
+            parts += [
+                "## Forwarders at an equal offered load",
+                "",
+                "One stream paced by iperf3 -b: every forwarder of a kind carries the same "
+                "bytes at the same rate, so CPU compares work for work.",
+                "",
+                loads,
+                "",
+            ]
         chart = throughput_chart(med, results / "throughput.png")
         if chart:
             written.append(chart)
