@@ -243,7 +243,7 @@ class EngineStats:
 class ResourceCounts:
     """Live resources an engine holds; all return to zero when it is idle.
 
-    Both engines count these in every build (-1 only where an engine cannot)."""
+    Both engines count these in every build."""
 
     fds: int
     pipes: int

@@ -52,7 +52,6 @@ class NativeEngine(EngineBase):
         self._lock = threading.Lock()
         self._routes: dict[str, RouteInfo] = {}
         self._core: _engine.CEngine | None = _engine.CEngine(dataclasses.asdict(self.tuning))
-        self._debug_counts = self._core.resources()[0] >= 0  # -1: an engine built without counters
 
     def _engine(self) -> _engine.CEngine:
         if self._core is None:
@@ -156,7 +155,6 @@ class NativeEngine(EngineBase):
     def resource_counts(self) -> ResourceCounts:
         core = self._core
         if core is None:  # closed: everything was given back
-            n = 0 if self._debug_counts else -1
-            return ResourceCounts(fds=n, pipes=n, ssl_objects=n, connections=n)
+            return ResourceCounts(fds=0, pipes=0, ssl_objects=0, connections=0)
         fds, pipes, ssl_objects, conns = core.resources()
         return ResourceCounts(fds=fds, pipes=pipes, ssl_objects=ssl_objects, connections=conns)

@@ -22,14 +22,6 @@ from scistream.certs import make_ca_and_leaf
 from scistream.dataplane import Engine, EngineBase, ResourceCounts, Tuning, native_available
 
 
-def _counts_match(now: ResourceCounts, base: ResourceCounts) -> bool:
-    for name in ("fds", "pipes", "ssl_objects", "connections"):
-        a, b = getattr(now, name), getattr(base, name)
-        if a != -1 and b != -1 and a != b:
-            return False
-    return True
-
-
 @pytest.fixture(params=["pure", "native"])
 def engine_impl(request: pytest.FixtureRequest) -> str:
     impl: str = request.param
@@ -56,7 +48,7 @@ def _check_and_close(eng: EngineBase, base: ResourceCounts) -> None:
         assert active, f"connections still active at teardown: {eng.stats()}"
         for info in eng.routes():
             eng.remove_route(info.route.route_id)
-        counts = wait_for(lambda: _counts_match(eng.resource_counts(), base), 10)
+        counts = wait_for(lambda: eng.resource_counts() == base, 10)
         assert counts, f"resources not back to baseline: {eng.resource_counts()} vs {base}"
     finally:
         eng.close()
