@@ -62,13 +62,14 @@ class S2csLink:
     timeout: float
 
     def controller(self, s2cs: str, uid: str, role: str, token: str | None) -> AppController:
+        """``token`` as given on the command line: empty or 1.x's placeholder means none."""
         return AppController(
             s2cs,
             uid,
             role=role,
             server_cert=self.server_cert,
             ssl=self.ssl,
-            token=token,
+            token=_token(token),
             timeout=self.timeout,
         )
 
@@ -76,7 +77,7 @@ class S2csLink:
         """Send one hello; the s2cs's listeners for the session (empty before they exist)."""
 
         async def send() -> list[str]:
-            async with self.controller(s2cs, uid, role, _token(token)) as ctl:
+            async with self.controller(s2cs, uid, role, token) as ctl:
                 return await ctl.hello(listeners)
 
         return asyncio.run(send())
@@ -375,7 +376,7 @@ def run(
             role=role.upper(),
             listen=listeners,
             command=list(command),
-            token=_token(token),
+            token=token,
             link=link,
             ready_timeout=ready_timeout,
             release=release,
