@@ -57,20 +57,28 @@ def _best_peer(med: dict[Any, dict[str, Any]], config: str, key: Any, metric: st
     )
 
 
-def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], dict[str, Any]]]:
-    """Medians per (config, streams) of the unpaced runs, with ratios to direct and the best peer."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+def _forwarder_medians(data: dict[str, Any], *, paced: bool) -> dict[tuple[str, Any], dict[str, Any]]:
+    """Medians over rounds of the unpaced runs per (config, streams), or of the paced runs
+    per (config, offered load)."""
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
     for row in data["rows"]:
-        if not row.get("load_gbps"):
-            groups[(row["config"], row["streams"])].append(row)
-    med: dict[tuple[str, int], dict[str, Any]] = {}
-    for key, rows in groups.items():
-        med[key] = {
+        load = row.get("load_gbps")
+        if bool(load) == paced:
+            groups[(row["config"], load if paced else row["streams"])].append(row)
+    return {
+        key: {
             "gbps": _median([r["gbps"] for r in rows]),
             "cpu_cores": _median([r["forwarder_cpu_s"] / r["seconds"] for r in rows]),
             "per_cpu": _median([r["gbit_per_cpu_s"] for r in rows]),
             "n": len(rows),
         }
+        for key, rows in groups.items()
+    }
+
+
+def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], dict[str, Any]]]:
+    """Medians per (config, streams) of the unpaced runs, with ratios to direct and the best peer."""
+    med = _forwarder_medians(data, paced=False)
     lines = [
         "| path | streams | Gbit/s | x direct | forwarder cores | Gbit per CPU-s | "
         "x best peer (Gbit/s) | x best peer (per CPU-s) | rounds |",
@@ -98,21 +106,9 @@ def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], d
 def load_table(data: dict[str, Any]) -> str | None:
     """Medians per (config, offered load) of the paced runs: the CPU each forwarder
     spends on the same bytes at the same rate, with the ratio to the best peer."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
-    for row in data["rows"]:
-        if row.get("load_gbps"):
-            groups[(row["config"], row["load_gbps"])].append(row)
-    if not groups:
+    med = _forwarder_medians(data, paced=True)
+    if not med:
         return None
-    med = {
-        key: {
-            "gbps": _median([r["gbps"] for r in rows]),
-            "cpu_cores": _median([r["forwarder_cpu_s"] / r["seconds"] for r in rows]),
-            "per_cpu": _median([r["gbit_per_cpu_s"] for r in rows]),
-            "n": len(rows),
-        }
-        for key, rows in groups.items()
-    }
     lines = [
         "| path | offered Gbit/s | delivered Gbit/s | forwarder cores | Gbit per CPU-s | "
         "x best peer (per CPU-s) | rounds |",
