@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from scistream.demo import free_port_range
+from scistream.netns import stop_process
 
 
 @dataclass
@@ -54,12 +54,6 @@ def start_s2cs(workdir: Path, name: str, *args: str, ports: int = 12) -> Gateway
     raise RuntimeError(f"s2cs {name} did not start: {log.read_text(errors='replace')[-2000:]}")
 
 
-def stop_s2cs(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    """SIGTERM (s2cs drains and exits 0), then SIGKILL if it does not."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def stop_s2cs(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (s2cs drains and exits 0), then SIGKILL if it has not within 15 s."""
+    stop_process(proc, timeout=15)
