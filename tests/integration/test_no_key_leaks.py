@@ -22,7 +22,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,14 +143,16 @@ def first_uid(stdout: str) -> str:
     ("inbound-request", "outbound-request", True),
     ("prod-req", "cons-req", False),
 ], ids=["request-json", "req-text"])
-def test_two_sided_requests_print_no_key(gateways: Env, inbound: str, outbound: str, as_json: bool) -> None:
+def test_two_sided_requests_print_no_key(gateways: Env, free_port: Callable[[], int], inbound: str,
+                                         outbound: str, as_json: bool) -> None:
     e = gateways
+    app_port = str(free_port())  # the producer application's port: never connected to here
     e.texts.clear()
     common = ["--server_cert", str(e.cert)]
     fmt = ["--json"] if as_json else []
     verbose = ["-v"] if as_json else []  # the debug log is checked too
     r = e.run(*verbose, inbound, *common, *fmt, "--s2cs", e.prod.address, "--remote_ip", "127.0.0.1",
-              "--receiver_ports", "5074", "--num_conn", "1")
+              "--receiver_ports", app_port, "--num_conn", "1")
     if as_json:
         doc = json.loads(r.stdout)
         uid, listener = doc["uid"], doc["listeners"][0]
@@ -171,14 +173,14 @@ def test_two_sided_requests_print_no_key(gateways: Env, inbound: str, outbound: 
 
 
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
-def test_stream_prints_no_key(gateways: Env, as_json: bool) -> None:
+def test_stream_prints_no_key(gateways: Env, free_port: Callable[[], int], as_json: bool) -> None:
     e = gateways
     e.texts.clear()
     common = ["--server_cert", str(e.cert)]
     uid = f"leak-stream-{os.getpid()}-{int(as_json)}"
     e.run(*(["-v"] if as_json else []), "stream", *common, *(["--json"] if as_json else []),
-          "--prod-s2cs", e.prod.address, "--cons-s2cs", e.cons.address, "--producer", "127.0.0.1:5074",
-          "--num_conn", "2", "--uid", uid)
+          "--prod-s2cs", e.prod.address, "--cons-s2cs", e.cons.address,
+          "--producer", f"127.0.0.1:{free_port()}", "--num_conn", "2", "--uid", uid)
     keys = e.keys()
     assert keys
     e.run("release", *common, uid)
