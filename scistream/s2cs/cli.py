@@ -242,6 +242,16 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "status.",
 )
 @click.option(
+    "--token-cache-ttl",
+    "--token_cache_ttl",
+    "token_cache_ttl",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="With --client-secret: seconds a token Globus Auth found valid is trusted without "
+    "asking again (never past its expiry), so a revoked token stops working within this time.",
+)
+@click.option(
     "--server_crt",
     "--server-crt",
     "server_crt",
@@ -442,6 +452,7 @@ def build_config(
         client_secret=secret,
         allowed_identities=list(opts["allowed_identity"]),
         allowed_domains=list(opts["allowed_domain"]),
+        token_cache_ttl=float(opts["token_cache_ttl"]),
         hello_timeout=float(opts["hello_timeout"]),
         reserved_timeout=float(opts["reserved_timeout"]),
         idle_timeout=float(opts["idle_timeout"]),

@@ -72,6 +72,7 @@ class ServerConfig:
     allowed_identities: list[str] = field(default_factory=list)
     allowed_domains: list[str] = field(default_factory=list)
     introspect_timeout: float = 5.0
+    token_cache_ttl: float = 60.0  # s a positive introspection is trusted (never past exp)
     # sessions
     hello_timeout: float = 180.0
     reserved_timeout: float = 3600.0  # helloed but never updated

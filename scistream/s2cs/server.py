@@ -95,6 +95,7 @@ class S2CSServer:
             timeout=cfg.introspect_timeout,
             allowed_identities=cfg.allowed_identities,
             allowed_domains=cfg.allowed_domains,
+            cache_ttl=cfg.token_cache_ttl,
         )
         creds = self._credentials() if cfg.ssl else None  # fail before anything starts
         try:
