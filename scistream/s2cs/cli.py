@@ -219,7 +219,8 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     is_flag=False,
     flag_value=_SECRET_FROM_ENV,
     show_default=False,
-    help="Globus Auth client secret; enables token checks. Given with no value, it is read "
+    help="Globus Auth client secret; enables token checks (on every call but server_info: "
+    "a hello then needs the token of the session's owner). Given with no value, it is read "
     "from $SCISTREAM_CLIENT_SECRET.",
 )
 @click.option(
@@ -229,7 +230,8 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     multiple=True,
     help="Allow-list, with --client-secret: an identity (sub or username) allowed to use this "
     "gateway (repeatable). With this or --allowed-domain set, a caller neither list admits is "
-    "refused (PERMISSION_DENIED) on every authenticated call: req, update, release, status.",
+    "refused (PERMISSION_DENIED) on every authenticated call: req, hello, update, release, "
+    "status.",
 )
 @click.option(
     "--allowed-domain",
@@ -238,8 +240,8 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     multiple=True,
     help="Allow-list, with --client-secret: usernames in this domain (e.g. anl.gov) may use "
     "this gateway (repeatable). With this or --allowed-identity set, a caller neither list "
-    "admits is refused (PERMISSION_DENIED) on every authenticated call: req, update, release, "
-    "status.",
+    "admits is refused (PERMISSION_DENIED) on every authenticated call: req, hello, update, "
+    "release, status.",
 )
 @click.option(
     "--token-cache-ttl",
