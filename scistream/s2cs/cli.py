@@ -22,8 +22,10 @@ Defaults that differ from 1.x, and why:
 * 1.x ``rate`` is stored, not enforced; ``--enforce-rate`` reads it as kB/s
   (rate x 1000 bytes/s). A request's ``rate_limit`` (bytes/s) is always enforced.
 * ``--metrics-port`` is off unless given (0 = an ephemeral port); metrics bind to
-  127.0.0.1. Events are on, on an ephemeral loopback port advertised by
-  ``server_info``.
+  127.0.0.1. Events are on, on an ipc socket in the state directory that only
+  this user can open (advertised by ``server_info``); a tcp:// events address
+  needs CURVE keys (1.x had no events; an unauthenticated TCP port let every
+  local user read every session's uid and endpoints).
 """
 
 from __future__ import annotations
@@ -359,9 +361,26 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
 )
 @click.option(
     "--events",
-    default="tcp://127.0.0.1:0",
+    default="ipc",
     show_default=True,
-    help="ZMQ PUB address for session events ('off' to disable).",
+    help="ZMQ PUB address for session events: 'ipc' = ipc://<state dir>/events.sock (0600, "
+    "readable by this user only), ipc://PATH, tcp://HOST:PORT (only with the two "
+    "--events-curve options), or 'off'.",
+)
+@click.option(
+    "--events-curve-secret-file",
+    "--events_curve_secret_file",
+    "events_curve_secret_file",
+    default="",
+    help="tcp:// events: this server's CURVE key (.key_secret from `s2ds keygen`); "
+    "subscribers need its public .key.",
+)
+@click.option(
+    "--events-curve-client-keys",
+    "--events_curve_client_keys",
+    "events_curve_client_keys",
+    default="",
+    help="tcp:// events: directory of the public keys (*.key) of the subscribers admitted.",
 )
 @click.option(
     "--audit-log", "--audit_log", "audit_log", default="", help="Audit log (default <state dir>/audit.log)."
@@ -460,6 +479,8 @@ def build_config(
         idle_timeout=float(opts["idle_timeout"]),
         state_dir=str(opts["state_dir"] or default_state_dir()),
         events=events,
+        events_curve_secret_file=str(opts["events_curve_secret_file"] or ""),
+        events_curve_client_keys=str(opts["events_curve_client_keys"] or ""),
         metrics_port=opts["metrics_port"],
         audit_log=str(opts["audit_log"] or ""),
         log_file=str(opts["log_file"] or ""),
