@@ -1,7 +1,7 @@
 """The gRPC face of s2cs: authentication, then the manager, then a status code.
 
-Order on every call: authenticate (nothing about a uid is revealed before
-that), then validate and act. Errors become a gRPC status with one
+Order on every call but server_info: authenticate (nothing about a uid is
+revealed before that), then validate and act. Errors become a gRPC status with one
 human sentence; an unexpected exception is logged with its traceback and
 answered INTERNAL with a generic sentence (never UNKNOWN, never the traceback).
 Every call leaves one audit record.

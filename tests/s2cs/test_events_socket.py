@@ -206,13 +206,9 @@ def test_tcp_events_with_curve_reach_only_admitted_subscribers(
         ctx.term()
 
 
-def test_appctrl_waits_on_curve_events(s2cs_factory: Any, stub_for: Any, curve_keys: dict[str, Path]) -> None:
-    st = s2cs_factory(
-        events="tcp://127.0.0.1:0",
-        events_curve_secret_file=str(curve_keys["server_secret"]),
-        events_curve_client_keys=str(curve_keys["admitted"]),
-    )
-    stub = stub_for(st)
+def _appctrl_ready_from_events(st: Any, stub: Any, curve: Any) -> str:
+    """appctrl hello + wait_ready where only an event can deliver "ready" in time: it
+    polls status once, then every 20 s, and the session is ready 1 s after that poll."""
     uid = new_uid()
     req = stub.req.future(pb.Request(uid=uid, role="PROD", num_conn=1), timeout=15)
 
@@ -221,16 +217,31 @@ def test_appctrl_waits_on_curve_events(s2cs_factory: Any, stub_for: Any, curve_k
         time.sleep(1.0)  # after appctrl's first status poll: only an event can tell it
         stub.update(pb.UpdateTargets(uid=uid, remote_listeners=APP), timeout=5)
 
-    curve = (load_public(curve_keys["server_public"]), load_keypair(curve_keys["client"]))
-
     async def main() -> str:
         async with AppController(st.address, uid, ssl=False, server_cert=None, events_curve=curve) as ctl:
             await ctl.hello(APP)
             threading.Thread(target=update_later, daemon=True).start()
-            # Polling every 60 s with an 8 s budget: ready can only come from the events.
-            return (await ctl.wait_ready(timeout=8, poll_every=60)).state
+            t0 = time.monotonic()
+            state = (await ctl.wait_ready(timeout=30, poll_every=20)).state
+            assert time.monotonic() - t0 < 10, "ready came from the status poll, not an event"
+            return state
 
-    assert asyncio.run(main()) == "ready"
+    return asyncio.run(main())
+
+
+def test_appctrl_waits_on_curve_events(s2cs_factory: Any, stub_for: Any, curve_keys: dict[str, Path]) -> None:
+    st = s2cs_factory(
+        events="tcp://127.0.0.1:0",
+        events_curve_secret_file=str(curve_keys["server_secret"]),
+        events_curve_client_keys=str(curve_keys["admitted"]),
+    )
+    curve = (load_public(curve_keys["server_public"]), load_keypair(curve_keys["client"]))
+    assert _appctrl_ready_from_events(st, stub_for(st), curve) == "ready"
+
+
+def test_appctrl_of_the_s2cs_user_waits_on_the_default_ipc_events(s2cs_factory: Any, stub_for: Any) -> None:
+    st = s2cs_factory()  # events: the private ipc socket, advertised by server_info
+    assert _appctrl_ready_from_events(st, stub_for(st), None) == "ready"
 
 
 def test_appctrl_events_key_options(s2cs_factory: Any, curve_keys: dict[str, Path]) -> None:
