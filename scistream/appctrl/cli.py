@@ -24,6 +24,7 @@ from scistream.appctrl.controller import AppController, ReadySession
 from scistream.cliutil import BothSpellingsGroup, ToolError, bundle_options, s2cs_tls_options
 from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
 from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, port_list, split_csv
+from scistream.s2ds.keys import CurveKeyError, load_keypair, load_public
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,25 @@ class AppctrlGroup(BothSpellingsGroup):
 
 @dataclasses.dataclass(frozen=True)
 class S2csLink:
-    """How to reach the s2cs: --server_cert, --ssl / --no-ssl and --timeout."""
+    """How to reach the s2cs: --server_cert, --ssl / --no-ssl, --timeout and the events keys."""
 
     server_cert: str
     ssl: bool
     timeout: float
+    events_server_key: str = ""
+    events_client_key: str = ""
+
+    def events_curve(self) -> tuple[bytes, tuple[bytes, bytes]] | None:
+        if not (self.events_server_key or self.events_client_key):
+            return None
+        if not (self.events_server_key and self.events_client_key):
+            raise ControlError(
+                "CURVE events need both --events-server-key and --events-client-key", ExitCode.USAGE
+            )
+        try:
+            return load_public(self.events_server_key), load_keypair(self.events_client_key)
+        except CurveKeyError as exc:
+            raise ControlError(str(exc), ExitCode.USAGE) from None
 
     def controller(self, s2cs: str, uid: str, role: str, token: str | None) -> AppController:
         """``token`` as given on the command line: empty or 1.x's placeholder means none."""
@@ -71,6 +86,7 @@ class S2csLink:
             ssl=self.ssl,
             token=_token(token),
             timeout=self.timeout,
+            events_curve=self.events_curve(),
         )
 
     def hello(self, s2cs: str, uid: str, role: str, token: str | None, listeners: list[str]) -> list[str]:
@@ -83,13 +99,28 @@ class S2csLink:
         return asyncio.run(send())
 
 
-def _s2cs_link(*, server_cert: str, ssl: bool, no_ssl: bool, timeout: float) -> S2csLink:
-    return S2csLink(server_cert=server_cert, ssl=ssl and not no_ssl, timeout=timeout)
+def _s2cs_link(
+    *,
+    server_cert: str,
+    ssl: bool,
+    no_ssl: bool,
+    timeout: float,
+    events_server_key: str | None,
+    events_client_key: str | None,
+) -> S2csLink:
+    return S2csLink(
+        server_cert=server_cert,
+        ssl=ssl and not no_ssl,
+        timeout=timeout,
+        events_server_key=events_server_key or "",
+        events_client_key=events_client_key or "",
+    )
 
 
 def server_options(f: Any) -> Any:
     """The options that say how to reach the s2cs, passed on as ``link`` (S2csLink)."""
-    f = bundle_options("link", _s2cs_link, ("server_cert", "ssl", "no_ssl", "timeout"))(f)
+    names = ("server_cert", "ssl", "no_ssl", "timeout", "events_server_key", "events_client_key")
+    f = bundle_options("link", _s2cs_link, names)(f)
     opts = [
         *s2cs_tls_options(ENV_PREFIX, "The s2cs certificate to pin."),
         click.option(
@@ -98,6 +129,24 @@ def server_options(f: Any) -> Any:
             default=15.0,
             show_default=True,
             help="Deadline per call in seconds.",
+        ),
+        click.option(
+            "--events-server-key",
+            "--events_server_key",
+            "events_server_key",
+            default=None,
+            envvar=[ENV_PREFIX + "EVENTS_SERVER_KEY"],
+            help="The s2cs's events CURVE public key (.key file), for a tcp:// events socket "
+            f"[${ENV_PREFIX}EVENTS_SERVER_KEY]. Without events, readiness is polled.",
+        ),
+        click.option(
+            "--events-client-key",
+            "--events_client_key",
+            "events_client_key",
+            default=None,
+            envvar=[ENV_PREFIX + "EVENTS_CLIENT_KEY"],
+            help="This subscriber's CURVE key pair (.key_secret from `s2ds keygen`; its .key "
+            f"must be in the s2cs's --events-curve-client-keys) [${ENV_PREFIX}EVENTS_CLIENT_KEY].",
         ),
     ]
     for opt in reversed(opts):

@@ -8,7 +8,10 @@
 
 Readiness comes from the s2cs's ZMQ session events (endpoint advertised by
 ``server_info``), with the ``status`` RPC as a fallback for an event missed
-while subscribing. Against a SciStream 1.x s2cs (neither RPC) ``wait_ready``
+while subscribing, or for events this controller cannot read: the default
+events socket is an ipc socket that only the s2cs user may open, and a tcp://
+one needs CURVE keys (``events_curve``: the server's public key and this
+controller's key pair). Against a SciStream 1.x s2cs (neither RPC) ``wait_ready``
 returns what the hello answered, which is all 1.x can say.
 """
 
@@ -96,8 +99,10 @@ class AppController:
         ssl: bool = True,
         token: str | None = None,
         timeout: float = CALL_DEADLINE_S,
+        events_curve: tuple[bytes, tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.s2cs = s2cs
+        self.events_curve = events_curve  # (server public key, (our public, our secret))
         self.uid = uid
         self.role = role
         self.server_cert = server_cert
@@ -130,7 +135,15 @@ class AppController:
             self._sub = self._zctx.socket(zmq.SUB)
             self._sub.setsockopt(zmq.LINGER, 0)
             self._sub.setsockopt(zmq.SUBSCRIBE, topic_for(self.uid))
-            self._sub.connect(events_address(self.info.events, self.s2cs))
+            address = events_address(self.info.events, self.s2cs)
+            if address.startswith("tcp://") and self.events_curve is not None:
+                server_public, (public, secret) = self.events_curve
+                self._sub.curve_serverkey = server_public
+                self._sub.curve_publickey, self._sub.curve_secretkey = public, secret
+            elif address.startswith("tcp://"):
+                log.debug("no events CURVE keys: a CURVE events socket will send nothing; polling status")
+            # An ipc socket of another user (or host) is never reached: status polling covers it.
+            self._sub.connect(address)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -7,8 +7,18 @@ no client secret checks nothing and every caller is ``anonymous``.
 With a secret, a token is accepted when Globus Auth's introspection says it is
 active, not expired, carries the scope
 ``https://auth.globus.org/scopes/<client id>/scistream`` and names this client in
-its audience. The result is cached by SHA-256 of the token until the token
-expires; the token itself is never stored or logged.
+its audience (``active`` must be the JSON ``true``: ``"false"`` or ``1`` is refused).
+
+Results are cached by SHA-256 of the token; the token itself is never stored or
+logged. A positive result is kept at most ``cache_ttl`` seconds (default 60) and
+never past the token's ``exp``, so a token revoked at Globus stops working here
+within that time. A refusal is kept ``negative_ttl`` seconds (default 5), so a
+caller repeating a bad token costs no further introspection. Introspections of
+tokens not in the cache are rate-limited (a token bucket, ``introspect_rate``
+per second with a burst of ``introspect_burst``) and at most
+``introspect_concurrency`` run at once (each holds a thread for its HTTP call):
+a flood of random tokens costs a bounded number of Globus calls and threads,
+and a caller over the limit is told UNAVAILABLE (try again), never let in.
 """
 
 from __future__ import annotations
@@ -69,6 +79,36 @@ def _unauthenticated(message: str) -> ControlError:
     return ControlError(grpc.StatusCode.UNAUTHENTICATED, message)
 
 
+#: A positive introspection result is trusted at most this long (s2cs --token-cache-ttl).
+DEFAULT_CACHE_TTL = 60.0
+#: A refused token is answered from the cache this long.
+DEFAULT_NEGATIVE_TTL = 5.0
+#: New-token introspections per second (token bucket) and the bucket's size.
+DEFAULT_INTROSPECT_RATE = 10.0
+DEFAULT_INTROSPECT_BURST = 20
+#: Introspections in flight at once (each one holds a worker thread).
+DEFAULT_INTROSPECT_CONCURRENCY = 4
+
+
+class _TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` banked; ``take`` never waits."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(max(1, burst))
+        self._level = self.burst
+        self._at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._level = min(self.burst, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if self._level < 1.0:
+            return False
+        self._level -= 1.0
+        return True
+
+
 class GlobusAuthenticator(Authenticator):
     enabled = True
     CACHE_MAX = 10_000
@@ -81,6 +121,11 @@ class GlobusAuthenticator(Authenticator):
         timeout: float = 5.0,
         allowed_identities: Iterable[str] = (),
         allowed_domains: Iterable[str] = (),
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        negative_ttl: float = DEFAULT_NEGATIVE_TTL,
+        introspect_rate: float = DEFAULT_INTROSPECT_RATE,
+        introspect_burst: int = DEFAULT_INTROSPECT_BURST,
+        introspect_concurrency: int = DEFAULT_INTROSPECT_CONCURRENCY,
     ) -> None:
         import globus_sdk
         from globus_sdk.transport import RequestsTransport, RetryConfig
@@ -97,11 +142,19 @@ class GlobusAuthenticator(Authenticator):
             transport=RequestsTransport(http_timeout=timeout),
             retry_config=RetryConfig(max_retries=0),
         )
-        self._cache: dict[str, tuple[Identity, float]] = {}
+        self.cache_ttl = max(0.0, cache_ttl)
+        self.negative_ttl = max(0.0, negative_ttl)
+        self._cache: dict[str, tuple[Identity, float]] = {}  # key -> (identity, trusted until)
+        self._refused: dict[str, tuple[str, float]] = {}  # key -> (message, cached until)
         self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._bucket = _TokenBucket(introspect_rate, introspect_burst)
+        self._concurrency = max(1, introspect_concurrency)
+        self._slots: asyncio.Semaphore | None = None  # made on the server's loop, at first use
+        self.introspections = 0  # Globus calls made (tests, debugging)
 
     def close(self) -> None:
         self._cache.clear()
+        self._refused.clear()
 
     async def authenticate(self, token: str | None) -> Identity:
         if not token or token == NO_TOKEN:
@@ -115,22 +168,47 @@ class GlobusAuthenticator(Authenticator):
             if cached[1] > now:
                 return self._authorize(cached[0])
             del self._cache[key]
+        refused = self._refused.get(key)
+        if refused is not None:
+            if refused[1] > now:
+                raise _unauthenticated(refused[0])
+            del self._refused[key]
         data = await self._introspect_once(key, token)
-        identity, exp = self._validate(data, now)
-        self._remember(key, identity, exp)
+        now = time.time()
+        try:
+            identity, exp = self._validate(data, now)
+        except ControlError as exc:
+            self._remember_refusal(key, exc.message, now)
+            raise
+        self._remember(key, identity, min(exp, now + self.cache_ttl))
         return self._authorize(identity)
 
     async def _introspect_once(self, key: str, token: str) -> dict[str, Any]:
-        # Concurrent calls with the same token share one introspection.
+        # Concurrent calls with the same token share one introspection (and one
+        # rate-limit token): only a token nobody is checking yet is charged.
         fut = self._inflight.get(key)
         if fut is None:
-            fut = asyncio.ensure_future(self._introspect(token))
+            if not self._bucket.take():
+                log.warning("token introspection rate limit reached; refusing a new token for now")
+                raise ControlError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the gateway is checking too many new tokens at the moment; try again shortly",
+                )
+            fut = asyncio.ensure_future(self._introspect_bounded(token))
             self._inflight[key] = fut
             fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
         return await asyncio.shield(fut)
 
+    async def _introspect_bounded(self, token: str) -> dict[str, Any]:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._concurrency)
+        async with self._slots:
+            return await self._introspect(token)
+
     async def _introspect(self, token: str) -> dict[str, Any]:
         import globus_sdk
+
+        self.introspections += 1
 
         def call() -> dict[str, Any]:
             return dict(self._client.oauth2_token_introspect(token).data)
@@ -152,10 +230,11 @@ class GlobusAuthenticator(Authenticator):
             ) from None
 
     def _validate(self, data: dict[str, Any], now: float) -> tuple[Identity, float]:
-        if not data.get("active"):
+        # Exactly the JSON true: a string "false", 1 or a missing field is not active.
+        if data.get("active") is not True:
             raise _unauthenticated("the access token is not active (expired or revoked); log in again")
         exp = data.get("exp")
-        if not isinstance(exp, int | float) or exp <= now:
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or exp <= now:
             raise _unauthenticated("the access token has expired; log in again")
         scopes = str(data.get("scope") or "").split()
         if self.scope not in scopes:
@@ -193,6 +272,16 @@ class GlobusAuthenticator(Authenticator):
                 del self._cache[next(iter(self._cache))]
         self._cache[key] = (identity, exp)
 
+    def _remember_refusal(self, key: str, message: str, now: float) -> None:
+        if self.negative_ttl <= 0:
+            return
+        if len(self._refused) >= self.CACHE_MAX:
+            for k in [k for k, (_, until) in self._refused.items() if until <= now]:
+                del self._refused[k]
+            while len(self._refused) >= self.CACHE_MAX:
+                del self._refused[next(iter(self._refused))]
+        self._refused[key] = (message, now + self.negative_ttl)
+
 
 def make_authenticator(
     client_id: str,
@@ -201,6 +290,7 @@ def make_authenticator(
     timeout: float = 5.0,
     allowed_identities: Iterable[str] = (),
     allowed_domains: Iterable[str] = (),
+    cache_ttl: float = DEFAULT_CACHE_TTL,
 ) -> Authenticator:
     if not client_secret:
         return Authenticator()
@@ -210,4 +300,5 @@ def make_authenticator(
         timeout=timeout,
         allowed_identities=allowed_identities,
         allowed_domains=allowed_domains,
+        cache_ttl=cache_ttl,
     )

@@ -22,8 +22,10 @@ Defaults that differ from 1.x, and why:
 * 1.x ``rate`` is stored, not enforced; ``--enforce-rate`` reads it as kB/s
   (rate x 1000 bytes/s). A request's ``rate_limit`` (bytes/s) is always enforced.
 * ``--metrics-port`` is off unless given (0 = an ephemeral port); metrics bind to
-  127.0.0.1. Events are on, on an ephemeral loopback port advertised by
-  ``server_info``.
+  127.0.0.1. Events are on, on an ipc socket in the state directory that only
+  this user can open (advertised by ``server_info``); a tcp:// events address
+  needs CURVE keys (1.x had no events; an unauthenticated TCP port let every
+  local user read every session's uid and endpoints).
 """
 
 from __future__ import annotations
@@ -219,7 +221,8 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     is_flag=False,
     flag_value=_SECRET_FROM_ENV,
     show_default=False,
-    help="Globus Auth client secret; enables token checks. Given with no value, it is read "
+    help="Globus Auth client secret; enables token checks (on every call but server_info: "
+    "a hello then needs the token of the session's owner). Given with no value, it is read "
     "from $SCISTREAM_CLIENT_SECRET.",
 )
 @click.option(
@@ -229,7 +232,8 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     multiple=True,
     help="Allow-list, with --client-secret: an identity (sub or username) allowed to use this "
     "gateway (repeatable). With this or --allowed-domain set, a caller neither list admits is "
-    "refused (PERMISSION_DENIED) on every authenticated call: req, update, release, status.",
+    "refused (PERMISSION_DENIED) on every authenticated call: req, hello, update, release, "
+    "status.",
 )
 @click.option(
     "--allowed-domain",
@@ -238,8 +242,18 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     multiple=True,
     help="Allow-list, with --client-secret: usernames in this domain (e.g. anl.gov) may use "
     "this gateway (repeatable). With this or --allowed-identity set, a caller neither list "
-    "admits is refused (PERMISSION_DENIED) on every authenticated call: req, update, release, "
-    "status.",
+    "admits is refused (PERMISSION_DENIED) on every authenticated call: req, hello, update, "
+    "release, status.",
+)
+@click.option(
+    "--token-cache-ttl",
+    "--token_cache_ttl",
+    "token_cache_ttl",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="With --client-secret: seconds a token Globus Auth found valid is trusted without "
+    "asking again (never past its expiry), so a revoked token stops working within this time.",
 )
 @click.option(
     "--server_crt",
@@ -347,9 +361,26 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
 )
 @click.option(
     "--events",
-    default="tcp://127.0.0.1:0",
+    default="ipc",
     show_default=True,
-    help="ZMQ PUB address for session events ('off' to disable).",
+    help="ZMQ PUB address for session events: 'ipc' = ipc://<state dir>/events.sock (0600, "
+    "readable by this user only), ipc://PATH, tcp://HOST:PORT (only with the two "
+    "--events-curve options), or 'off'.",
+)
+@click.option(
+    "--events-curve-secret-file",
+    "--events_curve_secret_file",
+    "events_curve_secret_file",
+    default="",
+    help="tcp:// events: this server's CURVE key (.key_secret from `s2ds keygen`); "
+    "subscribers need its public .key.",
+)
+@click.option(
+    "--events-curve-client-keys",
+    "--events_curve_client_keys",
+    "events_curve_client_keys",
+    default="",
+    help="tcp:// events: directory of the public keys (*.key) of the subscribers admitted.",
 )
 @click.option(
     "--audit-log", "--audit_log", "audit_log", default="", help="Audit log (default <state dir>/audit.log)."
@@ -442,11 +473,14 @@ def build_config(
         client_secret=secret,
         allowed_identities=list(opts["allowed_identity"]),
         allowed_domains=list(opts["allowed_domain"]),
+        token_cache_ttl=float(opts["token_cache_ttl"]),
         hello_timeout=float(opts["hello_timeout"]),
         reserved_timeout=float(opts["reserved_timeout"]),
         idle_timeout=float(opts["idle_timeout"]),
         state_dir=str(opts["state_dir"] or default_state_dir()),
         events=events,
+        events_curve_secret_file=str(opts["events_curve_secret_file"] or ""),
+        events_curve_client_keys=str(opts["events_curve_client_keys"] or ""),
         metrics_port=opts["metrics_port"],
         audit_log=str(opts["audit_log"] or ""),
         log_file=str(opts["log_file"] or ""),

@@ -72,6 +72,7 @@ class ServerConfig:
     allowed_identities: list[str] = field(default_factory=list)
     allowed_domains: list[str] = field(default_factory=list)
     introspect_timeout: float = 5.0
+    token_cache_ttl: float = 60.0  # s a positive introspection is trusted (never past exp)
     # sessions
     hello_timeout: float = 180.0
     reserved_timeout: float = 3600.0  # helloed but never updated
@@ -81,13 +82,22 @@ class ServerConfig:
     poll_interval: float = 2.0  # data-plane usage polling (active detection, metrics)
     # operations
     state_dir: str = field(default_factory=default_state_dir)
-    events: str = "tcp://127.0.0.1:0"  # ZMQ PUB bind; "" = off
+    events: str = "ipc"  # ZMQ PUB bind: "ipc" = ipc://<state_dir>/events.sock; "" = off
+    events_curve_secret_file: str = ""  # tcp:// events only: s2cs's CURVE .key_secret
+    events_curve_client_keys: str = ""  # tcp:// events only: admitted subscribers' *.key
     metrics_port: int | None = None  # None = off; 0 = ephemeral
     audit_log: str = ""  # "" = <state_dir>/audit.log
     log_file: str = ""
 
     def audit_path(self) -> str:
         return self.audit_log or os.path.join(self.state_dir, "audit.log")
+
+    def events_address(self) -> str:
+        """The events bind address, "ipc" resolved to the private socket in the state dir."""
+        text = self.events.strip()
+        if text.lower() == "ipc":
+            return f"ipc://{Path(self.state_dir).absolute() / 'events.sock'}"
+        return "" if text.lower() in ("off", "none", "no", "false") else text
 
     def db_path(self) -> str:
         return os.path.join(self.state_dir, "s2cs.db")

@@ -145,6 +145,7 @@ class EarlyHello:
     role: str
     expires_at: float
     answered: asyncio.Future[list[str]]
+    owner: str = "anonymous"  # the hello's identity: the req must come from the same one
 
 
 def _fail_early(early: EarlyHello, exc: ControlError) -> None:
@@ -220,11 +221,14 @@ class SessionManager:
         s = self.sessions.get(uid)
         if s is None:
             raise not_found(uid)
-        if self.auth_enabled and s.owner != identity.sub:
+        self._check_owner(identity, uid, s.owner)
+        return s
+
+    def _check_owner(self, identity: Identity, uid: str, owner: str) -> None:
+        if self.auth_enabled and owner != identity.sub:
             raise ControlError(
                 grpc.StatusCode.PERMISSION_DENIED, f"session {uid!r} belongs to another identity"
             )
-        return s
 
     def max_num_conn(self) -> int:
         return min(self.config.max_num_conn, self.ports.size)
@@ -270,6 +274,7 @@ class SessionManager:
             raise ControlError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
         if uid in self.sessions:
             raise ControlError(grpc.StatusCode.ALREADY_EXISTS, f"a session with uid {uid!r} already exists")
+        self._refuse_foreign_early_hello(identity, uid)
         try:
             ports = self.ports.allocate(num_conn)
         except PortsExhausted as exc:
@@ -314,6 +319,24 @@ class SessionManager:
             await self._consume_early_hello(s, early)
         await self._wait_for_hello(s)
         return s
+
+    def _refuse_foreign_early_hello(self, identity: Identity, uid: str) -> None:
+        """A hello that came first from another identity: refuse the req and drop that hello
+        (whoever sent it named a session it does not own), so the owner's next try is clean."""
+        early = self.early.get(uid)
+        if early is None or not self.auth_enabled or early.owner == identity.sub:
+            return
+        del self.early[uid]
+        log.warning("session %s: the hello that came before the req was sent by another identity", uid)
+        _fail_early(
+            early,
+            ControlError(grpc.StatusCode.PERMISSION_DENIED, f"session {uid!r} belongs to another identity"),
+        )
+        raise ControlError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"a hello for session {uid!r} came from another identity before this request; it was "
+            "dropped: send the hello again with your own token",
+        )
 
     async def _wait_for_hello(self, s: Session) -> None:
         assert s.waiter is not None
@@ -363,14 +386,19 @@ class SessionManager:
             if not early.answered.done():
                 early.answered.set_result(list(s.listeners))
 
-    async def hello(self, uid: str, prod_listeners: list[str], role: str) -> tuple[str, list[str]]:
-        """Authorised by knowledge of the uid, as in 1.x (appctrl sends no token).
-        It can never change the endpoints of a session that already had its hello."""
+    async def hello(
+        self, identity: Identity, uid: str, prod_listeners: list[str], role: str
+    ) -> tuple[str, list[str]]:
+        """With token checks on, only the session's owner may send its hello (or, hello
+        first, the req must come from the hello's identity); without them, knowledge of
+        the uid authorises it, as in 1.x. It can never change the endpoints of a session
+        that already had its hello."""
         uid = validate.uid(uid)
         prod_listeners = validate.endpoints("prod_listeners", list(prod_listeners), required=False)
         s = self.sessions.get(uid)
         if s is None:
-            return await self._early_hello(uid, prod_listeners, role)
+            return await self._early_hello(identity, uid, prod_listeners, role)
+        self._check_owner(identity, uid, s.owner)
         if s.state.helloed:
             if prod_listeners == s.prod_listeners:
                 return self._hello_answer(s)
@@ -387,10 +415,14 @@ class SessionManager:
         msg = "Hello message sent successfully"
         return msg, ([] if s.role == "PROD" else list(s.listeners))
 
-    async def _early_hello(self, uid: str, prod_listeners: list[str], role: str) -> tuple[str, list[str]]:
+    async def _early_hello(
+        self, identity: Identity, uid: str, prod_listeners: list[str], role: str
+    ) -> tuple[str, list[str]]:
         now = time.time()
         self._expire_early(now)
         early = self.early.get(uid)
+        if early is not None:
+            self._check_owner(identity, uid, early.owner)
         if early is None:
             if len(self.early) >= self.config.early_hello_limit:
                 raise ControlError(
@@ -402,6 +434,7 @@ class SessionManager:
                 role.strip().upper(),
                 now + self.config.hello_timeout,
                 asyncio.get_running_loop().create_future(),
+                identity.sub,
             )
             self.early[uid] = early
             log.info("session %s: hello arrived before its req; kept", uid)

@@ -26,7 +26,7 @@ from scistream.s2cs.auth import Authenticator, make_authenticator
 from scistream.s2cs.backends import UnknownBackendSetting, create_backend
 from scistream.s2cs.backends.base import Backend, BackendOptions
 from scistream.s2cs.config import ServerConfig, listener_ip_problem
-from scistream.s2cs.events import EventPublisher
+from scistream.s2cs.events import EventPublisher, EventsConfigError, EventsCurve
 from scistream.s2cs.manager import SessionManager
 from scistream.s2cs.metrics import Metrics
 from scistream.s2cs.ports import PortAllocator
@@ -95,6 +95,7 @@ class S2CSServer:
             timeout=cfg.introspect_timeout,
             allowed_identities=cfg.allowed_identities,
             allowed_domains=cfg.allowed_domains,
+            cache_ttl=cfg.token_cache_ttl,
         )
         creds = self._credentials() if cfg.ssl else None  # fail before anything starts
         try:
@@ -108,10 +109,19 @@ class S2CSServer:
             raise StartupError(f"cannot open the audit log {cfg.audit_path()}: {exc.strerror}") from None
         self._closers.append(audit.close)
         metrics = Metrics()
+        curve = None
+        if cfg.events_curve_secret_file or cfg.events_curve_client_keys:
+            if not (cfg.events_curve_secret_file and cfg.events_curve_client_keys):
+                raise StartupError(
+                    "CURVE events need both --events-curve-secret-file and --events-curve-client-keys"
+                )
+            curve = EventsCurve(cfg.events_curve_secret_file, cfg.events_curve_client_keys)
         try:
-            events = EventPublisher(cfg.events)
-        except zmq.ZMQError as exc:
-            raise StartupError(f"cannot publish events on {cfg.events!r}: {exc}") from None
+            events = EventPublisher(cfg.events_address(), curve=curve)
+        except EventsConfigError as exc:
+            raise StartupError(str(exc)) from None
+        except (zmq.ZMQError, OSError) as exc:
+            raise StartupError(f"cannot publish events on {cfg.events_address()!r}: {exc}") from None
         self._closers.append(events.close)
         if cfg.metrics_port is not None:
             try:

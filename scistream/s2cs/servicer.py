@@ -1,14 +1,17 @@
 """The gRPC face of s2cs: authentication, then the manager, then a status code.
 
-Order on every call except hello: authenticate (nothing about a uid is revealed
-before that), then validate and act. Errors become a gRPC status with one
+Order on every call but server_info: authenticate (nothing about a uid is
+revealed before that), then validate and act. Errors become a gRPC status with one
 human sentence; an unexpected exception is logged with its traceback and
 answered INTERNAL with a generic sentence (never UNKNOWN, never the traceback).
 Every call leaves one audit record.
 
-hello is authorised by knowledge of the uid, as in 1.x (application
-controllers send ``INVALID_TOKEN``): it cannot change a session that already had
-its hello, and its endpoints pass the same target policy as update's.
+hello, when s2cs checks tokens, needs a valid token of the identity that owns
+the session (or, hello first, that the req must then come from); without
+token checks it is authorised by knowledge of the uid, as in 1.x (application
+controllers send ``INVALID_TOKEN``). Either way it cannot change a session
+that already had its hello, and its endpoints pass the same target policy as
+update's.
 """
 
 from __future__ import annotations
@@ -133,13 +136,14 @@ class ControlServicer(scistream_pb2_grpc.ControlServicer):
     async def hello(
         self, request: scistream_pb2.Hello, context: grpc.aio.ServicerContext
     ) -> scistream_pb2.AppResponse:
-        async def body(_identity: Identity) -> scistream_pb2.AppResponse:
+        async def body(identity: Identity) -> scistream_pb2.AppResponse:
             message, listeners = await self.manager.hello(
-                request.uid, list(request.prod_listeners), request.role
+                identity, request.uid, list(request.prod_listeners), request.role
             )
             return scistream_pb2.AppResponse(message=message, listeners=listeners)
 
-        return await self._run("hello", request, context, body, authenticate=False)
+        # Without a client secret the authenticator names every caller anonymous (1.x).
+        return await self._run("hello", request, context, body)
 
     async def update(
         self, request: scistream_pb2.UpdateTargets, context: grpc.aio.ServicerContext

@@ -206,13 +206,23 @@ class Daemon:
                 auth.configure_curve(domain="*", location=self.curve.client_keys_dir)
                 sock.curve_server = True
                 sock.curve_publickey, sock.curve_secretkey = public, secret
+            path = ipc_path(self.address)
+            # Whoever can connect here can open relays on this node (and is sent keys):
+            # the ipc socket is 0600 from its creation (libzmq creates it in bind() on
+            # this thread, under this umask), not chmod-ed after a window at the umask.
+            old_umask = os.umask(0o077) if path is not None else None
             try:
                 sock.bind(self.address)
             except zmq.ZMQError as exc:
                 raise DaemonError(f"cannot listen on {self.address}: {exc.strerror}") from None
-            path = ipc_path(self.address)
+            finally:
+                if old_umask is not None:
+                    os.umask(old_umask)
             if path is not None:
-                os.chmod(path, 0o600)  # whoever can write here can open relays on this node
+                os.chmod(path, 0o600)  # 0700 from the umask; x means nothing on a socket
+                st = os.lstat(path)
+                if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                    raise DaemonError(f"the control socket {path} is not private after binding")
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
             workers = (await in_daemon_thread(self.engine.stats)).workers  # what the engine really runs

@@ -233,7 +233,7 @@ def make_config(tmp_path: Any, **overrides: Any) -> ServerConfig:
         "port_range": free_range(),
         "backend_type": "native",
         "state_dir": str(tmp_path / "state"),
-        "events": "tcp://127.0.0.1:0",
+        "events": "ipc",
         "hello_timeout": 10.0,
         "poll_interval": 0.2,
     }

@@ -127,7 +127,7 @@ def err(fn: Any, msg: Any, token: str | None, timeout: float = 10) -> tuple[SC, 
 def make_session(stub: Any, token: str) -> str:
     uid = new_uid()
     fut = stub.req.future(pb.Request(uid=uid, role="PROD", num_conn=1), metadata=md(token), timeout=10)
-    stub.hello(pb.Hello(uid=uid, prod_listeners=["127.0.0.1:5074"]), metadata=md("INVALID_TOKEN"), timeout=5)
+    stub.hello(pb.Hello(uid=uid, prod_listeners=["127.0.0.1:5074"]), metadata=md(token), timeout=5)
     fut.result()
     call(stub.update, pb.UpdateTargets(uid=uid, remote_listeners=["127.0.0.1:5074"]), token)
     return uid
@@ -216,7 +216,7 @@ def test_allow_list_refuses_every_authenticated_call_as_the_help_says(
                 "alice@uchicago.edu" in exc.details() and "not allowed to use this gateway" in exc.details()
             )
             refused.add(name)
-    assert refused == {"req", "update", "release", "status"}
+    assert refused == {"req", "hello", "update", "release", "status"}
     assert uid in st.manager.sessions and st.manager.sessions[uid].state.value == "ready"
     # The options' help names exactly the calls refused.
     from scistream.s2cs import cli
@@ -225,7 +225,7 @@ def test_allow_list_refuses_every_authenticated_call_as_the_help_says(
         if param.name in ("allowed_identity", "allowed_domain"):
             help_text = getattr(param, "help", "")
             assert "with --client-secret" in help_text and "PERMISSION_DENIED" in help_text
-            assert help_text.endswith("every authenticated call: req, update, release, status.")
+            assert help_text.endswith("every authenticated call: req, hello, update, release, status.")
 
 
 def test_unreachable_introspection_is_bounded(

@@ -134,7 +134,7 @@ def test_modes_config_file_and_env(captured: list[ServerConfig], tmp_path: Any) 
     assert captured[-1].default_security == "compat" and captured[-1].compat_allowed
     r = run([])
     assert captured[-1].default_security == "tls" and not captured[-1].compat_allowed
-    assert captured[-1].metrics_port is None and captured[-1].events == "tcp://127.0.0.1:0"
+    assert captured[-1].metrics_port is None and captured[-1].events == "ipc"
     cfg = tmp_path / "s2cs.toml"
     cfg.write_text(
         '[s2cs]\nlistener_ip = "10.1.1.1"\nport-range = "9000-9009"\nhello_timeout = 5\n'
@@ -399,7 +399,8 @@ def test_startup_failures_are_one_clear_line(tmp_path: Any) -> None:
             ),
             (["--port", "0", "--listener-ip", "0.0.0.0"], "--listener-ip 0.0.0.0 is not an address peers"),
             (["--port", "0", "--listener_ip", ""], "--listener-ip is empty: it is not an address peers"),
-            (["--port", "0", "--events", "7"], "cannot publish events"),
+            (["--port", "0", "--events", "7"], "--events '7': use ipc://PATH"),
+            (["--port", "0", "--events", "tcp://127.0.0.1:0"], "a tcp:// events address"),
             (["--port", str(busy.getsockname()[1])], "cannot listen on"),
             (["--port", "0", "--state-dir", "/proc/nope"], "cannot create the state directory"),
         ):

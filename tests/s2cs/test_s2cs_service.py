@@ -317,7 +317,7 @@ def test_two_hundred_sessions_leak_nothing(s2cs_factory: Any, stub_for: Any, tmp
     assert open_fds() <= fds_before + 5
     assert st.server.manager.store.load() == []
     leftover = [p.name for p in (tmp_path / "state").iterdir()]
-    assert set(leftover) <= {"s2cs.db", "s2cs.db-wal", "s2cs.db-shm", "audit.log"}
+    assert set(leftover) <= {"s2cs.db", "s2cs.db-wal", "s2cs.db-shm", "audit.log", "events.sock"}
 
 
 def test_server_info_and_health(s2cs: Any, stub: Any) -> None:
@@ -326,7 +326,7 @@ def test_server_info_and_health(s2cs: Any, stub: Any) -> None:
     info = stub.server_info(pb.ServerInfoRequest(), timeout=5)
     assert info.backend == "fake" and info.default_security == "tls" and info.listener_ip == "127.0.0.1"
     assert "status" in info.extensions and "session_key" in info.extensions
-    assert info.events.startswith("tcp://127.0.0.1:")
+    assert info.events.startswith("ipc://") and info.events.endswith("/events.sock")  # private, 0600
     with grpc.insecure_channel(s2cs.address) as ch:
         h = health_pb2_grpc.HealthStub(ch)
         assert h.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == 1  # SERVING
