@@ -67,6 +67,19 @@ def _die_with_parent_argv() -> tuple[str, ...]:
     return (setpriv, "--pdeathsig", "TERM", "--")
 
 
+#: The only variables a proxy child inherits. HAProxy expands "${VAR}" in its config and
+#: nginx/stunnel need none of s2cs's settings: SCISTREAM_CLIENT_SECRET, tokens and the
+#: rest of s2cs's environment stay out of every proxy (and out of /proc/<pid>/environ).
+PROXY_ENVIRONMENT = ("PATH", "LANG")
+
+
+def proxy_environment() -> dict[str, str]:
+    """The environment of a proxy child: :data:`PROXY_ENVIRONMENT` from s2cs's, PATH always."""
+    env = {name: os.environ[name] for name in PROXY_ENVIRONMENT if name in os.environ}
+    env.setdefault("PATH", os.defpath)
+    return env
+
+
 _FAILURE = re.compile(
     r"(?i)already in use|cannot|could not|can't|failed|failure|error|invalid|"
     r"unknown|denied|not found|\[emerg\]|\[alert\]|\[crit\]"
@@ -137,6 +150,7 @@ class Child:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env=proxy_environment(),
                 close_fds=True,
                 start_new_session=True,
             )
