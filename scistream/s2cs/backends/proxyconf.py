@@ -277,7 +277,16 @@ def _need_cert_mode(plan: SessionPlan, certs: CertFiles | None, proxy: str) -> C
             "producer gateway's certificate) for this backend (s2cs --backend-option "
             "tls_ca=PATH), or use security plain"
         )
-    return certs
+    if certs is None:
+        return None
+    # Operator settings, but still written into the config: one token each, or refused.
+    return CertFiles(
+        cert=token(certs.cert, "tls_cert") if certs.cert else "",
+        key=token(certs.key, "tls_key") if certs.key else "",
+        ca=token(certs.ca, "tls_ca") if certs.ca else "",
+        server_name=_server_name(certs.server_name) if certs.server_name else "",
+        combined_pem=token(certs.combined_pem, "the combined PEM path") if certs.combined_pem else "",
+    )
 
 
 def haproxy_config(
