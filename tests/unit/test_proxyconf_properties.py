@@ -116,8 +116,9 @@ def _plain_text(text: str) -> None:
 
 
 def parse_stunnel(text: str) -> tuple[list[tuple[str, str]], dict[str, list[tuple[str, str]]]]:
-    """stunnel's reading: ';'/'#' comment lines, '[name]' sections, 'key = value' lines."""
-    _plain_text(text)
+    """stunnel's reading: ';'/'#' comment lines, '[name]' sections, 'key = value' lines (the
+    value is the rest of the line: stunnel has no quoting and no variables)."""
+    assert "\r" not in text and all(line.isprintable() for line in text.split("\n"))
     globals_: list[tuple[str, str]] = []
     sections: dict[str, list[tuple[str, str]]] = {}
     current = globals_

@@ -115,6 +115,14 @@ def token(value: str, what: str) -> str:
     return value
 
 
+def line_value(value: str, what: str) -> str:
+    """``value`` if stunnel reads it back whole as the value of ``key = value`` (it takes the
+    rest of the line, trimmed): printable, one line, no blank at either end."""
+    if not isinstance(value, str) or not value or not value.isprintable() or value != value.strip():
+        raise BackendError(f"{what} {excerpt(value)} cannot be written into a stunnel configuration")
+    return value
+
+
 def _server_name(value: str) -> str:
     try:
         return parse_host_name(value)
@@ -210,7 +218,7 @@ def stunnel_config(
         raise BackendError(f"unknown security mode {plan.security!r}")
     check_uid(plan.uid)
     client = plan.role == "CONS"
-    psk_file = token(psk_file, "the PSK file path")
+    psk_file = line_value(psk_file, "the PSK file path")
     if client and not _SAFE_IDENTITY.fullmatch(plan.psk_identity or ""):
         raise BackendError("the session's PSK identity is empty or has characters stunnel cannot use")
     lines = [
