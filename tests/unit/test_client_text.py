@@ -13,6 +13,7 @@ import pytest
 from scistream.clienttext import MAX_LOG_MESSAGE, EscapingFormatter, escape, excerpt
 from scistream.s2cs import validate
 from scistream.s2cs.audit import MAX_FIELD_CHARS, AuditLog
+from scistream.s2cs.backends.supervisor import failure_reason, last_log_line
 from scistream.s2cs.errors import MAX_MESSAGE_CHARS, ControlError, not_found
 
 FORGED = "abc\n2026-01-01 00:00:00,000 INFO scistream.s2cs.manager: session x: released"
@@ -103,3 +104,12 @@ def test_endpoints_are_returned_normalised_and_refusals_bounded() -> None:
     with pytest.raises(ControlError) as info:
         validate.role("P\nROD" * 100_000)
     assert len(info.value.message) < 200 and info.value.message.isprintable()
+
+
+def test_proxy_log_lines_shown_as_session_errors_are_escaped(tmp_path: Path) -> None:
+    # stunnel logs the PSK identity a remote TLS client sent; that line may become an error text.
+    log = tmp_path / "proxy.log"
+    log.write_bytes(b"LOG5[0]: PSK identity not found: \x1b]0;owned\x07evil\r\nLOG3[0]: failed: \x1b[2J\n")
+    assert failure_reason(log) == "LOG5[0]: PSK identity not found: \\x1b]0;owned\\x07evil"
+    assert last_log_line(log) == "LOG3[0]: failed: \\x1b[2J"
+    assert all(line.isprintable() for line in (failure_reason(log), last_log_line(log)))

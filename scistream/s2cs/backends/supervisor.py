@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+from scistream.clienttext import escape
 from scistream.s2cs.backends.base import Backend, BackendError, BackendOptions, SessionPlan, SessionUsage
 from scistream.s2cs.backends.proxyconf import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -103,7 +104,9 @@ def _tail_lines(path: Path, size: int = 16384) -> list[str]:
             tail = f.read().decode("utf-8", "replace")
     except OSError:
         return []
-    return [line.strip() for line in tail.splitlines() if line.strip()]
+    # A proxy logs what remote peers sent (a PSK identity, say): escaped here, because these
+    # lines become session errors that clients are shown.
+    return [escape(line.strip()) for line in tail.splitlines() if line.strip()]
 
 
 def last_log_line(path: Path, *, limit: int = 300) -> str:
