@@ -33,6 +33,7 @@ from streams import DuplexServer, duplex_transfer, pattern_digest, wait_for
 
 from scistream._proto import scistream_pb2 as pb
 from scistream._proto import scistream_pb2_grpc
+from scistream.s2cs.backends.nginx import DEFAULT_STREAM_MODULE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,11 +44,18 @@ SIZE = 1 << 20
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
 HAPROXY = shutil.which("haproxy")
+NGINX_READY = shutil.which("nginx") is not None and Path(DEFAULT_STREAM_MODULE).exists()
 
 
 def stunnel_payload(canary: int, legit: int) -> str:
     """The issue's stunnel payload, addresses and ports changed only (all loopback here)."""
     return f"[::ffff:127.0.0.1%lo:1\nconnect = 127.0.0.1:{canary}\n;]:{legit}"
+
+
+def nginx_payload(canary: int, legit: int, leak: int) -> str:
+    """The same attack in nginx's syntax: close the server block, open one of its own."""
+    block = f"server{{listen 127.0.0.1:{leak};proxy_pass 127.0.0.1:{canary};}}"
+    return f"[::ffff:127.0.0.1%lo;}}{block}#]:{legit}"
 
 
 def haproxy_payload(canary: int, legit: int, stats: int, leak: int) -> str:
@@ -201,7 +209,7 @@ def auth_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture
 def gateway(request: pytest.FixtureRequest, tmp_path: Path, auth_env: None) -> Iterator[Gateway]:
     kind: str = request.param
-    security = "tls" if kind == "Stunnel" else "plain"  # HAProxy has no TLS-PSK
+    security = "tls" if kind == "Stunnel" else "plain"  # HAProxy and nginx have no TLS-PSK
     gw = start_s2cs(
         tmp_path, kind.lower(), "--ssl", "False", "--type", kind, "--security", security,
         "--hello-timeout", "30", ports=4,
@@ -223,29 +231,38 @@ BACKENDS = [
         "Haproxy",
         marks=[pytest.mark.haproxy, pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")],
     ),
+    pytest.param(
+        "Nginx",
+        marks=pytest.mark.skipif(
+            not NGINX_READY, reason="nginx or its stream module (libnginx-mod-stream) is not installed"
+        ),
+    ),
 ]
+#: The config file each backend writes in the session directory.
+CONFIG_FILE = {"stunnel": "stunnel.conf", "haproxy": "haproxy.cfg", "nginx": "nginx.conf"}
 
 
 @pytest.mark.parametrize("gateway", BACKENDS, indirect=True)
 def test_injected_endpoints_are_refused_and_proxies_get_no_secret(
     gateway: Gateway, targets: Target, tmp_path: Path
 ) -> None:
-    stunnel = "--type Stunnel" in " ".join(str(a) for a in gateway.proc.args)  # type: ignore[union-attr]
+    kind = gateway.log.stem  # start_s2cs names the log after the gateway: the backend here
+    stunnel = kind == "stunnel"
     legit, canary = targets.legit, targets.canary
     stats, leak = _free_port(), _free_port()
-    payload = (
-        stunnel_payload(_port(canary.address), _port(legit.address))
-        if stunnel
-        else haproxy_payload(_port(canary.address), _port(legit.address), stats, leak)
-    )
+    payload = {
+        "stunnel": stunnel_payload(_port(canary.address), _port(legit.address)),
+        "haproxy": haproxy_payload(_port(canary.address), _port(legit.address), stats, leak),
+        "nginx": nginx_payload(_port(canary.address), _port(legit.address), leak),
+    }[kind]
     uid = "inject-" + os.urandom(4).hex()
-    state = tmp_path / f"state-{'stunnel' if stunnel else 'haproxy'}"
+    state = tmp_path / f"state-{kind}"
     with grpc.insecure_channel(gateway.address) as channel:
         stub = scistream_pb2_grpc.ControlStub(channel)
         fut = stub.req.future(pb.Request(uid=uid, role="PROD", num_conn=1), metadata=_md(), timeout=40)
         # The hello with the payload is refused, and so is one hidden among good endpoints.
         details = _refused(stub.hello, pb.Hello(uid=uid, prod_listeners=[payload], role="PROD"))
-        assert "\n" not in details and "%lo:1\\n" in details  # quoted, escaped
+        assert "\n" not in details and "'[::ffff:127.0.0.1%lo" in details  # quoted, escaped
         _refused(stub.hello, pb.Hello(uid=uid, prod_listeners=[legit.address, payload], role="PROD"))
         # The session still waits for its hello: the real one is taken.
         hello = pb.Hello(uid=uid, prod_listeners=[legit.address], role="PROD")
@@ -259,10 +276,14 @@ def test_injected_endpoints_are_refused_and_proxies_get_no_secret(
 
         # The config holds the one intended target; nothing of the payload is on disk.
         session_dir = state / "sessions" / uid
-        conf = (session_dir / ("stunnel.conf" if stunnel else "haproxy.cfg")).read_text()
+        conf = (session_dir / CONFIG_FILE[kind]).read_text()
         if stunnel:
             connects = [ln for ln in conf.splitlines() if ln.strip().startswith("connect")]
             assert connects == [f"connect = {legit.address}"], conf
+        elif kind == "nginx":
+            passes = [ln.split() for ln in conf.splitlines() if "proxy_pass" in ln]
+            assert passes == [["proxy_pass", f"{legit.address};"]], conf
+            assert conf.count("server {") == 1 and conf.count("listen ") == 1, conf
         else:
             servers = [ln.split() for ln in conf.splitlines() if ln.strip().startswith("server")]
             assert servers == [["server", "t0", legit.address]], conf
@@ -272,12 +293,15 @@ def test_injected_endpoints_are_refused_and_proxies_get_no_secret(
         assert str(_port(canary.address)) not in written and "SCISTREAM_CLIENT_SECRET" not in written
 
         # The proxy runs with PATH (and LANG) only: no client secret to expand or read.
+        # (nginx writes its process title over its environment block, so /proc shows no
+        # environment for it; it is started by the same code as the other two.)
         children = _proxy_children(gateway.proc.pid)
         assert len(children) == 1, children
-        env = _environ(children[0])
-        assert set(env) <= {"PATH", "LANG"} and "PATH" in env, sorted(env)
         with open(f"/proc/{children[0]}/environ", "rb") as f:
             assert SECRET.encode() not in f.read()
+        if kind != "nginx":
+            env = _environ(children[0])
+            assert set(env) <= {"PATH", "LANG"} and "PATH" in env, sorted(env)
 
         # Traffic reaches the producer and never the canary.
         if stunnel:
