@@ -19,7 +19,8 @@ from :class:`scistream.endpoints.Endpoint` (``ipaddress`` objects or a
 validated host name, an int port), never from the client's text; numbers as
 ints; uids, identities, server names and paths only after a check that they
 are one token of the proxy's syntax (no blank, quote, comment, ``;``, brace,
-``$`` or control character). A value that fails is refused with
+``$`` or control character; stunnel, which has no quoting, takes a path as the
+rest of its line). A value that fails is refused with
 :class:`BackendError` naming it, and every rendered config is checked to be
 printable line by line before it is returned. A session endpoint can therefore
 only ever become the one ``accept``/``connect``, ``bind``/``server`` or
@@ -59,8 +60,10 @@ _SAFE_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 _SAFE_IDENTITY = re.compile(r"[A-Za-z0-9._@-]{1,128}", re.ASCII)
 #: One token in stunnel, HAProxy and nginx syntax alike: what paths and names may hold.
 #: No blank (token separator), quote, '#'/';' (comments, nginx's directive end),
-#: braces (nginx blocks), '$' (HAProxy and nginx variables), '\\' or control character.
-_SAFE_TOKEN = re.compile(r"[A-Za-z0-9._/@%+,:=~-]{1,4096}", re.ASCII)
+#: braces (nginx blocks), '$' (HAProxy and nginx variables), ',' (HAProxy address
+#: lists), '\\' or control character. '%' is an IPv6 scope, '@' is in some home
+#: directories (user@domain).
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9._/%:@+-]{1,4096}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def token(value: str, what: str) -> str:
     if not isinstance(value, str) or not _SAFE_TOKEN.fullmatch(value):
         raise BackendError(
             f"{what} {excerpt(value)} cannot be written into a proxy configuration: use only "
-            "letters, digits and . _ / @ % + , : = ~ -"
+            "letters, digits and . _ / % : @ + -"
         )
     return value
 
