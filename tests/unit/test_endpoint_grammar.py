@@ -3,6 +3,7 @@ normalised value that flows on instead of its text."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import string
@@ -20,6 +21,7 @@ from scistream.endpoints import (
     parse_host_name,
     parse_port_range,
 )
+from scistream.s2cs.targets import TargetPolicy, TargetRefused
 
 #: What the canonical text of any endpoint may hold, and nothing else.
 CANONICAL = re.compile(r"(?:[a-z0-9.-]+|\[[0-9a-f:.]+(?:%[A-Za-z0-9_.-]{1,15})?\]):[0-9]{1,5}")
@@ -182,3 +184,27 @@ def test_any_text_is_refused_or_becomes_a_canonical_value(text: str) -> None:
     assert parse(canonical) == ep  # normalising is idempotent
     if ep.address is not None:
         assert ep.address.version == 4 or ep.address.ipv4_mapped is None
+
+
+# -- the target policy sees the parsed value ------------------------------------------------
+
+
+def _check(policy: TargetPolicy, ep: str) -> None:
+    asyncio.run(policy.check(ep))
+
+
+def test_the_policy_checks_what_the_proxy_is_told() -> None:
+    policy = TargetPolicy("10.0.0.5", allow=["192.0.2.0/24"])
+    _check(policy, "[::ffff:192.0.2.2]:80")  # the IPv4 address, inside the allow-list
+    assert normalise("[::ffff:192.0.2.2]:80") == "192.0.2.2:80"  # and what the proxy gets
+    for refused in ("[::ffff:10.1.1.1]:80", "[::ffff:192.0.2.2%lo]:80", STUNNEL_PAYLOAD):
+        with pytest.raises(TargetRefused):
+            _check(policy, refused)
+
+
+def test_a_scope_id_does_not_hide_the_gateways_own_ports() -> None:
+    policy = TargetPolicy("2001:db8::5", own_ports=[5000])
+    for ep in ("[2001:db8::5]:5000", "[2001:db8::5%eth0]:5000"):
+        with pytest.raises(TargetRefused, match="own control"):
+            _check(policy, ep)
+    _check(policy, "[2001:db8::5%eth0]:5001")
