@@ -42,6 +42,7 @@ from typing import Any
 import click
 
 from scistream import __version__
+from scistream.clienttext import EscapingFormatter
 from scistream.endpoints import InvalidEndpoint, parse_port_range
 from scistream.s2cs.backends import BACKENDS, backend_names
 from scistream.s2cs.config import DEFAULT_CLIENT_ID, SECURITY_MODES, ServerConfig, default_state_dir
@@ -130,7 +131,8 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
 
 
 def _setup_logging(verbose: bool, log_file: str) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Log lines carry client text (uids, endpoints, identities): one record, one line.
+    fmt = EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for h in list(root.handlers):

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from scistream.clienttext import excerpt
 from scistream.dataplane.api import COMPAT_PSK_IDENTITY, compat_key_from_uid
 from scistream.endpoints import format_endpoint
 from scistream.events import SessionEvent
@@ -236,7 +237,9 @@ class SessionManager:
     def _security(self, requested: str) -> str:
         mode = (requested or self.config.default_security).strip().lower()
         if mode not in SECURITY_MODES:
-            raise validate.invalid(f"security {requested[:40]!r} is not one of {', '.join(SECURITY_MODES)}")
+            raise validate.invalid(
+                f"security {excerpt(requested, 40)} is not one of {', '.join(SECURITY_MODES)}"
+            )
         if mode == "compat" and not self.config.compat_allowed:
             raise precondition(
                 "the SciStream 1.x compatibility mode is off on this gateway; "
@@ -468,7 +471,7 @@ class SessionManager:
         s = self._owned(identity, uid)
         targets = validate.endpoints("remote_listeners", list(remote_listeners), required=True)
         if role.strip() and role.strip().upper() not in ("PROD", "CONS"):
-            raise validate.invalid(f"role {role[:40]!r} is not PROD or CONS")
+            raise validate.invalid(f"role {excerpt(role, 40)} is not PROD or CONS")
         if s.state is State.WAITING_HELLO:
             raise precondition(
                 f"session {uid!r} has not received its hello yet; update it after the req returns"

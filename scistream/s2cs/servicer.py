@@ -25,6 +25,7 @@ import grpc
 
 from scistream import __version__
 from scistream._proto import scistream_pb2, scistream_pb2_grpc
+from scistream.clienttext import escape
 from scistream.s2cs.auth import ANONYMOUS, Authenticator, Identity, token_from_metadata
 from scistream.s2cs.errors import ControlError
 from scistream.s2cs.manager import Session, SessionManager
@@ -106,7 +107,7 @@ class ControlServicer(scistream_pb2_grpc.ControlServicer):
             ms=round((time.monotonic() - started) * 1000, 1),
         )
         if code is not grpc.StatusCode.OK:
-            log.info("%s %s by %s: %s %s", rpc, uid or "-", identity.sub, name, reason)
+            log.info("%s %s by %s: %s %s", rpc, escape(uid) or "-", escape(identity.sub), name, reason)
 
     # ------------------------------------------------------------------ 1.x RPCs
 

@@ -13,6 +13,10 @@ attempted (RELIABILITY 10):
   allow-list every other unicast address is allowed.
 
 Host names are resolved here and every address they resolve to must pass.
+Endpoints are checked as parsed values (scistream.endpoints): an IPv4-mapped
+IPv6 address is its IPv4 address, and a scope id is an interface name, so what
+is checked is what the proxies are told to connect to. Refusals quote the
+client's text only as a bounded, escaped excerpt.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 
-from scistream.endpoints import InvalidEndpoint, parse_endpoint
+from scistream.clienttext import excerpt
+from scistream.endpoints import Endpoint, InvalidEndpoint, parse
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -35,9 +40,14 @@ class TargetRefused(Exception):
 
 
 def _plain(addr: IPAddress) -> IPAddress:
-    # ::ffff:a.b.c.d is the IPv4 address for every rule below.
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
+    # ::ffff:a.b.c.d is the IPv4 address for every rule below, and a scope id
+    # changes nothing about which host an address is (IPv6Address.__eq__ would
+    # otherwise tell [a%eth0] from [a] and let it past the own-ports rule).
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return addr.ipv4_mapped
+        if addr.scope_id is not None:
+            return ipaddress.IPv6Address(int(addr))
     return addr
 
 
@@ -88,18 +98,22 @@ class TargetPolicy:
         ):
             raise TargetRefused(f"target {text} is outside the networks this gateway may connect to")
 
-    async def check(self, endpoint: str) -> None:
+    async def check(self, endpoint: str | Endpoint) -> None:
         """Raise TargetRefused unless ``endpoint`` may be a target."""
-        try:
-            host, port = parse_endpoint(endpoint)
-        except InvalidEndpoint as exc:
-            raise TargetRefused(str(exc)) from None
-        try:
-            addrs: list[IPAddress] = [ipaddress.ip_address(host)]
-        except ValueError:
-            addrs = await self._resolve(host, endpoint)
+        if isinstance(endpoint, Endpoint):
+            ep = endpoint
+        else:
+            try:
+                ep = parse(endpoint)
+            except InvalidEndpoint as exc:
+                raise TargetRefused(str(exc)) from None
+        text = str(ep)  # canonical, built from the parsed values: safe to quote
+        if ep.address is not None:
+            addrs: list[IPAddress] = [ep.address]
+        else:
+            addrs = await self._resolve(ep.host_text, text)
         for addr in addrs:
-            self.check_address(addr, port, endpoint)
+            self.check_address(addr, ep.port, text)
 
     async def _resolve(self, host: str, text: str) -> list[IPAddress]:
         loop = asyncio.get_running_loop()
@@ -108,8 +122,8 @@ class TargetPolicy:
                 loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), self.resolve_timeout
             )
         except (OSError, TimeoutError):
-            raise TargetRefused(f"target {text}: host name {host!r} does not resolve") from None
+            raise TargetRefused(f"target {text}: host name {excerpt(host)} does not resolve") from None
         addrs = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         if not addrs:
-            raise TargetRefused(f"target {text}: host name {host!r} does not resolve")
+            raise TargetRefused(f"target {text}: host name {excerpt(host)} does not resolve")
         return addrs

@@ -1,16 +1,22 @@
-"""Input checks for the control RPCs: each raises INVALID_ARGUMENT with one sentence."""
+"""Input checks for the control RPCs: each raises INVALID_ARGUMENT with one sentence.
+
+What passes is returned normalised (an endpoint as the canonical text of its
+parsed value), and that is what the session keeps and the backends render;
+a refusal quotes the client's text only as a bounded, escaped excerpt.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 
-from scistream.endpoints import InvalidEndpoint, parse_endpoint
+from scistream.clienttext import excerpt
+from scistream.endpoints import InvalidEndpoint, normalise
 from scistream.s2cs.errors import invalid
 
 MAX_UID = 128
 MAX_ENDPOINTS = 1024
-_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*", re.ASCII)
 
 
 def uid(text: str) -> str:
@@ -18,7 +24,8 @@ def uid(text: str) -> str:
         raise invalid("the uid is empty; every request needs a session uid")
     if len(text) > MAX_UID:
         raise invalid(f"the uid is {len(text)} characters long; at most {MAX_UID} are allowed")
-    if not _UID.match(text):
+    # fullmatch: re's '$' also matches before a trailing newline.
+    if not _UID.fullmatch(text):
         raise invalid("the uid may contain only letters, digits, '.', '_', ':' and '-'")
     return text
 
@@ -27,7 +34,7 @@ def role(text: str) -> str:
     """'PROD' or 'CONS' (any case); 1.x peers send exactly these."""
     r = text.strip().upper()
     if r not in ("PROD", "CONS"):
-        raise invalid(f"role {text[:40]!r} is not PROD or CONS")
+        raise invalid(f"role {excerpt(text, 40)} is not PROD or CONS")
     return r
 
 
@@ -51,8 +58,7 @@ def endpoints(what: str, items: Sequence[str], *, required: bool) -> list[str]:
     out = []
     for item in items:
         try:
-            parse_endpoint(item)
+            out.append(normalise(item))
         except InvalidEndpoint as exc:
             raise invalid(f"{what}: {exc}") from None
-        out.append(item.strip())
     return out

@@ -14,6 +14,18 @@ below can be unit-tested without starting a proxy:
   ever offered or accepted (PSK-NULL-SHA256 is the worst we agree on).
 * ``plain``: no TLS anywhere.
 
+Every value a config holds is rendered from a normalised value: endpoints
+from :class:`scistream.endpoints.Endpoint` (``ipaddress`` objects or a
+validated host name, an int port), never from the client's text; numbers as
+ints; uids, identities, server names and paths only after a check that they
+are one token of the proxy's syntax (no blank, quote, comment, ``;``, brace,
+``$`` or control character; stunnel, which has no quoting, takes a path as the
+rest of its line). A value that fails is refused with
+:class:`BackendError` naming it, and every rendered config is checked to be
+printable line by line before it is returned. A session endpoint can therefore
+only ever become the one ``accept``/``connect``, ``bind``/``server`` or
+``listen``/``proxy_pass`` value it was meant to be.
+
 Idle streams are never cut by default: 1.x's HAProxy dropped a stream after
 50 s of silence. Neither HAProxy nor nginx can disable their idle timers, so
 the default is :data:`DEFAULT_IDLE_TIMEOUT_S` (a week), with TCP keepalive so
@@ -22,11 +34,13 @@ that a dead peer is still noticed.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
+from scistream.clienttext import excerpt
 from scistream.dataplane.api import COMPAT_TLS12_CIPHERS
-from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
+from scistream.endpoints import Endpoint, InvalidEndpoint, parse, parse_host_name
 from scistream.s2cs.backends.base import BackendError, SessionPlan
 
 #: Seconds of silence after which a proxy may close a stream (effectively never).
@@ -42,8 +56,14 @@ HAPROXY_PIPESIZE = 1 << 20
 #: nginx stream buffer per direction (BENCHMARKING.md: 1 MiB).
 NGINX_BUFFER_SIZE = "1m"
 
-_SAFE_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SAFE_IDENTITY = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
+_SAFE_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
+_SAFE_IDENTITY = re.compile(r"[A-Za-z0-9._@-]{1,128}", re.ASCII)
+#: One token in stunnel, HAProxy and nginx syntax alike: what paths and names may hold.
+#: No blank (token separator), quote, '#'/';' (comments, nginx's directive end),
+#: braces (nginx blocks), '$' (HAProxy and nginx variables), ',' (HAProxy address
+#: lists), '\\' or control character. '%' is an IPv6 scope, '@' is in some home
+#: directories (user@domain).
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9._/%:@+-]{1,4096}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -68,16 +88,93 @@ class CertFiles:
 
 def check_uid(uid: str) -> str:
     """A uid usable as a directory name and in config files (no path tricks, no quoting)."""
-    if not _SAFE_UID.match(uid or ""):
-        raise BackendError(f"session id {uid!r} has characters a proxy backend cannot use")
+    # fullmatch: re's '$' also matches before a trailing newline.
+    if not isinstance(uid, str) or not _SAFE_UID.fullmatch(uid):
+        raise BackendError(f"session id {excerpt(uid)} has characters a proxy backend cannot use")
     return uid
 
 
-def split_endpoint(text: str) -> tuple[str, int]:
+def endpoint(text: str) -> Endpoint:
+    """A route's listen or target text parsed again with the strict grammar: what is
+    rendered is this value, whatever produced the text."""
     try:
-        return parse_endpoint(text)
+        return parse(text)
     except InvalidEndpoint as exc:
         raise BackendError(str(exc)) from None
+
+
+def split_endpoint(text: str) -> tuple[str, int]:
+    ep = endpoint(text)
+    return ep.host_text, ep.port
+
+
+def token(value: str, what: str) -> str:
+    """``value`` if it is one safe token of config syntax, else BackendError naming ``what``."""
+    if not isinstance(value, str) or not _SAFE_TOKEN.fullmatch(value):
+        raise BackendError(
+            f"{what} {excerpt(value)} cannot be written into a proxy configuration: use only "
+            "letters, digits and . _ / % : @ + -"
+        )
+    return value
+
+
+def line_value(value: str, what: str) -> str:
+    """``value`` if stunnel reads it back whole as the value of ``key = value`` (it takes the
+    rest of the line, trimmed): printable, one line, no blank at either end."""
+    if not isinstance(value, str) or not value or not value.isprintable() or value != value.strip():
+        raise BackendError(f"{what} {excerpt(value)} cannot be written into a stunnel configuration")
+    return value
+
+
+def _server_name(value: str) -> str:
+    try:
+        return parse_host_name(value)
+    except InvalidEndpoint:
+        raise BackendError(f"tls_server_name {excerpt(value)} is not a host name") from None
+
+
+def _number(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BackendError(f"{what} must be an integer, not {excerpt(value)}")
+    return value
+
+
+def _printable(text: str) -> str:
+    """The last check of every renderer: no line holds a control character."""
+    for line in text.split("\n"):
+        if not line.isprintable():
+            raise BackendError(
+                f"refusing a proxy configuration line with a control character: {excerpt(line)}"
+            )
+    return text
+
+
+def _host(ep: Endpoint) -> str:
+    if isinstance(ep.host, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return token(str(ep.host), "address")
+    try:
+        return token(parse_host_name(ep.host), "host name")
+    except InvalidEndpoint as exc:
+        raise BackendError(str(exc)) from None
+
+
+def _host_port(ep: Endpoint) -> str:
+    """``host:port`` as stunnel reads it (it splits at the last ':', IPv6 unbracketed)."""
+    return f"{_host(ep)}:{_number(ep.port, 'port')}"
+
+
+def _bracketed(ep: Endpoint) -> str:
+    """``host:port`` with IPv6 bracketed (nginx)."""
+    host = _host(ep)
+    if isinstance(ep.host, ipaddress.IPv6Address):
+        host = f"[{host}]"
+    return f"{host}:{_number(ep.port, 'port')}"
+
+
+def _haproxy_address(ep: Endpoint) -> str:
+    """HAProxy's address form: ``ipv6@`` in front of an IPv6 address."""
+    prefix = "ipv6@" if isinstance(ep.host, ipaddress.IPv6Address) else ""
+    return f"{prefix}{_host_port(ep)}"
 
 
 def _is_hex_text(key: bytes) -> bool:
@@ -105,7 +202,7 @@ def render_psk_key(key: bytes, *, compat: bool = False) -> str:
 
 def stunnel_psk_file(plan: SessionPlan) -> str:
     """``identity:key`` for stunnel's PSKsecrets (mode 0600 on disk; never logged)."""
-    if not _SAFE_IDENTITY.match(plan.psk_identity or ""):
+    if not isinstance(plan.psk_identity, str) or not _SAFE_IDENTITY.fullmatch(plan.psk_identity):
         raise BackendError("the session's PSK identity is empty or has characters stunnel cannot use")
     return f"{plan.psk_identity}:{render_psk_key(plan.psk_key, compat=plan.security == 'compat')}\n"
 
@@ -124,6 +221,9 @@ def stunnel_config(
         raise BackendError(f"unknown security mode {plan.security!r}")
     check_uid(plan.uid)
     client = plan.role == "CONS"
+    psk_file = line_value(psk_file, "the PSK file path")
+    if client and not _SAFE_IDENTITY.fullmatch(plan.psk_identity or ""):
+        raise BackendError("the session's PSK identity is empty or has characters stunnel cannot use")
     lines = [
         "; generated by s2cs for session " + plan.uid,
         "foreground = yes",
@@ -133,20 +233,18 @@ def stunnel_config(
         "",
     ]
     for i, route in enumerate(plan.routes):
-        lhost, lport = split_endpoint(route.listen)
-        thost, tport = split_endpoint(route.target)
         lines += [
             f"[r{i}]",
-            f"accept = {lhost}:{lport}",
-            f"connect = {thost}:{tport}",
+            f"accept = {_host_port(endpoint(route.listen))}",
+            f"connect = {_host_port(endpoint(route.target))}",
             f"client = {'yes' if client else 'no'}",
             "delay = no",
             "socket = l:TCP_NODELAY=1",
             "socket = r:TCP_NODELAY=1",
             "socket = l:SO_KEEPALIVE=1",
             "socket = r:SO_KEEPALIVE=1",
-            f"TIMEOUTidle = {idle_timeout_s}",
-            f"TIMEOUTconnect = {connect_timeout_s}",
+            f"TIMEOUTidle = {_number(idle_timeout_s, 'idle_timeout')}",
+            f"TIMEOUTconnect = {_number(connect_timeout_s, 'connect_timeout')}",
             f"PSKsecrets = {psk_file}",
         ]
         if client:
@@ -167,7 +265,7 @@ def stunnel_config(
                 "securityLevel = 0",
             ]
         lines.append("")
-    return "\n".join(lines)
+    return _printable("\n".join(lines))
 
 
 def _need_cert_mode(plan: SessionPlan, certs: CertFiles | None, proxy: str) -> CertFiles | None:
@@ -190,7 +288,16 @@ def _need_cert_mode(plan: SessionPlan, certs: CertFiles | None, proxy: str) -> C
             "producer gateway's certificate) for this backend (s2cs --backend-option "
             "tls_ca=PATH), or use security plain"
         )
-    return certs
+    if certs is None:
+        return None
+    # Operator settings, but still written into the config: one token each, or refused.
+    return CertFiles(
+        cert=token(certs.cert, "tls_cert") if certs.cert else "",
+        key=token(certs.key, "tls_key") if certs.key else "",
+        ca=token(certs.ca, "tls_ca") if certs.ca else "",
+        server_name=_server_name(certs.server_name) if certs.server_name else "",
+        combined_pem=token(certs.combined_pem, "the combined PEM path") if certs.combined_pem else "",
+    )
 
 
 def haproxy_config(
@@ -205,12 +312,13 @@ def haproxy_config(
     """HAProxy config: mode tcp, forced splice, one frontend/backend pair per route."""
     check_uid(plan.uid)
     tls = _need_cert_mode(plan, certs, "HAProxy")
+    stats_socket = token(stats_socket, "the stats socket path")
     lines = [
         "# generated by s2cs for session " + plan.uid,
         "global",
         "    log stderr format raw local0 notice",
         f"    stats socket unix@{stats_socket} mode 600 level operator",
-        f"    tune.pipesize {pipesize}",
+        f"    tune.pipesize {_number(pipesize, 'pipesize')}",
         "    ssl-server-verify required",
         "",
         "defaults",
@@ -221,16 +329,14 @@ def haproxy_config(
         "    option splice-response",
         "    option clitcpka",
         "    option srvtcpka",
-        f"    timeout connect {connect_timeout_s}s",
-        f"    timeout client {idle_timeout_s}s",
+        f"    timeout connect {_number(connect_timeout_s, 'connect_timeout')}s",
+        f"    timeout client {_number(idle_timeout_s, 'idle_timeout')}s",
         f"    timeout server {idle_timeout_s}s",
         "",
     ]
     for i, route in enumerate(plan.routes):
-        lhost, lport = split_endpoint(route.listen)
-        thost, tport = split_endpoint(route.target)
-        bind = f"    bind {'ipv6@' if ':' in lhost else ''}{lhost}:{lport}"
-        server = f"    server t{i} {'ipv6@' if ':' in thost else ''}{thost}:{tport}"
+        bind = f"    bind {_haproxy_address(endpoint(route.listen))}"
+        server = f"    server t{i} {_haproxy_address(endpoint(route.target))}"
         if tls is not None and plan.role == "PROD":
             bind += f" ssl crt {tls.combined_pem} ssl-min-ver TLSv1.3"
             if tls.ca:
@@ -242,7 +348,7 @@ def haproxy_config(
             if tls.server_name:
                 server += f" sni str({tls.server_name}) verifyhost {tls.server_name}"
         lines += [f"frontend r{i}", bind, f"    default_backend t{i}", "", f"backend t{i}", server, ""]
-    return "\n".join(lines)
+    return _printable("\n".join(lines))
 
 
 def nginx_config(
@@ -268,23 +374,23 @@ def nginx_config(
         "# generated by s2cs for session " + plan.uid,
     ]
     if stream_module:
-        lines.append(f"load_module {stream_module};")
+        lines.append(f"load_module {token(stream_module, 'nginx_stream_module')};")
     lines += [
         "daemon off;",
         "master_process on;",
-        f"worker_processes {workers};",
-        f"pid {pid_file};",
+        f"worker_processes {_number(workers, 'nginx_workers')};",
+        f"pid {token(pid_file, 'the pid file path')};",
         "error_log stderr notice;",
         "events { worker_connections 4096; }",
         "stream {",
         f"    proxy_buffer_size {NGINX_BUFFER_SIZE};",
-        f"    proxy_timeout {idle_timeout_s}s;",
-        f"    proxy_connect_timeout {connect_timeout_s}s;",
+        f"    proxy_timeout {_number(idle_timeout_s, 'idle_timeout')}s;",
+        f"    proxy_connect_timeout {_number(connect_timeout_s, 'connect_timeout')}s;",
         "    tcp_nodelay on;",
         "    proxy_half_close on;",
     ]
     if plan.rate_limit > 0 and plan.routes:
-        per_conn = max(1, plan.rate_limit // len(plan.routes))
+        per_conn = max(1, _number(plan.rate_limit, "rate_limit") // len(plan.routes))
         lines += [f"    proxy_upload_rate {per_conn};", f"    proxy_download_rate {per_conn};"]
     if tls is not None and plan.role == "PROD":
         lines += [
@@ -306,16 +412,13 @@ def nginx_config(
         if tls.cert and tls.key:
             lines += [f"    proxy_ssl_certificate {tls.cert};", f"    proxy_ssl_certificate_key {tls.key};"]
     for route in plan.routes:
-        lhost, lport = split_endpoint(route.listen)
-        thost, tport = split_endpoint(route.target)
-        listen = format_endpoint(lhost, lport)
         ssl = " ssl" if tls is not None and plan.role == "PROD" else ""
         lines += [
             "    server {",
-            f"        listen {listen}{ssl} so_keepalive=on;",
-            f"        proxy_pass {format_endpoint(thost, tport)};",
+            f"        listen {_bracketed(endpoint(route.listen))}{ssl} so_keepalive=on;",
+            f"        proxy_pass {_bracketed(endpoint(route.target))};",
             "        proxy_socket_keepalive on;",
             "    }",
         ]
     lines += ["}", ""]
-    return "\n".join(lines)
+    return _printable("\n".join(lines))

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+from scistream.clienttext import escape
 from scistream.s2cs.backends.base import Backend, BackendError, BackendOptions, SessionPlan, SessionUsage
 from scistream.s2cs.backends.proxyconf import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -67,6 +68,19 @@ def _die_with_parent_argv() -> tuple[str, ...]:
     return (setpriv, "--pdeathsig", "TERM", "--")
 
 
+#: The only variables a proxy child inherits. HAProxy expands "${VAR}" in its config and
+#: nginx/stunnel need none of s2cs's settings: SCISTREAM_CLIENT_SECRET, tokens and the
+#: rest of s2cs's environment stay out of every proxy (and out of /proc/<pid>/environ).
+PROXY_ENVIRONMENT = ("PATH", "LANG")
+
+
+def proxy_environment() -> dict[str, str]:
+    """The environment of a proxy child: :data:`PROXY_ENVIRONMENT` from s2cs's, PATH always."""
+    env = {name: os.environ[name] for name in PROXY_ENVIRONMENT if name in os.environ}
+    env.setdefault("PATH", os.defpath)
+    return env
+
+
 _FAILURE = re.compile(
     r"(?i)already in use|cannot|could not|can't|failed|failure|error|invalid|"
     r"unknown|denied|not found|\[emerg\]|\[alert\]|\[crit\]"
@@ -90,7 +104,9 @@ def _tail_lines(path: Path, size: int = 16384) -> list[str]:
             tail = f.read().decode("utf-8", "replace")
     except OSError:
         return []
-    return [line.strip() for line in tail.splitlines() if line.strip()]
+    # A proxy logs what remote peers sent (a PSK identity, say): escaped here, because these
+    # lines become session errors that clients are shown.
+    return [escape(line.strip()) for line in tail.splitlines() if line.strip()]
 
 
 def last_log_line(path: Path, *, limit: int = 300) -> str:
@@ -137,6 +153,7 @@ class Child:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env=proxy_environment(),
                 close_fds=True,
                 start_new_session=True,
             )
