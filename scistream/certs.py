@@ -1,9 +1,22 @@
-"""Certificates for the s2cs control channel, without openssl incantations.
+"""Certificates, without openssl incantations: the s2cs control channel, the gateways' WAN leg.
 
-Two shapes: a self-signed server certificate (what the 1.x tutorials make with
-``openssl req -x509 ... -addext subjectAltName=IP:...``; clients pin the file
-itself) and a small CA plus a leaf it signs (clients pin the CA). Keys are
-written mode 0600.
+Control channel: a self-signed server certificate (what the 1.x tutorials make
+with ``openssl req -x509 ... -addext subjectAltName=IP:...``; clients pin the
+file itself) or a small CA plus a leaf it signs (clients pin the CA).
+
+WAN leg (DESIGN decision 9):
+
+* per-session credentials (:func:`mint_session_credentials`), minted by a PROD
+  s2cs whose backend cannot use an external PSK (HAProxy, nginx): a
+  self-signed listener certificate and a self-signed client certificate, each
+  side pinning the other's. They travel to the CONS s2cs exactly like the PSK
+  (``session_key``; see :class:`SessionCredentials`), live in memory and in the
+  session store, and on disk only 0600 in the session's directory while it runs.
+* gateway certificates for unmodified 1.x clients, which carry no key
+  (``scistream certs gateway``): an operator CA and one leaf per gateway, good
+  for both TLS roles, given to each s2cs as ``tls_cert``/``tls_key``/``tls_ca``.
+
+Keys are written mode 0600.
 """
 
 from __future__ import annotations
@@ -11,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -19,8 +32,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf.message import DecodeError
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+#: The first bytes of a ``session_key`` that holds certificates rather than a PSK.
+CREDENTIALS_MAGIC = b"S2WC"
+#: The name in every minted listener certificate; the CONS side checks it (SNI and
+#: host check). Pinning, not the name, is what authenticates the listener.
+SESSION_SERVER_NAME = "scistream-session"
+#: Minted certificates are pinned by one session and die with it; their validity only
+#: has to outlast the longest stream.
+SESSION_CERT_DAYS = 3650
 
 
 @dataclass(frozen=True)
@@ -203,6 +226,109 @@ def make_ca_and_leaf(
     _write_key(paths.key, key)
     _write_cert(paths.cert, leaf)
     return paths
+
+
+def _pem_key(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class SessionCredentials:
+    """The certificate material of one session's WAN leg (all PEM).
+
+    The PROD s2cs keeps all four; the requester (and through it the CONS s2cs)
+    gets :meth:`for_consumer`: the listener certificate to pin and the client
+    certificate and key to present, never the listener's key. On the wire they
+    are ``CREDENTIALS_MAGIC`` + a serialised ``scistream.WanCredentials``
+    message, in the ``session_key`` field that carries a PSK otherwise (a PSK
+    is at most 64 bytes, credentials are far longer).
+    """
+
+    server_cert: bytes
+    client_cert: bytes
+    client_key: bytes = field(repr=False)
+    server_key: bytes = field(default=b"", repr=False)
+
+    def for_consumer(self) -> SessionCredentials:
+        return SessionCredentials(self.server_cert, self.client_cert, self.client_key)
+
+    def encode(self) -> bytes:
+        from scistream._proto import scistream_pb2 as pb
+
+        msg = pb.WanCredentials(
+            server_cert=self.server_cert,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
+            server_key=self.server_key,
+        )
+        return CREDENTIALS_MAGIC + msg.SerializeToString()
+
+    @classmethod
+    def decode(cls, blob: bytes) -> SessionCredentials:
+        """Parse and check ``blob``; ValueError (one sentence, no key material) if it is not
+        usable credentials."""
+        from scistream._proto import scistream_pb2 as pb
+
+        if not is_credentials(blob):
+            raise ValueError("the session key does not hold session certificates")
+        msg = pb.WanCredentials()
+        try:
+            msg.ParseFromString(bytes(blob[len(CREDENTIALS_MAGIC) :]))
+        except DecodeError:
+            raise ValueError("the session certificates are not readable") from None
+        creds = cls(msg.server_cert, msg.client_cert, msg.client_key, msg.server_key)
+        try:
+            server = x509.load_pem_x509_certificate(creds.server_cert)
+            client = x509.load_pem_x509_certificate(creds.client_cert)
+            client_key = serialization.load_pem_private_key(creds.client_key, None)
+            if creds.server_key:
+                server_key = serialization.load_pem_private_key(creds.server_key, None)
+                if server_key.public_key() != server.public_key():
+                    raise ValueError("mismatch")
+        except (ValueError, TypeError):
+            raise ValueError("the session certificates or their keys are malformed") from None
+        if client_key.public_key() != client.public_key():
+            raise ValueError("the session client key does not match its certificate")
+        return creds
+
+
+def is_credentials(blob: bytes) -> bool:
+    """Whether a ``session_key`` holds certificates (else it is a PSK, or empty)."""
+    return bytes(blob[: len(CREDENTIALS_MAGIC)]) == CREDENTIALS_MAGIC
+
+
+def mint_session_credentials(uid: str) -> SessionCredentials:
+    """A fresh listener key + self-signed certificate (name :data:`SESSION_SERVER_NAME`) and a
+    client key + self-signed certificate for one session; nothing touches the disk."""
+    server_key, client_key = _new_key("ec"), _new_key("ec")
+    server = _leaf(
+        SESSION_SERVER_NAME,
+        server_key,
+        issuer=x509.Name([]),
+        issuer_key=server_key,
+        sans=[x509.DNSName(SESSION_SERVER_NAME)],
+        days=SESSION_CERT_DAYS,
+        self_signed=True,
+    )
+    client = _leaf(
+        f"scistream session client {uid}"[:64],
+        client_key,
+        issuer=x509.Name([]),
+        issuer_key=client_key,
+        sans=[x509.DNSName("scistream-session-client")],
+        days=SESSION_CERT_DAYS,
+        self_signed=True,
+        client_auth=True,
+    )
+    return SessionCredentials(
+        _pem_cert(server), _pem_cert(client), _pem_key(client_key), _pem_key(server_key)
+    )
 
 
 @click.command("certs")

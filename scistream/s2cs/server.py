@@ -84,6 +84,14 @@ class S2CSServer:
             raise StartupError(str(exc)) from None
         except (ImportError, ValueError) as exc:
             raise StartupError(f"the {cfg.backend_type} backend is not available: {exc}") from None
+        if cfg.compat_allowed and not backend.supports_compat:
+            # A pair that can never work is refused now, not at each session.
+            raise StartupError(
+                f"the {backend.name} backend cannot run the SciStream 1.x compat mode "
+                "(--security compat / --scistream1-compat): it cannot use a pre-shared key; "
+                "use --type native or stunnel for it, or certificates between gateways "
+                "(README: SciStream 1.x clients)"
+            )
         if (cfg.allowed_identities or cfg.allowed_domains) and not cfg.client_secret:
             log.warning(
                 "--allowed-identity/--allowed-domain are ignored: without --client-secret no "
