@@ -32,6 +32,7 @@ from s2cs_process import Gateway, start_s2cs, stop_s2cs
 from test_seeds_s2uc import Producer, fetch, listeners
 
 from scistream.certs import make_self_signed
+from scistream.demo import free_port_range
 from scistream.s2cs.backends.native import stop_spawned_s2ds
 
 pytestmark = [
@@ -273,3 +274,65 @@ def test_haproxy_and_nginx_with_compat_are_refused_at_start(tmp_path: Path) -> N
             start_s2cs(tmp_path, f"compat-{typ}", "--ssl", "False", f"--type={typ}", "--scistream1-compat")
         with pytest.raises(RuntimeError, match=r"cannot run the SciStream 1\.x compat mode"):
             start_s2cs(tmp_path, f"compat2-{typ}", "--ssl", "False", f"--type={typ}", "--security", "compat")
+
+
+def test_native_prod_with_haproxy_cons_is_refused_at_update_with_a_reason(vm: Env) -> None:
+    e, app = vm, Producer(size=1024)
+    prod, cons = e.cons["native"], e.cons["haproxy"]  # any s2cs takes either role
+    try:
+        prod_req = background(e, "s2uc", "prod-req", "--s2cs", prod.address, "--mock", "True")
+        r = run(
+            e, "appctrl", "mock", MOCK_UID, prod.address, "INVALID_TOKEN", "PROD", "127.0.0.1",
+            "--ports", str(app.port),
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        out, err = prod_req.communicate(timeout=30)
+        assert prod_req.returncode == 0, err
+        inbound = re.search(r"^Listeners: \['([^']+)'", out, re.MULTILINE)
+        assert inbound, out
+        cons_req, _ = cons_side(e, cons, inbound.group(1))
+        _out, err = cons_req.communicate(timeout=30)
+        assert cons_req.returncode != 0
+        assert "pre-shared key" in err and "haproxy backend" in err, err
+    finally:
+        release(e, prod, cons)
+        app.close()
+
+
+def test_minted_session_survives_a_prod_s2cs_restart_and_its_files_go_at_release(vm: Env) -> None:
+    """The stored session (with its certificates) is re-applied by the restarted s2cs."""
+    e, app = vm, Producer()
+    cons = e.cons["haproxy"]
+    lo, hi = free_port_range(12)
+    args = (
+        f"--server_crt={e.dir / 'server.crt'}", f"--server_key={e.dir / 'server.key'}",
+        "--hello-timeout", "30", "--type=Haproxy", "--port_range", f"{lo}-{hi}",
+    )  # fmt: skip
+    prod = start_s2cs(e.dir, "prod-restart", *args)
+    try:
+        prod_req = background(e, "s2uc", "prod-req", "--s2cs", prod.address, "--mock", "True")
+        r = run(
+            e, "appctrl", "mock", MOCK_UID, prod.address, "INVALID_TOKEN", "PROD", "127.0.0.1",
+            "--ports", str(app.port),
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        out, err = prod_req.communicate(timeout=30)
+        assert prod_req.returncode == 0, err
+        inbound = re.search(r"^Listeners: \['([^']+)'", out, re.MULTILINE)
+        assert inbound, out
+        cons_req, _ = cons_side(e, cons, inbound.group(1))
+        out, err = cons_req.communicate(timeout=30)
+        assert cons_req.returncode == 0, err
+        outbound = listeners(out)[0]
+        assert fetch(outbound) == app.sha
+        stop_s2cs(prod.proc)  # its HAProxy stops with it; the session stays in its store
+        prod = start_s2cs(e.dir, "prod-restart", *args)  # same state directory
+        assert fetch(outbound) == app.sha
+        assert (e.session_dir("prod-restart") / "own.key").is_file()
+    finally:
+        r = release(e, prod, cons)
+        stop_s2cs(prod.proc)
+        app.close()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not e.session_dir("prod-restart").exists()
+    assert "Traceback" not in prod.log.read_text(errors="replace")
