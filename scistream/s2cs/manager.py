@@ -469,9 +469,9 @@ class SessionManager:
             elif not psk and not self.backend.cons_operator_certs():
                 raise precondition(
                     "this gateway encrypts the data channel (security tls) and the update carries "
-                    "no session key: use the SciStream s2uc of this release (it carries the key "
-                    "from the producer side), or ask both operators for the 1.x compatibility "
-                    "mode (s2cs --scistream1-compat)"
+                    "no session key (a SciStream 1.x s2uc carries none): use an s2uc that carries "
+                    "the key from the producer side, or ask both operators for gateway "
+                    "certificates (scistream certs --gateway), which need no key"
                 )
         await self._check_targets(targets)
         expanded = [targets[i % len(targets)] for i in range(s.num_conn)]
