@@ -471,7 +471,8 @@ class SessionManager:
                     "this gateway encrypts the data channel (security tls) and the update carries "
                     "no session key (a SciStream 1.x s2uc carries none): use an s2uc that carries "
                     "the key from the producer side, or ask both operators for gateway "
-                    "certificates (scistream certs --gateway), which need no key"
+                    "certificates (scistream certs --gateway), which need no key, or, with a 1.x "
+                    "gateway, for the 1.x compatibility mode (s2cs --scistream1-compat)"
                 )
         await self._check_targets(targets)
         expanded = [targets[i % len(targets)] for i in range(s.num_conn)]

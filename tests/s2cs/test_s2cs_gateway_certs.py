@@ -150,6 +150,24 @@ def test_a_gateway_of_another_ca_is_refused(gateways: dict[str, ServerThread]) -
             s.release(pb.Release(uid=uid), timeout=10)
 
 
+def test_without_gateway_certificates_a_1x_cons_update_is_refused_naming_them(tmp_path: Path) -> None:
+    st = ServerThread(make_config(tmp_path, backend_type="native", hello_timeout=20.0))
+    ch, cons = stub(st)
+    try:
+        uid = new_uid()
+        fut = cons.req.future(pb.Request(uid=uid, role="CONS", num_conn=1, rate=10000), timeout=20)
+        cons.hello(pb.Hello(uid=uid, role="PROD"), timeout=10)
+        fut.result()
+        with pytest.raises(grpc.RpcError) as info:
+            cons.update(pb.UpdateTargets(uid=uid, remote_listeners=["127.0.0.1:9"], role="CONS"), timeout=20)
+        assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "scistream certs --gateway" in (info.value.details() or "")
+    finally:
+        ch.close()
+        st.stop()
+        stop_spawned_s2ds(st.config.state_dir)
+
+
 def test_gateway_certificate_without_a_ca_is_refused_at_start(
     tmp_path: Path, pki: dict[str, CaAndLeaf]
 ) -> None:
