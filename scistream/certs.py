@@ -189,7 +189,13 @@ def make_ca_and_leaf(
     key = _new_key(key_type)
     cn = common_name or (ips[0] if ips else dns[0])
     leaf = _leaf(
-        cn, key, issuer=ca_subject, issuer_key=ca_key, sans=sans, days=days, self_signed=False,
+        cn,
+        key,
+        issuer=ca_subject,
+        issuer_key=ca_key,
+        sans=sans,
+        days=days,
+        self_signed=False,
         client_auth=client_auth,
     )
     paths = CaAndLeaf(
@@ -277,7 +283,13 @@ def make_gateway_cert(
     # operators who do set tls_server_name.
     sans = _sans(ips, dns or ([] if ips else [name]))
     leaf = _leaf(
-        name, key, issuer=ca_cert.subject, issuer_key=ca_key, sans=sans, days=days, self_signed=False,
+        name,
+        key,
+        issuer=ca_cert.subject,
+        issuer_key=ca_key,
+        sans=sans,
+        days=days,
+        self_signed=False,
         client_auth=True,
     )
     paths = CaAndLeaf(ca_cert_path, ca_key_path, out / f"{name}.crt", out / f"{name}.key")
