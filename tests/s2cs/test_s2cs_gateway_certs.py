@@ -13,6 +13,7 @@ gateway certificate, get nothing.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import ssl
 from collections.abc import Iterator
@@ -177,3 +178,35 @@ def test_gateway_certificate_without_a_ca_is_refused_at_start(
     with pytest.raises(Exception, match="tls_ca"):
         ServerThread(cfg)
     stop_spawned_s2ds(cfg.state_dir)
+
+
+@pytest.mark.haproxy
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+def test_unmodified_1x_flow_over_gateway_certificates_with_haproxy(
+    tmp_path: Path, pki: dict[str, CaAndLeaf]
+) -> None:
+    """The same options on HAProxy gateways: operator certificates, no key carried."""
+    started: list[ServerThread] = []
+    try:
+        for name in ("prod", "cons"):
+            extra = gateway_options(pki[name])
+            started.append(
+                ServerThread(make_config(tmp_path / name, backend_type="haproxy", backend_extra=extra))
+            )
+        (pch, prod), (cch, cons) = stub(started[0]), stub(started[1])
+        with contextlib.closing(pch), contextlib.closing(cch), contextlib.closing(Producer(4 << 20)) as app:
+            uid = new_uid()
+            p = legacy_prod(prod, uid, app.port)
+            assert p.security == "tls" and p.session_key == b""
+            c = legacy_cons(cons, uid, list(p.listeners))
+            consumer = Consumer(c.listeners[0])
+            consumer.join(60)
+            (served,) = app.wait_served(1, timeout=10)
+            assert consumer.error is None and consumer.sha == served.results["sent"]
+            _, bad = tls_client_gets(p.listeners[1], pki["prod"].ca_cert, pki["rogue"])
+            assert bad == b""
+            for s in (cons, prod):
+                s.release(pb.Release(uid=uid), timeout=10)
+    finally:
+        for st in started:
+            st.stop()
