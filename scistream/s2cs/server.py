@@ -90,7 +90,7 @@ class S2CSServer:
                 f"the {backend.name} backend cannot run the SciStream 1.x compat mode "
                 "(--security compat / --scistream1-compat): it cannot use a pre-shared key; "
                 "use --type native or stunnel for it, or certificates between gateways "
-                "(README: SciStream 1.x clients)"
+                "(README, 'Compared with SciStream 1.x')"
             )
         if (cfg.allowed_identities or cfg.allowed_domains) and not cfg.client_secret:
             log.warning(
