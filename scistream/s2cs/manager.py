@@ -248,9 +248,10 @@ class SessionManager:
                 "the SciStream 1.x compatibility mode is off on this gateway; "
                 "its operator enables it with --scistream1-compat"
             )
-        if mode == "compat" and not self.backend.supports_compat:
+        if mode not in self.backend.security_modes:
             raise precondition(
-                f"the {self.backend.name} backend of this gateway cannot run the 1.x compat mode"
+                f"the {self.backend.name} backend of this gateway cannot carry security {mode!r}; "
+                f"it carries {', '.join(sorted(self.backend.security_modes))}"
             )
         return mode
 

@@ -271,12 +271,21 @@ def test_haproxy_prod_with_stunnel_cons_is_refused_at_update_with_a_reason(vm: E
         app.close()
 
 
-def test_haproxy_and_nginx_with_compat_are_refused_at_start(tmp_path: Path) -> None:
+def test_backend_security_pairs_that_never_work_are_refused_at_start(tmp_path: Path) -> None:
     for typ in ("Haproxy", "Nginx"):
         with pytest.raises(RuntimeError, match=r"cannot run the SciStream 1\.x compat mode"):
             start_s2cs(tmp_path, f"compat-{typ}", "--ssl", "False", f"--type={typ}", "--scistream1-compat")
         with pytest.raises(RuntimeError, match=r"cannot run the SciStream 1\.x compat mode"):
             start_s2cs(tmp_path, f"compat2-{typ}", "--ssl", "False", f"--type={typ}", "--security", "compat")
+    with pytest.raises(RuntimeError, match="cannot carry --security plain"):
+        start_s2cs(tmp_path, "plain-stunnel", "--ssl", "False", "--type=Stunnel", "--security", "plain")
+
+
+def test_a_mode_the_backend_cannot_carry_is_refused_at_req_not_after(vm: Env) -> None:
+    e, stunnel = vm, vm.cons["stunnel"]
+    r = run(e, "s2uc", "prod-req", "--s2cs", stunnel.address, "--mock", "True", "--security", "plain")
+    assert r.returncode != 0
+    assert "cannot carry security 'plain'" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_native_prod_with_haproxy_cons_is_refused_at_update_with_a_reason(vm: Env) -> None:

@@ -87,8 +87,9 @@ class Backend(abc.ABC):
     #: What the backend can secure a ``tls`` WAN leg with: "psk" (the session's external
     #: PSK) and/or "certs" (per-session certificates, see scistream.certs.SessionCredentials).
     wan_keys: ClassVar[frozenset[str]] = frozenset({"psk"})
-    #: Whether it can run the SciStream 1.x interop mode (security "compat").
-    supports_compat: ClassVar[bool] = True
+    #: The security modes it can carry at all; s2cs refuses the others when it starts
+    #: (as its default) and at req (asked for by a client), never later.
+    security_modes: ClassVar[frozenset[str]] = frozenset({"tls", "plain", "compat"})
     #: The keys of ``BackendOptions.extra`` this backend reads (``s2cs --backend-option
     #: KEY=VALUE``); create_backend refuses any other key, so a misspelling is a startup error.
     known_settings: ClassVar[tuple[str, ...]] = ()

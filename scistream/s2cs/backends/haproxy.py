@@ -94,7 +94,7 @@ class CertModeBackend:
     unless the operator configured a certificate and key (PROD) or a CA (CONS)."""
 
     wan_keys: ClassVar[frozenset[str]] = frozenset({"certs"})
-    supports_compat: ClassVar[bool] = False
+    security_modes: ClassVar[frozenset[str]] = frozenset({"tls", "plain"})
     options: BackendOptions
 
     def prod_credentials(self) -> Literal["psk", "mint", "operator"]:
