@@ -167,16 +167,30 @@ int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, si
         ok = SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) &&
              SSL_CTX_set_ciphersuites(ctx, ciphers ? ciphers : TLS13_SUITES);
         what = "the TLS 1.3 cipher suites";
+        /* Server: its certificate, and with a CA file it requires a client certificate
+         * that chains to it (gateways authenticating each other). Client: the CA file
+         * it pins, and with a certificate it presents one. */
         if (ok && server) {
             what = "loading the certificate and key";
             ok = spec->cert_file && spec->key_file &&
                  SSL_CTX_use_certificate_chain_file(ctx, spec->cert_file) == 1 &&
                  SSL_CTX_use_PrivateKey_file(ctx, spec->key_file, SSL_FILETYPE_PEM) == 1 &&
                  SSL_CTX_check_private_key(ctx) == 1;
+            if (ok && spec->ca_file && *spec->ca_file) {
+                what = "loading the client CA file";
+                ok = SSL_CTX_load_verify_locations(ctx, spec->ca_file, NULL) == 1;
+                SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+            }
         } else if (ok) {
             what = "loading the CA file";
             ok = spec->ca_file && SSL_CTX_load_verify_locations(ctx, spec->ca_file, NULL) == 1;
             SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+            if (ok && spec->cert_file && *spec->cert_file) {
+                what = "loading the client certificate and key";
+                ok = spec->key_file && SSL_CTX_use_certificate_chain_file(ctx, spec->cert_file) == 1 &&
+                     SSL_CTX_use_PrivateKey_file(ctx, spec->key_file, SSL_FILETYPE_PEM) == 1 &&
+                     SSL_CTX_check_private_key(ctx) == 1;
+            }
         }
         break;
     }

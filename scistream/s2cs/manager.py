@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from scistream.certs import SessionCredentials, is_credentials, mint_session_credentials
 from scistream.clienttext import excerpt
 from scistream.dataplane.api import COMPAT_PSK_IDENTITY, compat_key_from_uid
 from scistream.endpoints import format_endpoint
@@ -124,6 +125,15 @@ class Session:
             last_activity=float(data.get("last_activity", time.time())),
             hello_at=float(data.get("hello_at", 0.0)),
         )
+
+    def requester_key(self) -> bytes:
+        """What the PROD requester gets as ``session_key``: the PSK, or the session's
+        certificates without the listener's key; nothing for other roles or modes."""
+        if self.role != "PROD" or self.security != "tls" or not self.psk:
+            return b""
+        if is_credentials(self.psk):
+            return SessionCredentials.decode(self.psk).for_consumer().encode()
+        return self.psk
 
     def plan(self) -> SessionPlan:
         routes = tuple(
@@ -245,6 +255,11 @@ class SessionManager:
                 "the SciStream 1.x compatibility mode is off on this gateway; "
                 "its operator enables it with --scistream1-compat"
             )
+        if mode not in self.backend.security_modes:
+            raise precondition(
+                f"the {self.backend.name} backend of this gateway cannot carry security {mode!r}; "
+                f"it carries {', '.join(sorted(self.backend.security_modes))}"
+            )
         return mode
 
     async def _check_targets(self, endpoints: list[str]) -> None:
@@ -287,7 +302,13 @@ class SessionManager:
         if mode == "tls":
             psk_identity = uid
             if role == "PROD":
-                psk = secrets.token_bytes(KEY_BYTES)
+                # A PSK, or (HAProxy, nginx) certificates minted for this session only; an
+                # operator's gateway certificates need neither.
+                kind = self.backend.prod_credentials()
+                if kind == "psk":
+                    psk = secrets.token_bytes(KEY_BYTES)
+                elif kind == "mint":
+                    psk = mint_session_credentials(uid).encode()
         elif mode == "compat":
             psk, psk_identity = compat_key_from_uid(uid), COMPAT_PSK_IDENTITY
         machine = SessionMachine()
@@ -481,15 +502,14 @@ class SessionManager:
         psk = s.psk
         if s.security == "tls" and s.role == "CONS":
             if session_key:
-                if not 16 <= len(session_key) <= 64:
-                    raise validate.invalid("session_key must be between 16 and 64 bytes")
-                psk = bytes(session_key)
-            elif not psk:
+                psk = self._consumer_key(bytes(session_key))
+            elif not psk and not self.backend.cons_operator_certs():
                 raise precondition(
                     "this gateway encrypts the data channel (security tls) and the update carries "
-                    "no session key: use the SciStream s2uc of this release (it carries the key "
-                    "from the producer side), or ask both operators for the 1.x compatibility "
-                    "mode (s2cs --scistream1-compat)"
+                    "no session key (a SciStream 1.x s2uc carries none): use an s2uc that carries "
+                    "the key from the producer side, or ask both operators for gateway "
+                    "certificates (scistream certs --gateway), which need no key, or, with a 1.x "
+                    "gateway, for the 1.x compatibility mode (s2cs --scistream1-compat)"
                 )
         await self._check_targets(targets)
         expanded = [targets[i % len(targets)] for i in range(s.num_conn)]
@@ -515,6 +535,31 @@ class SessionManager:
             self._publish(s, "ready")
         log.info("session %s: routes to %s", uid, ", ".join(expanded))
         return s
+
+    def _consumer_key(self, key: bytes) -> bytes:
+        """Check the key an update carries for a CONS session against what the backend can use."""
+        wan_keys = self.backend.wan_keys
+        if is_credentials(key):
+            try:
+                SessionCredentials.decode(key)
+            except ValueError as exc:
+                raise validate.invalid(str(exc)) from None
+            if "certs" not in wan_keys:
+                raise precondition(
+                    "the producer gateway secures this session with per-session certificates "
+                    f"(its backend cannot use a pre-shared key), which the {self.backend.name} backend "
+                    "of this gateway cannot present; use the native, haproxy or nginx backend here"
+                )
+            return key
+        if not 16 <= len(key) <= 64:
+            raise validate.invalid("session_key must be between 16 and 64 bytes")
+        if "psk" not in wan_keys:
+            raise precondition(
+                "the producer gateway secures this session with a pre-shared key, which the "
+                f"{self.backend.name} backend of this gateway cannot use; use the native or stunnel "
+                "backend here, or the haproxy or nginx backend on the producer side too"
+            )
+        return key
 
     # ------------------------------------------------------------------ release / end
 

@@ -84,6 +84,19 @@ class S2CSServer:
             raise StartupError(str(exc)) from None
         except (ImportError, ValueError) as exc:
             raise StartupError(f"the {cfg.backend_type} backend is not available: {exc}") from None
+        # A backend/security pair that can never work is refused now, not at each session.
+        if cfg.compat_allowed and "compat" not in backend.security_modes:
+            raise StartupError(
+                f"the {backend.name} backend cannot run the SciStream 1.x compat mode "
+                "(--security compat / --scistream1-compat): it cannot use a pre-shared key; "
+                "use --type native or stunnel for it, or certificates between gateways "
+                "(README, 'Compared with SciStream 1.x')"
+            )
+        if cfg.default_security not in backend.security_modes:
+            raise StartupError(
+                f"the {backend.name} backend cannot carry --security {cfg.default_security}; "
+                f"it carries {', '.join(sorted(backend.security_modes))}"
+            )
         if (cfg.allowed_identities or cfg.allowed_domains) and not cfg.client_secret:
             log.warning(
                 "--allowed-identity/--allowed-domain are ignored: without --client-secret no "

@@ -127,7 +127,7 @@ class ControlServicer(scistream_pb2_grpc.ControlServicer):
             return scistream_pb2.Response(
                 listeners=s.listeners,
                 prod_listeners=s.prod_listeners if s.role == "PROD" else [],
-                session_key=s.psk if (s.role == "PROD" and s.security == "tls") else b"",
+                session_key=s.requester_key(),
                 security=s.security,
                 uid=s.uid,
             )

@@ -211,13 +211,17 @@ def _endpoint_list(text: str) -> tuple[str, ...]:
     "(read as hex, as a 1.x stunnel does).",
 )
 @click.option(
-    "--cert", type=click.Path(dir_okay=False), default="", help="cert mode, server: certificate (PEM)."
+    "--cert",
+    type=click.Path(dir_okay=False),
+    default="",
+    help="cert mode: this side's certificate (PEM; a client presents it).",
 )
+@click.option("--key", type=click.Path(dir_okay=False), default="", help="cert mode: its private key (PEM).")
 @click.option(
-    "--key", type=click.Path(dir_okay=False), default="", help="cert mode, server: private key (PEM)."
-)
-@click.option(
-    "--ca", type=click.Path(dir_okay=False), default="", help="cert mode, client: the pinned CA (PEM)."
+    "--ca",
+    type=click.Path(dir_okay=False),
+    default="",
+    help="cert mode: the pinned CA (PEM); a server then requires client certificates from it.",
 )
 @click.option("--server-name", default="", help="cert mode, client: the name to verify (SNI).")
 @click.option("--ciphers", default="", help="Cipher list/suites; empty = the mode's secure default.")

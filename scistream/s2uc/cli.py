@@ -428,7 +428,8 @@ def _consumer(
         where = "in the session store" if record is None else "recorded for it"
         _note(
             f"no data-channel key for {uid} {where} (give --key-file): the consumer s2cs can only "
-            "connect to a 1.x/compat or plain producer side"
+            "connect to a 1.x/compat or plain producer side, or to gateways that authenticate "
+            "each other by gateway certificate"
         )
     target = conn.target(ctx, s2cs)
     if not as_json:

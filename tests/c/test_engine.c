@@ -493,6 +493,58 @@ static void test_tls_wrong_key(void) {
     server_stop(&srv);
 }
 
+/* Certificate mode with client certificates: the server's CA file requires one from
+ * that CA; a client with a certificate presents it. The files come from the runner
+ * (S2_TEST_CERT_DIR: gateway-ca.crt, prod.*, cons.*, and rogue.* of another CA). */
+static int add_cert_route(s2_engine *e, const char *id, int target_port, int role, const char *dir,
+                          const char *who, int *bound_port) {
+    char cert[512], key[512], ca[512];
+    snprintf(cert, sizeof cert, "%s/%s.crt", dir, who);
+    snprintf(key, sizeof key, "%s/%s.key", dir, who);
+    snprintf(ca, sizeof ca, "%s/gateway-ca.crt", dir);
+    s2_target_spec t = {"127.0.0.1", target_port};
+    s2_route_spec r = {0};
+    r.route_id = id;
+    r.listen_host = "127.0.0.1";
+    r.listen_fd = -1;
+    r.targets = &t;
+    r.ntargets = 1;
+    r.tls_role = role;
+    r.tls_mode = S2_TLS_CERT;
+    r.cert_file = *who ? cert : NULL;
+    r.key_file = *who ? key : NULL;
+    r.ca_file = ca;
+    char bound[80] = "", err[256] = "";
+    int rc = s2_route_add(e, &r, bound, sizeof bound, err, sizeof err);
+    if (rc != S2_OK) fprintf(stderr, "  add_cert_route %s: %s\n", id, err);
+    if (bound_port) *bound_port = rc == S2_OK ? port_of(bound) : -1;
+    return rc;
+}
+
+static void test_tls_mutual_cert(const char *dir) {
+    struct server srv;
+    server_start(&srv, ECHO, 0);
+    s2_engine *e = engine_new(2);
+    int sport, good, anon, rogue;
+    CHECK(add_cert_route(e, "srv", srv.port, S2_TLS_SERVER, dir, "prod", &sport) == S2_OK, "add srv");
+    CHECK(add_cert_route(e, "good", sport, S2_TLS_CLIENT, dir, "cons", &good) == S2_OK, "add good");
+    CHECK(add_cert_route(e, "anon", sport, S2_TLS_CLIENT, dir, "", &anon) == S2_OK, "add anon");
+    CHECK(add_cert_route(e, "rogue", sport, S2_TLS_CLIENT, dir, "rogue", &rogue) == S2_OK, "add rogue");
+    size_t n = 1u << 20;
+    CHECK(roundtrip(good, n), "client certificate of the CA: echo of %zu bytes", n);
+    CHECK(!roundtrip(anon, 1000), "a client without a certificate must not get through");
+    CHECK(!roundtrip(rogue, 1000), "a certificate of another CA must not get through");
+    double end = now_s() + 5;
+    while (route_stats(e, "srv").errors[S2_E_TLS_HANDSHAKE] < 2 && now_s() < end) sleep_ms(10);
+    s2_route_stats rs = route_stats(e, "srv");
+    CHECK(rs.errors[S2_E_TLS_HANDSHAKE] == 2, "server tls_handshake errors %llu",
+          (unsigned long long)rs.errors[S2_E_TLS_HANDSHAKE]);
+    CHECK(rs.bytes_to_target == n, "only the authenticated client's bytes reached the target: %llu",
+          (unsigned long long)rs.bytes_to_target);
+    engine_done(e, "tls_mutual_cert");
+    server_stop(&srv);
+}
+
 static void test_rate_limit(void) {
     struct server srv;
     server_start(&srv, SINK, 0);
@@ -620,6 +672,14 @@ int main(void) {
     before = failures;
     test_tls_psk_pair(S2_TLS_COMPAT);
     fprintf(stderr, "%s tls_compat_pair\n", failures == before ? "ok  " : "FAIL");
+    const char *cert_dir = getenv("S2_TEST_CERT_DIR");
+    if (cert_dir && *cert_dir) {
+        before = failures;
+        test_tls_mutual_cert(cert_dir);
+        fprintf(stderr, "%s tls_mutual_cert\n", failures == before ? "ok  " : "FAIL");
+    } else {
+        fprintf(stderr, "skip tls_mutual_cert (S2_TEST_CERT_DIR not set)\n");
+    }
     fprintf(stderr, "%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
     return failures ? 1 : 0;
 }

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from scistream.certs import make_gateway_cert
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -24,10 +26,19 @@ def test_engine_under_sanitizers(tmp_path: Path) -> None:
     build = subprocess.run(["make", "-s", "-C", str(HERE), f"OUT={tmp_path}"],
                            check=False, capture_output=True, text=True, timeout=150)
     assert build.returncode == 0, f"build failed:\n{build.stdout}\n{build.stderr}"
+    # Gateway certificates for the mutual-TLS test, and one of another CA.
+    certs, other = tmp_path / "certs", tmp_path / "other"
+    for name in ("prod", "cons"):
+        make_gateway_cert(certs, name, ["127.0.0.1"], days=1)
+    rogue = make_gateway_cert(other, "cons", ["127.0.0.1"], days=1)
+    shutil.copy(rogue.cert, certs / "rogue.crt")
+    shutil.copy(rogue.key, certs / "rogue.key")
     env = dict(os.environ,
                ASAN_OPTIONS="detect_leaks=1:halt_on_error=1",
-               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+               S2_TEST_CERT_DIR=str(certs))
     run = subprocess.run([str(tmp_path / "test_engine")], check=False, capture_output=True,
                          text=True, timeout=120, env=env)
     assert run.returncode == 0, f"C engine tests failed (rc {run.returncode}):\n{run.stderr[-6000:]}"
     assert "PASSED: 0 failure(s)" in run.stderr
+    assert "ok   tls_mutual_cert" in run.stderr

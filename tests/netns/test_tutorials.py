@@ -111,7 +111,8 @@ def _s2uc_json(hosts: Hosts, proc: subprocess.Popen[bytes], name: str) -> dict[s
 @pytest.mark.parametrize(("backend", "security", "num_conn"), [
     ("native", "tls", 1),
     ("native", "tls", 8),
-    ("Haproxy", "plain", 8),  # the tutorial's --type=Haproxy; HAProxy has no TLS-PSK
+    # the tutorial's --type=Haproxy: no TLS-PSK, so per-session certificates minted by the PROD s2cs
+    ("Haproxy", "tls", 8),
 ])
 def test_vm_tutorial(hosts: Hosts, backend: str, security: str, num_conn: int) -> None:
     """shared/seeds/vm-tutorial.md 6.2-6.3: prod-req --mock True + appctrl mock on the

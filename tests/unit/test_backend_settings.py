@@ -53,12 +53,14 @@ def test_declared_settings_are_exactly_those_read(name: str) -> None:
     assert declared - read == set(), f"{name} declares settings it never reads"
 
 
-def test_certificate_settings_belong_to_the_certificate_mode_backends() -> None:
+def test_certificate_settings_belong_to_the_backends_that_can_use_certificates() -> None:
     classes = backend_classes()
-    for name in ("haproxy", "nginx"):
+    # native: gateway certificates for 1.x clients (DESIGN decision 9)
+    for name in ("haproxy", "nginx", "native"):
         assert set(CERT_SETTINGS) <= set(classes[name].known_settings)
-    for name in ("native", "stunnel"):
-        assert not set(CERT_SETTINGS) & set(classes[name].known_settings)
+        assert "certs" in classes[name].wan_keys
+    assert not set(CERT_SETTINGS) & set(classes["stunnel"].known_settings)
+    assert classes["stunnel"].wan_keys == frozenset({"psk"})
 
 
 def test_create_backend_refuses_unknown_keys_and_lists_the_valid_ones(tmp_path: object) -> None:

@@ -37,7 +37,7 @@ class SessionPlan:
     routes: tuple[RoutePlan, ...]
     security: Security
     psk_identity: str = ""  # uid (tls) or "client1" (compat); "" for plain
-    psk_key: bytes = field(default=b"", repr=False)  # never logged
+    psk_key: bytes = field(default=b"", repr=False)  # never logged; or SessionCredentials.encode()
     rate_limit: int = 0  # bytes/s for the whole session; 0 = none
 
 
@@ -84,6 +84,12 @@ class Backend(abc.ABC):
 
     #: canonical --type name, e.g. "native", "stunnel", "haproxy", "nginx"
     name: ClassVar[str]
+    #: What the backend can secure a ``tls`` WAN leg with: "psk" (the session's external
+    #: PSK) and/or "certs" (per-session certificates, see scistream.certs.SessionCredentials).
+    wan_keys: ClassVar[frozenset[str]] = frozenset({"psk"})
+    #: The security modes it can carry at all; s2cs refuses the others when it starts
+    #: (as its default) and at req (asked for by a client), never later.
+    security_modes: ClassVar[frozenset[str]] = frozenset({"tls", "plain", "compat"})
     #: The keys of ``BackendOptions.extra`` this backend reads (``s2cs --backend-option
     #: KEY=VALUE``); create_backend refuses any other key, so a misspelling is a startup error.
     known_settings: ClassVar[tuple[str, ...]] = ()
@@ -110,6 +116,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def usage(self, uid: str) -> SessionUsage:
         """Counters of one session (empty SessionUsage if the backend has none)."""
+
+    def prod_credentials(self) -> Literal["psk", "mint", "operator"]:
+        """How a PROD ``tls`` session of this backend is secured: "psk" (s2cs makes a random
+        PSK), "mint" (s2cs mints per-session certificates), "operator" (the operator's
+        gateway certificates; there is no key to carry)."""
+        return "psk" if "psk" in self.wan_keys else "mint"
+
+    def cons_operator_certs(self) -> bool:
+        """Whether a CONS ``tls`` session may do without a key from the client because the
+        operator configured certificates that authenticate the PROD gateway."""
+        return False
 
     def session_error(self, uid: str) -> str | None:
         """Why the session's data plane died on its own (one sentence), or None while it

@@ -1,10 +1,13 @@
 """The HAProxy backend: one foreground HAProxy (``-db``) per session, mode tcp with forced splice.
 
-HAProxy cannot do TLS 1.3 with an external PSK, so security ``tls`` needs
-operator certificates (settings ``tls_cert``, ``tls_key``, ``tls_ca``,
-``tls_server_name``; see proxyconf.CertFiles) and is refused with a clear
-error without them; ``plain`` needs nothing; ``compat`` is refused (1.x interop
-needs stunnel or native). HAProxy 2.6 has no bandwidth limit, so a plan's
+HAProxy cannot do TLS 1.3 with an external PSK, so security ``tls`` uses
+certificates: by default the per-session ones the PROD s2cs mints
+(scistream.certs.SessionCredentials; each side pins the other's, the files
+live 0600 in the session directory and go with it), or the operator's when
+configured (settings ``tls_cert``, ``tls_key``, ``tls_ca``, ``tls_server_name``;
+see proxyconf.CertFiles), which take precedence on the PROD side. ``plain``
+needs nothing; ``compat`` is refused when s2cs starts (1.x interop needs
+stunnel or native). HAProxy 2.6 has no bandwidth limit, so a plan's
 rate_limit is reported as not enforced. Counters come from the session's stats
 socket (``show stat``).
 """
@@ -18,9 +21,10 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from scistream.s2cs.backends.base import BackendError, SessionPlan, SessionUsage
+from scistream.certs import SESSION_SERVER_NAME, SessionCredentials, is_credentials
+from scistream.s2cs.backends.base import BackendError, BackendOptions, SessionPlan, SessionUsage
 from scistream.s2cs.backends.proxyconf import CertFiles, haproxy_config
 from scistream.s2cs.backends.supervisor import TIMEOUT_SETTINGS, SubprocessBackend, write_private
 
@@ -48,6 +52,57 @@ def operator_certs(extra: dict[str, str] | object, proxy: str) -> CertFiles | No
     if bool(files.cert) != bool(files.key):
         raise BackendError(f"{proxy} needs tls_cert and tls_key together")
     return files
+
+
+def session_cert_files(plan: SessionPlan, path: Path, *, combined: bool) -> CertFiles | None:
+    """Write the session's minted certificates (if its key holds them) into its private
+    directory, mode 0600, and say where they are; None for a PSK or no key.
+
+    PROD: the listener's certificate and key, and the client certificate it pins (as
+    its CA). CONS: the client certificate and key, and the listener certificate it pins.
+    ``combined``: also one PEM with certificate and key together (HAProxy's ``crt``).
+    The files go when the session directory does (release, failure, restart sweep).
+    """
+    if plan.security != "tls" or not is_credentials(plan.psk_key):
+        return None
+    try:
+        creds = SessionCredentials.decode(plan.psk_key)
+    except ValueError as exc:
+        raise BackendError(f"session {plan.uid}: {exc}") from None
+    if plan.role == "PROD":
+        if not creds.server_key:
+            raise BackendError(f"session {plan.uid}: its certificates lack the listener's key")
+        own_cert, own_key, pinned = creds.server_cert, creds.server_key, creds.client_cert
+    else:
+        own_cert, own_key, pinned = creds.client_cert, creds.client_key, creds.server_cert
+    files = {"own.crt": own_cert, "own.key": own_key, "peer.crt": pinned}
+    if combined:
+        files["own.pem"] = own_cert + b"\n" + own_key
+    for name, data in files.items():
+        write_private(path / name, data.decode("ascii"))
+    return CertFiles(
+        cert=str(path / "own.crt"),
+        key=str(path / "own.key"),
+        ca=str(path / "peer.crt"),
+        server_name=SESSION_SERVER_NAME if plan.role == "CONS" else "",
+        combined_pem=str(path / "own.pem") if combined else "",
+    )
+
+
+class CertModeBackend:
+    """What HAProxy and nginx share: no PSK, no compat; certificates minted per session
+    unless the operator configured a certificate and key (PROD) or a CA (CONS)."""
+
+    wan_keys: ClassVar[frozenset[str]] = frozenset({"certs"})
+    security_modes: ClassVar[frozenset[str]] = frozenset({"tls", "plain"})
+    options: BackendOptions
+
+    def prod_credentials(self) -> Literal["psk", "mint", "operator"]:
+        extra = self.options.extra
+        return "operator" if extra.get("tls_cert") and extra.get("tls_key") else "mint"
+
+    def cons_operator_certs(self) -> bool:
+        return bool(self.options.extra.get("tls_ca"))
 
 
 def parse_show_stat(text: str) -> SessionUsage:
@@ -93,7 +148,7 @@ def _query_stats(session_dir: Path, timeout: float = 2.0) -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-class HaproxyBackend(SubprocessBackend):
+class HaproxyBackend(CertModeBackend, SubprocessBackend):
     name = "haproxy"
     package = "haproxy"
     known_settings: ClassVar[tuple[str, ...]] = ("haproxy_bin", *TIMEOUT_SETTINGS, *CERT_SETTINGS)
@@ -105,8 +160,10 @@ class HaproxyBackend(SubprocessBackend):
         operator_certs(self.options.extra, "HAProxy")
 
     def _write_files(self, plan: SessionPlan, path: Path) -> list[str]:
-        certs = operator_certs(self.options.extra, "HAProxy")
-        if certs is not None and plan.security == "tls" and certs.cert:
+        certs = session_cert_files(plan, path, combined=True)
+        if certs is None:
+            certs = operator_certs(self.options.extra, "HAProxy")
+        if certs is not None and plan.security == "tls" and certs.cert and not certs.combined_pem:
             # HAProxy wants the certificate and its key in one file: a private copy for the session.
             combined = path / "gateway.pem"
             pem = Path(certs.cert).read_text() + "\n" + Path(certs.key).read_text()

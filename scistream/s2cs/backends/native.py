@@ -12,6 +12,14 @@ its own token bucket), so the session as a whole never exceeds the cap.
 dashes) is decoded as a 1.x stunnel decodes it (see scistream/s2ds/psk.py), so
 this gateway, a 1.x gateway and the stunnel backend all use the same 16 bytes.
 
+WAN credentials: the session's PSK (default); per-session certificates a
+HAProxy or nginx PROD gateway minted, carried here by the client (CONS: a
+client certificate to present, the listener's to pin; their files exist, 0600,
+only while s2ds loads them); or gateway certificates the operator configured
+(``tls_cert``, ``tls_key``, ``tls_ca``, ``tls_server_name``: DESIGN decision 9),
+for unmodified 1.x clients that carry no key: the PROD listener then requires
+a client certificate from ``tls_ca`` and the CONS side presents its own.
+
 Settings in ``BackendOptions.extra`` (all optional):
 ``s2ds_curve_server_key`` / ``s2ds_curve_client_key`` (key files for a tcp://
 s2ds), ``s2ds_timeout`` (seconds per command, default 5), ``s2ds_args``
@@ -33,8 +41,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
+from scistream.certs import is_credentials
 from scistream.dataplane import (
     COMPAT_PSK_IDENTITY,
     EngineError,
@@ -54,6 +63,9 @@ from scistream.s2cs.backends.base import (
     SessionPlan,
     SessionUsage,
 )
+from scistream.s2cs.backends.haproxy import CERT_SETTINGS, operator_certs, session_cert_files
+from scistream.s2cs.backends.proxyconf import CertFiles
+from scistream.s2cs.backends.supervisor import remove_session_dir
 from scistream.s2ds.client import S2dsClient, S2dsUnavailable
 from scistream.s2ds.convert import route_to_spec
 from scistream.s2ds.keys import CurveKeyError, load_keypair, load_public
@@ -82,10 +94,20 @@ def key_fingerprint(key: bytes) -> str:
     return hmac.new(b"scistream route key fingerprint", key, hashlib.sha256).hexdigest()[:16]
 
 
-def session_routes(plan: SessionPlan) -> list[Route]:
-    """The s2ds routes that realise a session plan."""
+def session_routes(plan: SessionPlan, certs: CertFiles | None = None) -> list[Route]:
+    """The s2ds routes that realise a session plan; ``certs``: certificate files to use
+    instead of a PSK (a tls plan only)."""
     tls = None
-    if plan.security in ("tls", "compat"):
+    if plan.security == "tls" and certs is not None:
+        tls = Tls(
+            role=TlsRole.SERVER if plan.role == "PROD" else TlsRole.CLIENT,
+            mode=TlsMode.CERT,
+            cert_file=certs.cert,
+            key_file=certs.key,
+            ca_file=certs.ca,
+            server_name=certs.server_name,
+        )
+    elif plan.security in ("tls", "compat"):
         compat = plan.security == "compat"
         key = plan.psk_key or (compat_key_from_uid(plan.uid) if compat else b"")
         if compat:
@@ -103,7 +125,7 @@ def session_routes(plan: SessionPlan) -> list[Route]:
     per_route = max(1, plan.rate_limit // n) if plan.rate_limit > 0 else 0
     labels = {"uid": plan.uid, "role": plan.role}
     if tls is not None:
-        labels["key_fp"] = key_fingerprint(tls.psk_key)
+        labels["key_fp"] = key_fingerprint(tls.psk_key or plan.psk_key or b"gateway certificates")
     return [
         Route(
             route_id=rp.route_id,
@@ -234,12 +256,57 @@ class NativeBackend(Backend):
         "s2ds_curve_client_key",
         "s2ds_timeout",
         "s2ds_args",
+        *CERT_SETTINGS,
     )
+    wan_keys: ClassVar[frozenset[str]] = frozenset({"psk", "certs"})
 
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self.address = options.s2ds_address or default_control_address(options.state_dir)
         self._client: S2dsClient | None = None
+
+    def _gateway_certs(self) -> CertFiles | None:
+        return operator_certs(self.options.extra, "the native backend")
+
+    def prod_credentials(self) -> Literal["psk", "mint", "operator"]:
+        certs = self._gateway_certs()
+        return "operator" if certs is not None and certs.cert else "psk"
+
+    def cons_operator_certs(self) -> bool:
+        certs = self._gateway_certs()
+        return certs is not None and bool(certs.ca)
+
+    def _check_gateway_certs(self) -> None:
+        certs = self._gateway_certs()
+        if certs is not None and certs.cert and not certs.ca:
+            # A PROD listener with a certificate but no CA would let any client in.
+            raise BackendError(
+                "gateway certificates need tls_ca too (the CA or pinned certificates of the peer "
+                "gateways), so that the listener authenticates them"
+            )
+
+    def _tls_dir(self, uid: str) -> Path:
+        return Path(self.options.state_dir) / f".tls-{uid}"
+
+    def _cert_files(self, plan: SessionPlan) -> CertFiles | None:
+        """The certificates of a tls plan: minted per session (written for s2ds to load,
+        removed right after), the operator's gateway certificates, or None (a PSK)."""
+        if plan.security != "tls":
+            return None
+        if plan.psk_key and not is_credentials(plan.psk_key):
+            return None
+        if plan.psk_key:
+            path = self._tls_dir(plan.uid)
+            remove_session_dir(path)
+            path.mkdir(mode=0o700)
+            return session_cert_files(plan, path, combined=False)
+        certs = self._gateway_certs()
+        if certs is None or not (certs.cert if plan.role == "PROD" else certs.ca):
+            raise BackendError(
+                f"session {plan.uid} asks for TLS but has no key and this gateway has no gateway "
+                "certificates (tls_cert, tls_key, tls_ca)"
+            )
+        return certs
 
     def _new_client(self) -> S2dsClient:
         extra = self.options.extra
@@ -268,6 +335,9 @@ class NativeBackend(Backend):
         return self._client
 
     async def start(self) -> None:
+        self._check_gateway_certs()
+        for stale in Path(self.options.state_dir).glob(".tls-*"):
+            remove_session_dir(stale)  # certificate files a killed s2cs left behind
         client = self._new_client()
         try:
             if await self._answers(client, 1.0) or await self._wait_for_starting_daemon(client):
@@ -356,7 +426,14 @@ class NativeBackend(Backend):
             return await call()
 
     async def apply(self, plan: SessionPlan) -> None:
-        desired = session_routes(plan)
+        try:
+            certs = self._cert_files(plan)
+            await self._apply(plan, session_routes(plan, certs))
+        finally:
+            # s2ds loaded the session's certificate files when it added the routes.
+            remove_session_dir(self._tls_dir(plan.uid))
+
+    async def _apply(self, plan: SessionPlan, desired: list[Route]) -> None:
         added: list[str] = []
         try:
             existing = {

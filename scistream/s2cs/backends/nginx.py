@@ -2,8 +2,9 @@
 
 nginx runs with its prefix, pid file and error log in the session directory,
 so it needs no root-owned paths. Like HAProxy it cannot do TLS 1.3 with an
-external PSK: security ``tls`` needs operator certificates (``tls_cert``,
-``tls_key``, ``tls_ca``, ``tls_server_name``), ``compat`` is refused. It
+external PSK: security ``tls`` uses the per-session certificates the PROD
+s2cs mints, or operator certificates (``tls_cert``, ``tls_key``, ``tls_ca``,
+``tls_server_name``; see haproxy.py), and ``compat`` is refused. It
 enforces rate_limit (per connection, see proxyconf.nginx_config) and has no
 counters to read (usage is unknown). Settings: ``nginx_workers`` (default 1),
 ``nginx_stream_module`` (path of ngx_stream_module.so when nginx was built
@@ -18,14 +19,19 @@ from pathlib import Path
 from typing import ClassVar
 
 from scistream.s2cs.backends.base import BackendError, BackendOptions, SessionPlan
-from scistream.s2cs.backends.haproxy import CERT_SETTINGS, operator_certs
+from scistream.s2cs.backends.haproxy import (
+    CERT_SETTINGS,
+    CertModeBackend,
+    operator_certs,
+    session_cert_files,
+)
 from scistream.s2cs.backends.proxyconf import nginx_config
 from scistream.s2cs.backends.supervisor import TIMEOUT_SETTINGS, SubprocessBackend, write_private
 
 DEFAULT_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 
-class NginxBackend(SubprocessBackend):
+class NginxBackend(CertModeBackend, SubprocessBackend):
     name = "nginx"
     package = "nginx-light and libnginx-mod-stream"
     known_settings: ClassVar[tuple[str, ...]] = (
@@ -73,7 +79,7 @@ class NginxBackend(SubprocessBackend):
         return int(text)
 
     def _write_files(self, plan: SessionPlan, path: Path) -> list[str]:
-        certs = operator_certs(self.options.extra, "nginx")
+        certs = session_cert_files(plan, path, combined=False) or operator_certs(self.options.extra, "nginx")
         conf = path / "nginx.conf"
         write_private(
             conf,

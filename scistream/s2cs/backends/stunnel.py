@@ -24,6 +24,7 @@ class StunnelBackend(SubprocessBackend):
     name = "stunnel"
     package = "stunnel4"
     known_settings: ClassVar[tuple[str, ...]] = ("stunnel_bin", *TIMEOUT_SETTINGS)
+    security_modes: ClassVar[frozenset[str]] = frozenset({"tls", "compat"})
     # stunnel has no graceful stop: SIGTERM closes every connection.
     drain_signal: ClassVar[signal.Signals | None] = None
 
