@@ -175,7 +175,8 @@ def test_apply_is_all_or_nothing_and_rate_is_split(state_dirs: list[Path]) -> No
             await b.apply(good)
             infos = {i.route.route_id: i.route for i in await b.client.routes()}
             assert {r.rate_limit for r in infos.values()} == {500}
-            assert all(dict(r.labels) == {"uid": uid, "role": "CONS", "security": "plain"} for r in infos.values())
+            labels = {"uid": uid, "role": "CONS", "security": "plain"}
+            assert all(dict(r.labels) == labels for r in infos.values())
             await b.remove(uid)
             await b.close()
 
