@@ -61,6 +61,7 @@ class S2CSServer:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._closers: list[Any] = []
+        self._state_lock: StateDirLock | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -75,12 +76,12 @@ class S2CSServer:
         lock = StateDirLock(cfg.state_dir)
         try:
             lock.acquire()
+            self._state_lock = lock  # released last in stop(), once the store is closed
             instance = load_instance(cfg.state_dir)
         except StateError as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"cannot use the state directory {cfg.state_dir}: {exc.strerror}") from None
-        self._closers.append(lock.release)
         try:
             backend = self._backend_override or create_backend(
                 cfg.backend_type,
@@ -258,6 +259,9 @@ class S2CSServer:
             except Exception as exc:
                 log.error("error while stopping: %s", exc)
         self._closers.clear()
+        if self._state_lock is not None:
+            self._state_lock.release()
+            self._state_lock = None
         log.info("s2cs stopped")
 
     async def wait_stopped(self) -> None:
