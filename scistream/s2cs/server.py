@@ -73,6 +73,7 @@ class S2CSServer:
             ensure_private_dir(cfg.state_dir)
         except OSError as exc:
             raise StartupError(f"cannot create the state directory {cfg.state_dir}: {exc.strerror}") from None
+        _warn_about_an_older_default_store(cfg)
         lock = StateDirLock(cfg.state_dir)
         try:
             lock.acquire()
@@ -266,6 +267,24 @@ class S2CSServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _warn_about_an_older_default_store(cfg: ServerConfig) -> None:
+    """Earlier releases kept every s2cs's store directly in the base state directory;
+    an operator upgrading with default options should hear where its sessions are."""
+    base = os.path.dirname(os.path.abspath(cfg.state_dir))
+    if os.path.basename(cfg.state_dir.rstrip("/")) != str(cfg.port):
+        return
+    older = os.path.join(base, "s2cs.db")
+    if os.path.exists(older) and not os.path.exists(cfg.db_path()):
+        log.warning(
+            "a session store of an earlier release is at %s, but this s2cs now keeps its state in "
+            "%s (one directory per control port); start it with --state-dir %s to keep serving "
+            "those sessions",
+            older,
+            cfg.state_dir,
+            base,
+        )
 
 
 async def serve(config: ServerConfig) -> int:

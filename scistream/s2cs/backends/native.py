@@ -82,8 +82,10 @@ SPAWN_WAIT_S = 20.0
 SPAWNED_IDLE_EXIT_S = 60
 #: How long a liveness ping may take before it counts as a miss.
 HEARTBEAT_TIMEOUT_S = 0.5
-#: Missed pings in a row that mean the daemon is gone when its pid cannot be checked.
+#: Missed pings in a row that mean the daemon is gone when its pid cannot be checked ...
 HEARTBEAT_MISSES = 3
+#: ... and when its process is still there (hung, or a very loaded node: be patient).
+HUNG_MISSES = 10
 
 #: Popen objects of daemons this process spawned, so stopping one also reaps it.
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
@@ -339,7 +341,7 @@ class NativeBackend(Backend):
 
     async def data_plane_pid(self) -> int | None:
         """The daemon's pid, or None once it is gone: at once when its local pid has
-        exited, else after HEARTBEAT_MISSES unanswered pings (a loaded node may be slow)."""
+        exited, else after several unanswered pings in a row (a loaded node may be slow)."""
         if self._watch is None:
             return 0
         if self._pid and self._pid_checkable and _gone(self._pid):
@@ -348,7 +350,8 @@ class NativeBackend(Backend):
             pid = int((await self._watch.ping(timeout=HEARTBEAT_TIMEOUT_S))["pid"])
         except S2dsUnavailable:
             self._misses += 1
-            return None if self._misses >= HEARTBEAT_MISSES else self._pid
+            limit = HUNG_MISSES if self._pid_checkable else HEARTBEAT_MISSES
+            return None if self._misses >= limit else self._pid
         if pid != self._pid:
             self._note_pid(pid)
         self._misses = 0
