@@ -714,7 +714,8 @@ class SessionManager:
         broken = [s for s in list(self.sessions.values()) if s.state.has_routes and not s.ending]
         for s in broken:
             cut = s.usage.connections_active or 0
-            s.error = f"{what} at {when}: {cut} connection(s) were cut"
+            peers = ", ".join(f"{c.peer} on {c.listener}" for c in s.usage.connections[:4])
+            s.error = f"{what} at {when}: {cut} connection(s) were cut" + (f" ({peers})" if peers else "")
             self.audit.record(event="data_plane_lost", uid=s.uid, identity=s.owner, connections_cut=cut)
             self._publish(s, "broken")
         while new_pid is None:
