@@ -83,6 +83,7 @@ class S2CSServer:
             raise StartupError(str(exc)) from None
         except OSError as exc:
             raise StartupError(f"cannot use the state directory {cfg.state_dir}: {exc.strerror}") from None
+        log.info("state directory %s (instance %s)", cfg.state_dir, instance.instance_id)
         try:
             backend = self._backend_override or create_backend(
                 cfg.backend_type,
