@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +172,7 @@ def gateways(tmp_path: Path) -> Iterator[list[Gateway]]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a private /var/lib needs root (mount namespace)")
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is not installed")
 def test_two_s2cs_with_default_state_dirs_carry_one_uid_both_ways(
     tmp_path: Path, free_port: Any, producer: Producer, gateways: list[Gateway]
 ) -> None:
