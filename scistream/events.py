@@ -13,8 +13,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-EventKind = Literal["created", "hello", "ready", "active", "released", "failed", "expired"]
-EVENT_KINDS: tuple[str, ...] = ("created", "hello", "ready", "active", "released", "failed", "expired")
+# broken: the data plane died and cut the session's connections (error says how many);
+# restored: its routes were re-applied in a new data plane; orphaned: routes adopted with
+# no stored session (see s2cs/sessions.py).
+EventKind = Literal[
+    "created", "hello", "ready", "active", "released", "failed", "expired", "broken", "restored", "orphaned"
+]
+EVENT_KINDS: tuple[str, ...] = (
+    "created", "hello", "ready", "active", "released", "failed", "expired", "broken", "restored", "orphaned"
+)  # fmt: skip
 TOPIC_PREFIX = "session/"
 
 

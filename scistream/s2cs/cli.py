@@ -323,8 +323,18 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--state_dir",
     "state_dir",
     default=None,
-    help="Session store, audit log, backend files (default $SCISTREAM_STATE_DIR, "
-    "/var/lib/scistream as root, else ~/.scistream).",
+    help="Session store, audit log, s2ds socket, backend files; one s2cs per directory "
+    "(default $SCISTREAM_STATE_DIR, else /var/lib/scistream/<port> as root, "
+    "~/.scistream/<port> otherwise).",
+)
+@click.option(
+    "--fresh-state",
+    "--fresh_state",
+    "fresh_state",
+    is_flag=True,
+    help="Start with an empty session store even though this state directory held one "
+    "that is now missing, empty or unreadable (s2cs refuses to start otherwise); routes "
+    "still in the data plane are listed as 'orphaned' for release.",
 )
 @click.option(
     "--hello-timeout",
@@ -479,7 +489,8 @@ def build_config(
         hello_timeout=float(opts["hello_timeout"]),
         reserved_timeout=float(opts["reserved_timeout"]),
         idle_timeout=float(opts["idle_timeout"]),
-        state_dir=str(opts["state_dir"] or default_state_dir()),
+        state_dir=str(opts["state_dir"] or default_state_dir(int(opts["port"]))),
+        fresh_state=bool(opts.get("fresh_state")),
         events=events,
         events_curve_secret_file=str(opts["events_curve_secret_file"] or ""),
         events_curve_client_keys=str(opts["events_curve_client_keys"] or ""),

@@ -15,14 +15,15 @@ DEFAULT_CLIENT_ID = "c42c0dac-0a52-408e-a04f-5d31bfe0aef8"
 SECURITY_MODES = ("tls", "plain", "compat")
 
 
-def default_state_dir() -> str:
-    """$SCISTREAM_STATE_DIR, else /var/lib/scistream as root, else ~/.scistream."""
+def default_state_dir(port: int | None = None) -> str:
+    """$SCISTREAM_STATE_DIR, else ``/var/lib/scistream/<port>`` as root, else
+    ``~/.scistream/<port>``: one directory per control port, so several s2cs on one
+    host (the tutorials replayed on one machine) never share a store or an s2ds."""
     env = os.environ.get("SCISTREAM_STATE_DIR")
     if env:
         return env
-    if os.geteuid() == 0:
-        return "/var/lib/scistream"
-    return str(Path.home() / ".scistream")
+    base = Path("/var/lib/scistream") if os.geteuid() == 0 else Path.home() / ".scistream"
+    return str(base / str(port)) if port is not None else str(base)
 
 
 def listener_ip_problem(listener_ip: str) -> str | None:
@@ -81,13 +82,18 @@ class ServerConfig:
     max_num_conn: int = 64
     poll_interval: float = 2.0  # data-plane usage polling (active detection, metrics)
     # operations
-    state_dir: str = field(default_factory=default_state_dir)
+    state_dir: str = ""  # "" = default_state_dir(port)
+    fresh_state: bool = False  # start with an empty store even where one should exist
     events: str = "ipc"  # ZMQ PUB bind: "ipc" = ipc://<state_dir>/events.sock; "" = off
     events_curve_secret_file: str = ""  # tcp:// events only: s2cs's CURVE .key_secret
     events_curve_client_keys: str = ""  # tcp:// events only: admitted subscribers' *.key
     metrics_port: int | None = None  # None = off; 0 = ephemeral
     audit_log: str = ""  # "" = <state_dir>/audit.log
     log_file: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.state_dir:
+            self.state_dir = default_state_dir(self.port)
 
     def audit_path(self) -> str:
         return self.audit_log or os.path.join(self.state_dir, "audit.log")

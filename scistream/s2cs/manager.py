@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,12 +28,12 @@ import grpc
 from scistream.certs import SessionCredentials, is_credentials, mint_session_credentials
 from scistream.clienttext import excerpt
 from scistream.dataplane.api import COMPAT_PSK_IDENTITY, compat_key_from_uid
-from scistream.endpoints import format_endpoint
+from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
 from scistream.events import SessionEvent
 from scistream.s2cs import validate
 from scistream.s2cs.audit import AuditLog
 from scistream.s2cs.auth import Identity
-from scistream.s2cs.backends.base import Backend, RoutePlan, SessionPlan, SessionUsage
+from scistream.s2cs.backends.base import Backend, LiveSession, RoutePlan, SessionPlan, SessionUsage
 from scistream.s2cs.config import SECURITY_MODES, ServerConfig
 from scistream.s2cs.errors import ControlError, not_found, precondition
 from scistream.s2cs.events import EventPublisher
@@ -48,6 +49,10 @@ KEY_BYTES = 32
 #: How long a CONS hello that came before its req waits for the req, to answer
 #: with the listeners (a PROD hello needs no listeners and is answered at once).
 EARLY_HELLO_ANSWER_WAIT = 5.0
+#: How often the data-plane process is checked (a dead s2ds is noticed within ~1 s).
+DATA_PLANE_CHECK_S = 0.5
+#: How long to wait between attempts to bring a dead data plane back.
+DATA_PLANE_RETRY_S = 1.0
 
 
 @dataclass
@@ -147,6 +152,7 @@ class Session:
             psk_identity=self.psk_identity,
             psk_key=self.psk,
             rate_limit=self.rate_limit,
+            owner=self.owner,
         )
 
 
@@ -193,7 +199,11 @@ class SessionManager:
         self.early: OrderedDict[str, EarlyHello] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bg: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._closing = False
+        self.data_plane_ok = True
+        #: Told False while the data plane is gone and True once it serves again (health).
+        self.on_serving: Callable[[bool], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -203,8 +213,8 @@ class SessionManager:
         task.add_done_callback(self._tasks.discard)
 
     def _persist(self, s: Session) -> None:
-        if s.state.terminal:
-            return
+        if s.state.terminal or s.state is State.ORPHANED:
+            return  # an orphan has no key or record to keep: the data plane is its record
         self.store.save(s.uid, s.record(), s.psk)
 
     def _publish(self, s: Session, kind: str) -> None:
@@ -232,7 +242,8 @@ class SessionManager:
         s = self.sessions.get(uid)
         if s is None:
             raise not_found(uid)
-        self._check_owner(identity, uid, s.owner)
+        if not (s.state is State.ORPHANED and not s.owner):  # an adopted route has no owner
+            self._check_owner(identity, uid, s.owner)
         return s
 
     def _check_owner(self, identity: Identity, uid: str, owner: str) -> None:
@@ -499,6 +510,11 @@ class SessionManager:
             )
         if not s.state.helloed:
             raise precondition(f"session {uid!r} is {s.state.value}")
+        if not self.data_plane_ok:
+            raise ControlError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the data plane (s2ds) stopped and is being restarted; retry in a few seconds",
+            )
         psk = s.psk
         if s.security == "tls" and s.role == "CONS":
             if session_key:
@@ -576,7 +592,7 @@ class SessionManager:
         if self.sessions.get(s.uid) is s:
             del self.sessions[s.uid]
         async with s.lock:
-            usage = await self._usage(s) if s.state.routed else s.usage
+            usage = await self._usage(s) if s.state.has_routes and self.data_plane_ok else s.usage
             try:
                 final = s.machine.fire(event)
             except IllegalTransition:
@@ -647,9 +663,15 @@ class SessionManager:
             uid = validate.uid(uid)
             chosen = [self._owned(identity, uid)]
         else:
-            chosen = [s for s in self.sessions.values() if not self.auth_enabled or s.owner == identity.sub]
+            chosen = [
+                s
+                for s in self.sessions.values()
+                if not self.auth_enabled
+                or s.owner == identity.sub
+                or (s.state is State.ORPHANED and not s.owner)
+            ]
         for s in chosen:
-            if s.state.routed:
+            if s.state.has_routes and self.data_plane_ok:
                 await self._usage(s)
         return chosen
 
@@ -657,6 +679,7 @@ class SessionManager:
 
     def start(self) -> None:
         self._bg = asyncio.ensure_future(self._background())
+        self._watchdog = asyncio.ensure_future(self._watch_data_plane())
 
     def _tick(self) -> float:
         cands = [1.0, self.config.poll_interval, self.config.reserved_timeout / 4]
@@ -682,6 +705,8 @@ class SessionManager:
                 log.exception("session housekeeping failed; continuing")
 
     async def _poll_usage(self) -> None:
+        if not self.data_plane_ok:
+            return  # the watchdog is bringing it back; counters would only time out
         for s in list(self.sessions.values()):
             if not s.state.routed or s.ending:
                 continue
@@ -727,6 +752,92 @@ class SessionManager:
             )
         self.metrics.set_snapshot(Snapshot(by_state, tuple(samples)))
 
+    # ------------------------------------------------------------------ data-plane watchdog
+
+    async def _watch_data_plane(self) -> None:
+        """Notice a data-plane process that died (kill -9, crash) or was replaced (systemd
+        restarted it) within about a second, and bring every live session back into it."""
+        try:
+            known = await self.backend.data_plane_pid()
+        except Exception as exc:
+            log.debug("data-plane watchdog: %s", exc)
+            known = None
+        if known == 0:
+            return  # this backend has no separate data-plane process to watch
+        while True:
+            await asyncio.sleep(DATA_PLANE_CHECK_S)
+            try:
+                pid = await self.backend.data_plane_pid()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("data-plane watchdog: %s", exc)
+                continue
+            if pid is not None and (known is None or pid == known):
+                known = pid
+                continue
+            try:
+                known = await self._recover_data_plane(known, pid)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("data-plane recovery failed; trying again")
+
+    async def _recover_data_plane(self, old_pid: int | None, new_pid: int | None) -> int:
+        """The data plane ``old_pid`` is gone (``new_pid`` None) or replaced by ``new_pid``:
+        report the cut connections, get a data plane back, re-apply every live session."""
+        self.data_plane_ok = False
+        if self.on_serving is not None:
+            await self.on_serving(False)
+        when = time.strftime("%H:%M:%S")
+        gone = "stopped" if new_pid is None else "was replaced"
+        what = f"the data plane (s2ds pid {old_pid or '?'}) {gone}"
+        log.error("%s at %s; restarting it and re-applying %d session(s)", what, when, len(self.sessions))
+        broken = [s for s in list(self.sessions.values()) if s.state.has_routes and not s.ending]
+        for s in broken:
+            cut = s.usage.connections_active or 0
+            peers = ", ".join(f"{c.peer} on {c.listener}" for c in s.usage.connections[:4])
+            s.error = f"{what} at {when}: {cut} connection(s) were cut" + (f" ({peers})" if peers else "")
+            self.audit.record(event="data_plane_lost", uid=s.uid, identity=s.owner, connections_cut=cut)
+            self._publish(s, "broken")
+        while new_pid is None:
+            try:
+                await self.backend.restart_data_plane()
+                new_pid = await self.backend.data_plane_pid()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("cannot restart the data plane: %s; trying again", exc)
+            if new_pid is None:
+                await asyncio.sleep(DATA_PLANE_RETRY_S)
+        for s in broken:
+            async with s.lock:
+                if self.sessions.get(s.uid) is not s or s.ending:
+                    continue
+                # An orphan's key was never known here: its routes cannot come back.
+                lost = s.state is State.ORPHANED
+                if not lost:
+                    try:
+                        await self.backend.apply(s.plan())
+                    except Exception as exc:
+                        s.error += f"; its routes could not be re-applied: {exc}"
+                        lost = True
+            if lost:
+                if s.state is State.ORPHANED:
+                    s.error += "; the orphaned routes died with it"
+                await self._end(s, Event.ERROR, s.error)
+                continue
+            s.error += "; routes re-applied in the new data plane"
+            s.usage = SessionUsage()
+            s.seen_connections = set()
+            log.info("session %s: routes re-applied after the data plane restarted", s.uid)
+            self._publish(s, "restored")
+        self.data_plane_ok = True
+        if self.on_serving is not None and not self._closing:
+            await self.on_serving(True)
+        log.info("the data plane (s2ds pid %d) serves again", new_pid)
+        return new_pid
+
     # ------------------------------------------------------------------ restart
 
     async def reconcile(self) -> None:
@@ -757,22 +868,57 @@ class SessionManager:
                     await self._end(s, Event.ERROR, f"routes could not be re-applied after restart: {exc}")
             else:
                 log.info("session %s: restored (%s)", s.uid, s.state.value)
-        for uid in running - set(self.sessions):
-            log.warning("removing data-plane routes of unknown session %s", uid)
-            try:
-                await self.backend.remove(uid)
-            except Exception as exc:
-                log.error("cannot remove orphan routes of %s: %s", uid, exc)
+        for uid in sorted(running - set(self.sessions)):
+            # No stored session: the store may have been lost, so nothing proves these
+            # routes were released. Adopt them as they are, for an operator to release.
+            await self._adopt_orphan(uid)
         self._update_snapshot()
+
+    async def _adopt_orphan(self, uid: str) -> None:
+        try:
+            live = await self.backend.describe(uid)
+        except Exception as exc:
+            log.error("cannot describe the data-plane routes of %s (%s); adopting them as they are", uid, exc)
+            live = LiveSession(uid)
+        ports: list[int] = []
+        for ep in live.listeners:
+            with contextlib.suppress(InvalidEndpoint):
+                ports.append(parse_endpoint(ep)[1])
+        self.ports.claim(ports)
+        s = Session(
+            uid=uid,
+            role=live.role or "PROD",
+            owner=live.owner,
+            owner_name="",
+            num_conn=len(live.listeners),
+            rate=0,
+            rate_limit=0,
+            security=live.security,
+            ports=ports,
+            listeners=list(live.listeners),
+            machine=SessionMachine(State.ORPHANED),
+            targets=list(live.targets),
+            error="the data plane carries routes of this s2cs with no stored session: "
+            "left running; release the session when it is no longer needed",
+        )
+        self.sessions[uid] = s
+        log.warning(
+            "session %s: %d data-plane route(s) with no stored session; kept as orphaned (release "
+            "it to remove them)",
+            uid,
+            len(live.listeners),
+        )
+        self._publish(s, "orphaned")
 
     async def shutdown(self) -> None:
         """Stop housekeeping; fail sessions still waiting for a hello (their callers are
         being cut off). Routed sessions stay: their routes outlive s2cs."""
         self._closing = True
-        if self._bg is not None:
-            self._bg.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._bg
+        for task in (self._bg, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for s in list(self.sessions.values()):
             if s.state is State.WAITING_HELLO:
                 await self._end(s, Event.ERROR, "s2cs stopped while the session waited for its hello")

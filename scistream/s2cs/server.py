@@ -1,7 +1,9 @@
 """Assembling and running one s2cs: state dir, store, backend, gRPC server, health.
 
-Start order: state directory (0700) → store → backend.start → reconcile stored
+Start order: state directory (0700, locked: one s2cs per directory) → store
+(refused if it should exist and does not) → backend.start → reconcile stored
 sessions with the data plane → events / metrics → gRPC server → health SERVING.
+Health goes NOT_SERVING while the data plane is gone and is being brought back.
 Stop (SIGTERM/SIGINT): health NOT_SERVING, stop taking RPCs, fail sessions still
 waiting for a hello, leave routed sessions in the store and their routes running
 (``backend.close()``; with the native backend s2ds keeps forwarding), exit 0.
@@ -31,7 +33,7 @@ from scistream.s2cs.manager import SessionManager
 from scistream.s2cs.metrics import Metrics
 from scistream.s2cs.ports import PortAllocator
 from scistream.s2cs.servicer import ControlServicer, add_to_server
-from scistream.s2cs.store import SessionStore, ensure_private_dir
+from scistream.s2cs.store import StateDirLock, StateError, ensure_private_dir, load_instance, open_store
 from scistream.s2cs.targets import TargetPolicy
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class S2CSServer:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._closers: list[Any] = []
+        self._state_lock: StateDirLock | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -70,6 +73,17 @@ class S2CSServer:
             ensure_private_dir(cfg.state_dir)
         except OSError as exc:
             raise StartupError(f"cannot create the state directory {cfg.state_dir}: {exc.strerror}") from None
+        _warn_about_an_older_default_store(cfg)
+        lock = StateDirLock(cfg.state_dir)
+        try:
+            lock.acquire()
+            self._state_lock = lock  # released last in stop(), once the store is closed
+            instance = load_instance(cfg.state_dir)
+        except StateError as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot use the state directory {cfg.state_dir}: {exc.strerror}") from None
+        log.info("state directory %s (instance %s)", cfg.state_dir, instance.instance_id)
         try:
             backend = self._backend_override or create_backend(
                 cfg.backend_type,
@@ -77,6 +91,7 @@ class S2CSServer:
                     state_dir=cfg.state_dir,
                     listener_ip=cfg.listener_ip,
                     s2ds_address=cfg.s2ds_address,
+                    instance_id=instance.instance_id,
                     extra=dict(cfg.backend_extra),
                 ),
             )
@@ -112,7 +127,9 @@ class S2CSServer:
         )
         creds = self._credentials() if cfg.ssl else None  # fail before anything starts
         try:
-            store = SessionStore(cfg.db_path())
+            store = open_store(cfg.state_dir, instance, fresh=cfg.fresh_state)
+        except StateError as exc:
+            raise StartupError(str(exc)) from None
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(f"cannot open the session store {cfg.db_path()}: {exc}") from None
         self._closers.append(store.close)
@@ -166,6 +183,7 @@ class S2CSServer:
             auth_enabled=auth.enabled,
         )
         self.manager = manager
+        manager.on_serving = self._data_plane_serving
         await manager.reconcile()
 
         server = grpc.aio.server(
@@ -229,6 +247,14 @@ class S2CSServer:
             ) from None
         return grpc.ssl_server_credentials([(key, crt)])
 
+    async def _data_plane_serving(self, serving: bool) -> None:
+        if not self._stopped.is_set():
+            await self._set_health(
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+
     async def _set_health(self, status: int) -> None:
         if self._health is not None:
             await self._health.set("", status)
@@ -258,10 +284,31 @@ class S2CSServer:
             except Exception as exc:
                 log.error("error while stopping: %s", exc)
         self._closers.clear()
+        if self._state_lock is not None:
+            self._state_lock.release()
+            self._state_lock = None
         log.info("s2cs stopped")
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _warn_about_an_older_default_store(cfg: ServerConfig) -> None:
+    """Earlier releases kept every s2cs's store directly in the base state directory;
+    an operator upgrading with default options should hear where its sessions are."""
+    base = os.path.dirname(os.path.abspath(cfg.state_dir))
+    if os.path.basename(cfg.state_dir.rstrip("/")) != str(cfg.port):
+        return
+    older = os.path.join(base, "s2cs.db")
+    if os.path.exists(older) and not os.path.exists(cfg.db_path()):
+        log.warning(
+            "a session store of an earlier release is at %s, but this s2cs now keeps its state in "
+            "%s (one directory per control port); start it with --state-dir %s to keep serving "
+            "those sessions",
+            older,
+            cfg.state_dir,
+            base,
+        )
 
 
 async def serve(config: ServerConfig) -> int:

@@ -14,6 +14,9 @@
   the targets yet (expires after ``reserved_timeout``).
 * ``ready``: routes are applied in the data plane; no byte seen yet.
 * ``active``: the data plane has carried bytes for this session.
+* ``orphaned``: routes the data plane carries for this s2cs with no stored session
+  (the store was lost); adopted as they are, never removed unasked, released by
+  an operator.
 * ``released`` / ``failed`` / ``expired`` are terminal.
 
 The I/O that goes with each transition (ports, backend, store, events) lives in
@@ -33,6 +36,7 @@ class State(enum.StrEnum):
     RELEASED = "released"
     FAILED = "failed"
     EXPIRED = "expired"
+    ORPHANED = "orphaned"
 
     @property
     def terminal(self) -> bool:
@@ -46,6 +50,11 @@ class State(enum.StrEnum):
     def routed(self) -> bool:
         """The data plane carries routes for the session in this state."""
         return self in (State.READY, State.ACTIVE)
+
+    @property
+    def has_routes(self) -> bool:
+        """The data plane carries routes for the session: routed, or orphaned."""
+        return self.routed or self is State.ORPHANED
 
 
 class Event(enum.StrEnum):
@@ -85,6 +94,8 @@ TRANSITIONS: dict[tuple[State | None, Event], State] = {
     (State.ACTIVE, Event.TIMEOUT): State.EXPIRED,
     **{(s, Event.RELEASE): State.RELEASED for s in _LIVE},
     **{(s, Event.ERROR): State.FAILED for s in _LIVE},
+    (State.ORPHANED, Event.RELEASE): State.RELEASED,
+    (State.ORPHANED, Event.ERROR): State.FAILED,
 }
 
 

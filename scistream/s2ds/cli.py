@@ -106,6 +106,15 @@ def cli() -> None:
     default=None,
     help="Directory of admitted clients' CURVE public keys (*.key).",
 )
+@click.option(
+    "--idle-exit",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Exit 0 after this long with no route and no control command (s2cs pings its "
+    "daemon twice a second); 0 = never. s2cs starts the daemons it spawns with 60.",
+)
 @engine_option
 @drain_option
 @tuning_options
@@ -115,6 +124,7 @@ def serve(
     address: str | None,
     curve_secret_file: str | None,
     curve_client_keys: str | None,
+    idle_exit: float,
     engine: str | None,
     drain_timeout: float,
     verbose: bool,
@@ -145,7 +155,7 @@ def serve(
     try:
         eng = _make_engine(engine, knobs)
         try:
-            code = Daemon(eng, address, curve=curve, drain_timeout=drain_timeout).run()
+            code = Daemon(eng, address, curve=curve, drain_timeout=drain_timeout, idle_exit=idle_exit).run()
         except (DaemonError, CurveKeyError) as exc:
             raise Failure(str(exc)) from None
         finally:

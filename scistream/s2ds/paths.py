@@ -21,7 +21,9 @@ def state_dir() -> Path:
 def default_control_address(state: str | os.PathLike[str] | None = None) -> str:
     """The node-local control socket: ``ipc://<state dir>/s2ds.sock``.
 
-    s2cs and s2ds both call this, so with no flags they meet on the same socket.
+    s2cs calls it with its own (per-instance) state directory, so each s2cs has its
+    own daemon by default; ``s2ds serve`` and ``s2ds ctl`` with no flags use the
+    node-wide directory (several s2cs may share that daemon with ``--s2ds``).
     """
     base = Path(state) if state else state_dir()
     return f"ipc://{base.absolute() / SOCKET_NAME}"

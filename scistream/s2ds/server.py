@@ -174,11 +174,14 @@ class Daemon:
         *,
         curve: CurveServerConfig | None = None,
         drain_timeout: float = 0.0,
+        idle_exit: float = 0.0,
     ) -> None:
         self.engine = engine
         self.address = address
         self.curve = curve
         self.drain_timeout = drain_timeout  # 0: wait for streams however long they take
+        self.idle_exit = idle_exit  # 0: never; else exit after this long with no route and no command
+        self._last_command = 0.0
         self._stopping = False
         self._forced = False
         self._exit: asyncio.Future[int] | None = None
@@ -234,11 +237,15 @@ class Daemon:
                 workers,
                 ", CURVE" if self.curve else "",
             )
+            self._last_command = loop.time()
             receiver = asyncio.create_task(self._receive(sock))
+            idle = asyncio.create_task(self._exit_when_idle()) if self.idle_exit > 0 else None
             code = await self._exit
-            receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await receiver
+            for background in (receiver, idle):
+                if background is not None:
+                    background.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await background
             for task in list(self._tasks):
                 task.cancel()
             return code
@@ -251,10 +258,12 @@ class Daemon:
             ctx.destroy(linger=0)
 
     async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             frames = await sock.recv_multipart()
             if len(frames) < 2:
                 continue  # no routing identity: not a well-formed peer
+            self._last_command = loop.time()
             task = asyncio.create_task(self._answer(sock, frames[:-1], frames[-1]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -327,6 +336,25 @@ class Daemon:
             complete = await in_daemon_thread(e.drain, timeout)
             return pb.Reply(ok=True, drain=pb.DrainReply(complete=complete))
         return pb.Reply(ok=False, error_code="invalid", error=f"unknown command {which}")
+
+    async def _exit_when_idle(self) -> None:
+        """--idle-exit: a daemon with no route that no client (s2cs pings it every half
+        second) has spoken to for ``idle_exit`` seconds has nothing to do: it exits 0.
+        It never exits while it carries a route, however long nobody speaks to it."""
+        loop = asyncio.get_running_loop()
+        period = min(1.0, max(0.05, self.idle_exit / 4))
+        while not self._stopping:
+            await asyncio.sleep(period)
+            if self._stopping or loop.time() - self._last_command < self.idle_exit or self._tasks:
+                continue
+            if await in_daemon_thread(self.engine.routes):
+                continue
+            if loop.time() - self._last_command < self.idle_exit or self._stopping:
+                continue  # a command arrived while the routes were listed
+            log.info("no route and no command for %g s: exiting (--idle-exit)", self.idle_exit)
+            self._stopping = True
+            await self._shutdown()
+            return
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if not self._stopping:

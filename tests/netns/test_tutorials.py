@@ -83,6 +83,8 @@ class Hosts:
             assert s["received"] == n and s["sha256"] == expected_sha(SEED, off, n)
 
     def close(self) -> None:
+        # s2cs first: a running s2cs would start a new s2ds for the one stopped under it.
+        self.topo.close()
         for state in self.state:
             stop_spawned_s2ds(str(state))
 

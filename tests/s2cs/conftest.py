@@ -23,6 +23,9 @@ def s2cs_factory(tmp_path: Any) -> Iterator[Callable[..., ServerThread]]:
     def start(
         backend: Backend | None = None, authenticator: Authenticator | None = None, **overrides: Any
     ) -> ServerThread:
+        if started and "state_dir" not in overrides:
+            # One s2cs per state directory (it is locked): a second server gets its own.
+            overrides["state_dir"] = str(tmp_path / f"state-{len(started)}")
         cfg = make_config(tmp_path, **overrides)
         st = ServerThread(cfg, backend or FakeBackend(), authenticator)
         started.append(st)

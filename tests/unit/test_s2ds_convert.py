@@ -126,7 +126,7 @@ def test_session_routes_tls_roles_and_rate_split() -> None:
     assert given[0].tls is not None and given[0].tls.psk_key == compat[0].tls.psk_key
     plain = session_routes(_plan("plain", key=b""))
     assert all(r.tls is None and "key_fp" not in r.labels for r in plain)
-    assert dict(plain[0].labels) == {"uid": _plan("plain").uid, "role": "PROD"}
+    assert dict(plain[0].labels) == {"uid": _plan("plain").uid, "role": "PROD", "security": "plain"}
 
 
 def test_key_fingerprint_tracks_the_key() -> None:

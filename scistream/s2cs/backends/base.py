@@ -39,6 +39,20 @@ class SessionPlan:
     psk_identity: str = ""  # uid (tls) or "client1" (compat); "" for plain
     psk_key: bytes = field(default=b"", repr=False)  # never logged; or SessionCredentials.encode()
     rate_limit: int = 0  # bytes/s for the whole session; 0 = none
+    owner: str = ""  # the identity that owns the session (kept with the routes where it can be)
+
+
+@dataclass(frozen=True)
+class LiveSession:
+    """What the data plane itself says about a session's live routes: all s2cs knows
+    of a session whose stored row is lost (it is then adopted as orphaned)."""
+
+    uid: str
+    role: str = ""
+    listeners: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    security: str = ""
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,7 @@ class BackendOptions:
     listener_ip: str  # the address listeners bind to / are advertised on
     s2ds_address: str = ""  # native: the s2ds control socket; "" = the state dir's default ipc://
     spawn_s2ds: bool = True  # native: start s2ds if none answers
+    instance_id: str = ""  # this s2cs's id: namespaces its routes in an s2ds shared by several
     tcp_user_timeout_ms: int = 0
     extra: Mapping[str, str] = field(default_factory=dict)  # backend-specific settings
 
@@ -127,6 +142,21 @@ class Backend(abc.ABC):
         """Whether a CONS ``tls`` session may do without a key from the client because the
         operator configured certificates that authenticate the PROD gateway."""
         return False
+
+    async def describe(self, uid: str) -> LiveSession:
+        """What the data plane knows of a running session (see LiveSession)."""
+        return LiveSession(uid)
+
+    async def data_plane_pid(self) -> int | None:
+        """The pid of the separate data-plane process that carries every session, None
+        while it does not answer; 0 for a backend with no such process to watch."""
+        return 0
+
+    async def restart_data_plane(self) -> None:
+        """Bring the data-plane process back after data_plane_pid() saw it gone (its routes
+        are then re-applied by the session layer); BackendError if it cannot. Backends
+        with no such process (data_plane_pid() is 0) are never asked."""
+        raise BackendError(f"the {self.name} backend has no data-plane process to restart")
 
     def session_error(self, uid: str) -> str | None:
         """Why the session's data plane died on its own (one sentence), or None while it

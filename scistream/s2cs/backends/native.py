@@ -1,9 +1,17 @@
 """The default backend: a session's routes live in the node's s2ds (DESIGN decision 1).
 
 s2cs only sends commands; the daemon owns the sockets, so streams outlive an
-s2cs restart. A session of n connections is n routes ``<uid>/<i>`` labelled
-``uid`` and ``role``; every question about a session (running, usage) is
-answered from those labels, so nothing here needs its own state to reconcile.
+s2cs restart. A session of n connections is n routes ``<instance>/<uid>/<i>``
+labelled ``s2cs`` (the instance id), ``uid``, ``role`` and ``owner``; every
+question about a session (running, usage) is answered from those labels, so
+nothing here needs its own state to reconcile. Several s2cs may share one s2ds:
+each sees, changes and removes only the routes labelled with its own instance.
+
+Lifecycle of a daemon this backend spawned: it stops with its s2cs when it
+carries no route at all (a clean stop with no live session), and otherwise
+exits by itself once it has had no route and no command for ``--idle-exit``
+seconds (default 60 when spawned here). If it dies, :meth:`data_plane_pid`
+says so and :meth:`restart_data_plane` starts a new one.
 
 Rate limit: the session's cap is split evenly over its routes (each route has
 its own token bucket), so the session as a whole never exceeds the cap.
@@ -23,7 +31,8 @@ a client certificate from ``tls_ca`` and the CONS side presents its own.
 Settings in ``BackendOptions.extra`` (all optional):
 ``s2ds_curve_server_key`` / ``s2ds_curve_client_key`` (key files for a tcp://
 s2ds), ``s2ds_timeout`` (seconds per command, default 5), ``s2ds_args``
-(extra ``s2ds serve`` arguments for a spawned daemon, e.g. tuning knobs).
+(extra ``s2ds serve`` arguments for a spawned daemon, e.g. tuning knobs;
+``--idle-exit 0`` there keeps an idle spawned daemon forever).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
@@ -60,6 +69,7 @@ from scistream.s2cs.backends.base import (
     BackendError,
     BackendOptions,
     ConnectionUsage,
+    LiveSession,
     SessionPlan,
     SessionUsage,
 )
@@ -80,6 +90,14 @@ PID_FILE = "s2ds.pid"
 LOG_FILE = "s2ds.log"
 #: How long a freshly spawned s2ds may take to answer its first ping.
 SPAWN_WAIT_S = 20.0
+#: A spawned s2ds with no route and no command for this long exits (s2ds serve --idle-exit).
+SPAWNED_IDLE_EXIT_S = 60
+#: How long a liveness ping may take before it counts as a miss.
+HEARTBEAT_TIMEOUT_S = 0.5
+#: Missed pings in a row that mean the daemon is gone when its pid cannot be checked ...
+HEARTBEAT_MISSES = 3
+#: ... and when its process is still there (hung, or a very loaded node: be patient).
+HUNG_MISSES = 10
 
 #: Popen objects of daemons this process spawned, so stopping one also reaps it.
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
@@ -94,9 +112,9 @@ def key_fingerprint(key: bytes) -> str:
     return hmac.new(b"scistream route key fingerprint", key, hashlib.sha256).hexdigest()[:16]
 
 
-def session_routes(plan: SessionPlan, certs: CertFiles | None = None) -> list[Route]:
-    """The s2ds routes that realise a session plan; ``certs``: certificate files to use
-    instead of a PSK (a tls plan only)."""
+def session_routes(plan: SessionPlan, certs: CertFiles | None = None, instance: str = "") -> list[Route]:
+    """The s2ds routes that realise a session plan, namespaced by the s2cs ``instance``;
+    ``certs``: certificate files to use instead of a PSK (a tls plan only)."""
     tls = None
     if plan.security == "tls" and certs is not None:
         tls = Tls(
@@ -124,11 +142,16 @@ def session_routes(plan: SessionPlan, certs: CertFiles | None = None) -> list[Ro
     n = max(1, len(plan.routes))
     per_route = max(1, plan.rate_limit // n) if plan.rate_limit > 0 else 0
     labels = {"uid": plan.uid, "role": plan.role}
+    if instance:
+        labels["s2cs"] = instance
+    if plan.owner:
+        labels["owner"] = plan.owner
+    labels["security"] = plan.security
     if tls is not None:
         labels["key_fp"] = key_fingerprint(tls.psk_key or plan.psk_key or b"gateway certificates")
     return [
         Route(
-            route_id=rp.route_id,
+            route_id=f"{instance}/{rp.route_id}" if instance else rp.route_id,
             listen=rp.listen,
             targets=(rp.target,),
             tls=tls,
@@ -146,6 +169,12 @@ def _shape(route: Route) -> bytes:
     return spec.SerializeToString(deterministic=True)
 
 
+def _route_index(route_id: str) -> int:
+    """i of a route id ``[<instance>/]<uid>/<i>``: a session's routes in listener order."""
+    tail = route_id.rsplit("/", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
 # --- the daemon's lifecycle -------------------------------------------------------------
 
 
@@ -157,7 +186,8 @@ def spawn_s2ds(address: str, state_dir: str, extra_args: list[str] | None = None
     """
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cmd = [sys.executable, "-m", "scistream.s2ds", "serve", "--control", address, *(extra_args or [])]
+    cmd = [sys.executable, "-m", "scistream.s2ds", "serve", "--control", address,
+           "--idle-exit", str(SPAWNED_IDLE_EXIT_S), *(extra_args or [])]  # fmt: skip
     env = dict(os.environ, SCISTREAM_STATE_DIR=str(state.absolute()))
     log_fd = os.open(state / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
@@ -210,8 +240,8 @@ def _gone(pid: int) -> bool:
 def stop_spawned_s2ds(state_dir: str, timeout: float = 10.0) -> bool:
     """Stop the s2ds whose pid ``spawn_s2ds`` recorded: SIGTERM (drain), then SIGKILL.
 
-    True if a daemon was running and has stopped. For tests, the demo and operators;
-    s2cs itself never stops the daemon.
+    True if a daemon was running and has stopped. s2cs calls it on a clean stop when
+    the daemon carries no route; tests and the demo call it too.
     """
     pid_path = Path(state_dir) / PID_FILE
     try:
@@ -263,7 +293,13 @@ class NativeBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         super().__init__(options)
         self.address = options.s2ds_address or default_control_address(options.state_dir)
+        self.instance = options.instance_id
         self._client: S2dsClient | None = None
+        self._watch: S2dsClient | None = None  # liveness pings never queue behind a slow command
+        self._pid = 0  # the daemon's pid, as it answered our last ping
+        self._pid_checkable = False  # that pid is a local s2ds process we can look up in /proc
+        self._misses = 0
+        self._spawn_lock = asyncio.Lock()
 
     def _gateway_certs(self) -> CertFiles | None:
         return operator_certs(self.options.extra, "the native backend")
@@ -355,10 +391,56 @@ class NativeBackend(Backend):
                 )
             else:
                 await self._spawn_and_wait(client)
+            self._note_pid((await client.ping())["pid"])
         except BaseException:
             await client.close()
             raise
         self._client = client
+        self._watch = self._new_client()
+
+    def _note_pid(self, pid: int) -> None:
+        self._pid = pid
+        # Only a daemon on this node (ipc://) whose /proc entry is an s2ds can be checked by
+        # pid; one in another pid namespace is watched by ping alone.
+        self._pid_checkable = ipc_path(self.address) is not None and _is_s2ds(pid)
+        self._misses = 0
+
+    def _mine(self, labels: dict[str, str] | Mapping[str, str]) -> bool:
+        """A route of this s2cs instance (others may share the daemon)."""
+        return labels.get("s2cs", "") == self.instance and bool(labels.get("uid"))
+
+    async def data_plane_pid(self) -> int | None:
+        """The daemon's pid, or None once it is gone: at once when its local pid has
+        exited, else after several unanswered pings in a row (a loaded node may be slow)."""
+        if self._watch is None:
+            return 0
+        if self._pid and self._pid_checkable and _gone(self._pid):
+            return None
+        try:
+            pid = int((await self._watch.ping(timeout=HEARTBEAT_TIMEOUT_S))["pid"])
+        except S2dsUnavailable:
+            self._misses += 1
+            limit = HUNG_MISSES if self._pid_checkable else HEARTBEAT_MISSES
+            return None if self._misses >= limit else self._pid
+        if pid != self._pid:
+            self._note_pid(pid)
+        self._misses = 0
+        return pid
+
+    async def restart_data_plane(self) -> None:
+        async with self._spawn_lock:
+            if self._pid and not (self._pid_checkable and _gone(self._pid)):
+                with contextlib.suppress(S2dsUnavailable):
+                    self._note_pid((await self.client.ping(timeout=1.0))["pid"])
+                    return  # it answers (again): a slow daemon, or one restarted by systemd
+            elif await self._answers(self.client, 1.0):
+                self._note_pid((await self.client.ping())["pid"])
+                return
+            if not self._may_spawn():
+                raise BackendError(f"s2ds at {self.address} stopped answering; this s2cs may not start one")
+            log.warning("s2ds at %s is gone (pid %d); starting a new one", self.address, self._pid)
+            await self._spawn_and_wait(self.client)
+            self._note_pid((await self.client.ping())["pid"])
 
     @staticmethod
     async def _answers(client: S2dsClient, timeout: float) -> bool:
@@ -419,16 +501,15 @@ class NativeBackend(Backend):
         try:
             return await call()
         except S2dsUnavailable:
-            if not self._may_spawn() or await self._answers(self.client, 1.0):
+            if not self._may_spawn():
                 raise
-            log.warning("s2ds at %s stopped answering; starting a new one", self.address)
-            await self._spawn_and_wait(self.client)
+            await self.restart_data_plane()  # the session layer sees the new pid and re-applies
             return await call()
 
     async def apply(self, plan: SessionPlan) -> None:
         try:
             certs = self._cert_files(plan)
-            await self._apply(plan, session_routes(plan, certs))
+            await self._apply(plan, session_routes(plan, certs, self.instance))
         finally:
             # s2ds loaded the session's certificate files when it added the routes.
             remove_session_dir(self._tls_dir(plan.uid))
@@ -439,7 +520,7 @@ class NativeBackend(Backend):
             existing = {
                 i.route.route_id: i.route
                 for i in await self._reach(self.client.routes)
-                if i.route.labels.get("uid") == plan.uid
+                if self._mine(i.route.labels) and i.route.labels.get("uid") == plan.uid
             }
             for route in desired:
                 current = existing.pop(route.route_id, None)
@@ -469,7 +550,9 @@ class NativeBackend(Backend):
 
     async def _session_route_ids(self, uid: str) -> list[str]:
         infos = await self._reach(self.client.routes)
-        return [i.route.route_id for i in infos if i.route.labels.get("uid") == uid]
+        return [
+            i.route.route_id for i in infos if self._mine(i.route.labels) and i.route.labels["uid"] == uid
+        ]
 
     async def remove(self, uid: str, *, drain: bool = False) -> None:
         try:
@@ -484,14 +567,39 @@ class NativeBackend(Backend):
             infos = await self._reach(self.client.routes)
         except EngineError as exc:
             raise BackendError(str(exc)) from None
-        return {i.route.labels["uid"] for i in infos if i.route.labels.get("uid")}
+        return {i.route.labels["uid"] for i in infos if self._mine(i.route.labels)}
+
+    async def describe(self, uid: str) -> LiveSession:
+        try:
+            infos = await self._reach(self.client.routes)
+        except EngineError as exc:
+            raise BackendError(str(exc)) from None
+        mine = sorted(
+            (i for i in infos if self._mine(i.route.labels) and i.route.labels["uid"] == uid),
+            key=lambda i: _route_index(i.route.route_id),
+        )
+        if not mine:
+            return LiveSession(uid)
+        labels = mine[0].route.labels
+        tls = mine[0].route.tls
+        security = labels.get("security") or (
+            "plain" if tls is None else "compat" if tls.mode is TlsMode.COMPAT else "tls"
+        )
+        return LiveSession(
+            uid=uid,
+            role=labels.get("role", ""),
+            listeners=tuple(i.bound for i in mine),
+            targets=tuple(i.route.targets[0] if i.route.targets else "" for i in mine),
+            security=security,
+            owner=labels.get("owner", ""),
+        )
 
     async def usage(self, uid: str) -> SessionUsage:
         try:
             stats = await self._reach(lambda: self.client.stats(connections=True))
         except EngineError as exc:
             raise BackendError(str(exc)) from None
-        mine = [rs for rs in stats.routes.values() if rs.labels.get("uid") == uid]
+        mine = [rs for rs in stats.routes.values() if self._mine(rs.labels) and rs.labels["uid"] == uid]
         if not mine:
             return SessionUsage()
         errors: dict[str, int] = {}
@@ -519,7 +627,25 @@ class NativeBackend(Backend):
         )
 
     async def close(self) -> None:
-        # s2ds and its routes stay: streams outlive the control server.
+        """Routes stay and so does their daemon: streams outlive the control server. A
+        daemon this s2cs spawned and that carries no route at all (no live session here,
+        none of another s2cs sharing it) is stopped: nothing would be left to carry."""
         if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._stop_idle_spawned_daemon()
             await self._client.close()
             self._client = None
+        if self._watch is not None:
+            await self._watch.close()
+            self._watch = None
+
+    async def _stop_idle_spawned_daemon(self) -> None:
+        state_dir = self.options.state_dir
+        try:
+            spawned = int((Path(state_dir) / PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return  # not ours: started by systemd, an operator or another s2cs
+        if not self._pid or spawned != self._pid or await self.client.routes():
+            return
+        log.info("stopping the s2ds this s2cs started (pid %d): it carries no route", spawned)
+        await asyncio.to_thread(stop_spawned_s2ds, state_dir, 5.0)
