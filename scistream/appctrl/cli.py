@@ -24,6 +24,7 @@ from scistream.appctrl.controller import AppController, ReadySession
 from scistream.cliutil import BothSpellingsGroup, ToolError, bundle_options, s2cs_tls_options
 from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
 from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, port_list, split_csv
+from scistream.programs import TOOLS, tool_argv
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,10 @@ async def _run(
         if not session.prod_listeners and listen:
             session = ReadySession(**{**session.__dict__, "prod_listeners": list(listen)})
         argv = substitute(command, session)
+        if argv and argv[0] in TOOLS:
+            # One of ours (`-- appctrl subscribe {listener}`): the same install as this
+            # appctrl, found whatever PATH is.
+            argv = [*tool_argv(argv[0]), *argv[1:]]
         click.echo(f"appctrl: session {uid} is {session.state}; starting: {' '.join(argv)}", err=True)
         try:
             proc = await asyncio.create_subprocess_exec(*argv)
