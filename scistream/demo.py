@@ -39,6 +39,7 @@ from typing import IO, Any
 import click
 
 from scistream import netns
+from scistream.cliutil import Seconds
 from scistream.demo_apps import Stream, slices
 from scistream.endpoints import format_endpoint, parse_endpoint
 from scistream.programs import tool_argv
@@ -647,7 +648,7 @@ def _parse_size(text: str) -> int:
 @click.option("--seed", type=int, default=None, help="Seed of the producer's data [random].")
 @click.option("--engine", type=click.Choice(["native", "pure", "auto"]), default=None,
               help="s2ds engine [$SCISTREAM_ENGINE or auto].")
-@click.option("--timeout", type=float, default=60.0, show_default=True,
+@click.option("--timeout", type=Seconds(0.1), default=60.0, show_default=True,
               help="Seconds the consumer waits on a silent connection.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @click.option("--corrupt-at", type=int, default=-1, hidden=True,

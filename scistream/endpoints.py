@@ -37,7 +37,9 @@ def parse_endpoint(text: str, *, allow_port_zero: bool = False) -> tuple[str, in
             raise InvalidEndpoint(f"endpoint {text!r} is not of the form host:port")
         if ":" in host:
             raise InvalidEndpoint(f"endpoint {text!r}: write an IPv6 address as [addr]:port")
-        if not _HOSTNAME.match(host):
+        # A name whose last label is all digits is no host name (no top-level domain is
+        # numeric): it was meant as an IPv4 address, and 999.1.1.1 is none.
+        if not _HOSTNAME.match(host) or host.rpartition(".")[2].isdigit():
             try:
                 ipaddress.IPv4Address(host)
             except ValueError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,21 @@ class ControlError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+# The uids an s2cs accepts (s2cs/validate.py): checked before anything is sent.
+_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def check_uid(uid: str) -> str:
+    """A session uid the s2cs will accept, else a usage error saying what is wrong."""
+    if not _UID.match(uid):
+        raise ControlError(
+            f"uid {uid[:60]!r} is not a session id: 1 to 128 letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or digit",
+            ExitCode.USAGE,
+        )
+    return uid
 
 
 def check_address(address: str) -> str:
@@ -122,6 +138,38 @@ def auth_metadata(token: str | None) -> list[tuple[str, str]]:
 
 
 _TLS_HINTS = ("ssl", "handshake", "certificate", "tsi_", "peer name", "alpn")
+# What gRPC's own transport says when no answer came from the server. An UNAVAILABLE
+# without any of these was sent by the s2cs itself, with a sentence of its own (e.g. it
+# cannot reach Globus Auth, or cannot write its state): the s2cs was reached.
+_TRANSPORT_HINTS = (
+    "failed to connect",
+    "connection refused",
+    "connection reset",
+    "connection timed out",
+    "socket closed",
+    "end of tcp stream",
+    "dns resolution",
+    "resolv",
+    "name not found",
+    "not known",
+    "empty address list",
+    "broken pipe",
+    "keepalive",
+    "goaway",
+    "transport closed",
+    "endpoint closing",
+    "connections to all backends failing",
+    "stream removed",
+    "recvmsg",
+    "sendmsg",
+    "unreachable",
+    "no route to host",
+    "network is down",
+    "tcp handshaker",
+    "deadline",
+)
+# The detail gRPC gives a deadline that ran out on the client's side.
+_CLIENT_DEADLINE = "deadline exceeded"
 
 
 def _first_line(text: str | None, limit: int = 300) -> str:
@@ -137,6 +185,8 @@ def describe_rpc_error(
     details = err.details() if hasattr(err, "details") else str(err)
     detail = _first_line(details)
     low = (details or "").lower()
+    if code == grpc.StatusCode.UNAVAILABLE and detail and not any(h in low for h in _TRANSPORT_HINTS):
+        return ControlError(f"s2cs at {address} cannot serve {method} now: {detail}", ExitCode.FAILURE)
     if code == grpc.StatusCode.UNAVAILABLE:
         if ssl and any(h in low for h in _TLS_HINTS):
             return ControlError(
@@ -160,6 +210,9 @@ def describe_rpc_error(
         else:
             why = detail or "unavailable"
         return ControlError(f"cannot reach s2cs at {address}: {why}", ExitCode.UNREACHABLE)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and detail and low.strip() != _CLIENT_DEADLINE:
+        # The s2cs's own deadline (its --hello-timeout), in its own words, not ours.
+        return ControlError(f"s2cs at {address}: {detail}", ExitCode.TIMEOUT)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         within = f" within {timeout:g} s" if timeout else ""
         what = "the application's hello did not arrive" if method == "req" else f"{method} did not complete"

@@ -40,6 +40,7 @@ from typing import Any
 import click
 
 from scistream import __version__
+from scistream.cliutil import Seconds
 from scistream.endpoints import InvalidEndpoint, parse_port_range
 from scistream.s2cs.backends import BACKENDS, backend_names
 from scistream.s2cs.config import DEFAULT_CLIENT_ID, SECURITY_MODES, ServerConfig, default_state_dir
@@ -268,7 +269,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--handshake-timeout",
     "--handshake_timeout",
     "handshake_timeout",
-    type=click.FloatRange(min=0.1),
+    type=Seconds(0.1),
     default=10.0,
     show_default=True,
     help="Seconds a control-port connection has to finish its TLS handshake and HTTP/2 "
@@ -314,7 +315,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--hello-timeout",
     "--hello_timeout",
     "hello_timeout",
-    type=click.FloatRange(min=0.01),
+    type=Seconds(0.01),
     default=180.0,
     show_default=True,
     help="Seconds a req waits for its hello.",
@@ -323,7 +324,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--reserved-timeout",
     "--reserved_timeout",
     "reserved_timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(0.0),
     default=3600.0,
     show_default=True,
     help="Seconds a helloed session may wait for its update (0=never).",
@@ -332,7 +333,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--idle-timeout",
     "--idle_timeout",
     "idle_timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(0.0),
     default=0.0,
     show_default=True,
     help="Seconds without traffic before a session expires (0 = never).",

@@ -451,9 +451,10 @@ class SessionManager:
             elif not psk:
                 raise precondition(
                     "this gateway encrypts the data channel (security tls) and the update carries "
-                    "no session key: use the SciStream s2uc of this release (it carries the key "
-                    "from the producer side), or ask both operators for the 1.x compatibility "
-                    "mode (s2cs --scistream1-compat)"
+                    "no session key: give this side the key the producer's s2cs issued (s2uc "
+                    "stream does it, or inbound-request --key-file FILE then outbound-request "
+                    "--key-file FILE); a SciStream 1.x s2uc never carries one, so with it ask both "
+                    "operators for the 1.x compatibility mode (s2cs --scistream1-compat)"
                 )
         await self._check_targets(targets)
         expanded = [targets[i % len(targets)] for i in range(s.num_conn)]
