@@ -268,6 +268,7 @@ class SessionManager:
         mode = self._security(security)
         if self._closing:
             raise ControlError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+        self.store.check_writable()
         if uid in self.sessions:
             raise ControlError(grpc.StatusCode.ALREADY_EXISTS, f"a session with uid {uid!r} already exists")
         try:
@@ -377,6 +378,7 @@ class SessionManager:
             raise precondition(f"session {uid!r} already received its hello; its endpoints cannot be changed")
         if s.state is not State.WAITING_HELLO:
             raise precondition(f"session {uid!r} is {s.state.value}")
+        self.store.check_writable()
         if s.role == "PROD":
             await self._check_targets(prod_listeners)
         if s.state is State.WAITING_HELLO and self.sessions.get(uid) is s:
@@ -442,6 +444,7 @@ class SessionManager:
             )
         if not s.state.helloed:
             raise precondition(f"session {uid!r} is {s.state.value}")
+        self.store.check_writable()
         psk = s.psk
         if s.security == "tls" and s.role == "CONS":
             if session_key:

@@ -59,6 +59,8 @@ class S2CSServer:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._closers: list[Any] = []
+        self._store: SessionStore | None = None
+        self._store_watch: asyncio.Future[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -102,6 +104,8 @@ class S2CSServer:
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(f"cannot open the session store {cfg.db_path()}: {exc}") from None
         self._closers.append(store.close)
+        self._store = store
+        store.on_problem = self._store_problem
         try:
             audit = AuditLog(cfg.audit_path())
         except OSError as exc:
@@ -178,6 +182,8 @@ class S2CSServer:
         await server.start()
         self._server = server
         manager.start()
+        self._store_watch = asyncio.ensure_future(self._watch_store())
+        self._closers.insert(0, self._store_watch.cancel)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "s2cs %s listening on %s:%d (backend %s, security %s, data ports %d-%d on %s, events %s)",
@@ -205,6 +211,22 @@ class S2CSServer:
                 "give --server_crt and --server_key, or --ssl False for a plaintext test server"
             ) from None
         return grpc.ssl_server_credentials([(key, crt)])
+
+    def _store_problem(self, problem: str | None) -> None:
+        """The session store cannot be written (or can again): health says so at once."""
+        if self._server is None or self._stopped.is_set():
+            return
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if problem else serving
+        asyncio.get_running_loop().create_task(self._set_health(status))
+
+    async def _watch_store(self) -> None:
+        """While the store cannot be written, try the state directory every 2 s, so health
+        comes back (and requests are taken again) once the operator has fixed it."""
+        while True:
+            await asyncio.sleep(2.0)
+            if self._store is not None and self._store.problem is not None:
+                self._store.probe()  # a 64 KiB write, only while failing: fine on the loop
 
     async def _set_health(self, status: int) -> None:
         if self._health is not None:
