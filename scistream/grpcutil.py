@@ -168,7 +168,8 @@ _TRANSPORT_HINTS = (
     "tcp handshaker",
     "deadline",
 )
-# The detail gRPC gives a deadline that ran out on the client's side.
+# In the detail gRPC gives a deadline that ran out on the client's side
+# ("Deadline Exceeded", "Stream removed (Deadline Exceeded)").
 _CLIENT_DEADLINE = "deadline exceeded"
 
 
@@ -210,7 +211,7 @@ def describe_rpc_error(
         else:
             why = detail or "unavailable"
         return ControlError(f"cannot reach s2cs at {address}: {why}", ExitCode.UNREACHABLE)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED and detail and low.strip() != _CLIENT_DEADLINE:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and detail and _CLIENT_DEADLINE not in low:
         # The s2cs's own deadline (its --hello-timeout), in its own words, not ours.
         return ControlError(f"s2cs at {address}: {detail}", ExitCode.TIMEOUT)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

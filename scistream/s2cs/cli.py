@@ -362,14 +362,8 @@ def main(**opts: Any) -> None:
     file_options = click.get_current_context().meta.get(_FILE_BACKEND_OPTIONS, {})
     config = build_config(opts, file_backend_options=file_options)
     _setup_logging(bool(opts["verbose"]), config.log_file)
-    from scistream.s2cs import preflight
     from scistream.s2cs.server import StartupError, serve
 
-    try:
-        preflight.check(config)
-    except preflight.PreflightError as exc:
-        click.echo(f"s2cs: {exc}", err=True)
-        sys.exit(1)
     try:
         code = asyncio.run(serve(config))
     except StartupError as exc:

@@ -83,8 +83,8 @@ def check_control_port(bind: str, port: int) -> None:
             continue
         if err.errno == errno.EADDRINUSE:
             raise PreflightError(
-                f"the control port {port} on {address} is already in use (another s2cs?); "
-                "stop that process or give another --port"
+                f"cannot listen on {address}:{port}: the control port is already in use (another "
+                "s2cs?); stop that process or give another --port"
             )
         raise PreflightError(f"cannot listen on {address}:{port} (--bind {bind}): {err.strerror}")
 

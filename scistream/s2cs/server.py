@@ -21,6 +21,7 @@ import grpc
 import zmq
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from scistream.s2cs import preflight
 from scistream.s2cs.audit import AuditLog
 from scistream.s2cs.auth import Authenticator, make_authenticator
 from scistream.s2cs.backends import UnknownBackendSetting, create_backend
@@ -265,6 +266,10 @@ class S2CSServer:
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; 0 on an orderly stop."""
+    try:
+        preflight.check(config)
+    except preflight.PreflightError as exc:
+        raise StartupError(str(exc)) from None
     server = S2CSServer(config)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
