@@ -69,9 +69,10 @@ def health(address: str, server_cert: str | None, timeout: float, wait: float) -
             if exc.exit_code == ExitCode.USAGE:  # a usage error (the certificate file): no use retrying
                 click.echo(f"scistream health: {line}", err=True)
                 sys.exit(2)
-        if ok or time.monotonic() + _RETRY_EVERY_S > deadline:
+        left = deadline - time.monotonic()
+        if ok or left <= 0:
             break
-        time.sleep(_RETRY_EVERY_S)
+        time.sleep(min(_RETRY_EVERY_S, left))
     if ok:
         click.echo(line)
         sys.exit(0)
