@@ -52,7 +52,7 @@ def test_listener_ip_must_be_an_address_of_this_host(monkeypatch: pytest.MonkeyP
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pki")
     cert, key = make_self_signed(d, ["127.0.0.1"], ["localhost"])
-    other_cert, other_key = make_self_signed(d, ["127.0.0.1"], [], name="other")
+    _other_cert, other_key = make_self_signed(d, ["127.0.0.1"], [], name="other")
     garbage = d / "garbage.pem"
     garbage.write_text("not a PEM file\n")
     return {"cert": cert, "key": key, "other_key": other_key, "garbage": garbage}
@@ -184,7 +184,9 @@ def test_an_s2cs_that_cannot_serve_is_not_called_unreachable(
 
     monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path / "home"))
     st = s2cs_factory(authenticator=GlobusDown())
-    r = CliRunner().invoke(s2uc_main, ["check-status", "--s2cs", st.address, "--no-ssl"], catch_exceptions=False)
+    r = CliRunner().invoke(
+        s2uc_main, ["check-status", "--s2cs", st.address, "--no-ssl"], catch_exceptions=False
+    )
     assert r.exit_code == 1, r.output
     line = r.stderr.strip().splitlines()[-1]
     assert "cannot reach s2cs" not in line, line
