@@ -645,7 +645,8 @@ def _parse_size(text: str) -> int:
 @click.option("--netns", "use_netns", is_flag=True,
               help="Root: run the VM tutorial's four hosts as network namespaces.")
 @click.option("--keep", is_flag=True, help="Leave it running and print commands to poke at it; Ctrl-C ends.")
-@click.option("--seed", type=int, default=None, help="Seed of the producer's data [random].")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="Seed of the producer's data [random].")  # packed as a uint64
 @click.option("--engine", type=click.Choice(["native", "pure", "auto"]), default=None,
               help="s2ds engine [$SCISTREAM_ENGINE or auto].")
 @click.option("--timeout", type=Seconds(0.1), default=60.0, show_default=True,

@@ -177,3 +177,12 @@ def test_unwritable_key_file_is_refused_before_the_request(gw: Running, tmp_path
     r = inbound(gw, "--key-file", str(blocker / "k.key"))  # below a regular file
     assert r.exit_code == ExitCode.USAGE and "is not a directory" in one_line(r)
     assert gw.fake.calls == []
+
+
+@pytest.mark.parametrize("seed", ["-5", str(2**64)])
+def test_demo_seed_out_of_range_is_a_usage_error(seed: str) -> None:
+    from scistream.cli import main as scistream_main
+
+    r = CliRunner().invoke(scistream_main, ["demo", "--seed", seed])
+    assert r.exit_code == 2, r.output
+    assert "Invalid value for '--seed'" in r.output and "Traceback" not in r.output
