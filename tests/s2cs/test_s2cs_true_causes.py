@@ -208,3 +208,20 @@ def test_health_is_one_sentence_and_waits(s2cs_factory: Callable[..., ServerThre
         f"scistream health: cannot reach s2cs at 127.0.0.1:{port}: connection refused "
         "(is s2cs running there, on that port?) (after waiting 1 s)"
     ]
+
+
+def test_a_refused_req_is_not_followed_by_a_stray_hello(
+    s2cs_factory: Callable[..., ServerThread], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """num_conn within s2uc's limit but beyond this s2cs's 3 data ports: the req is refused,
+    and s2uc must not send the hello it would have sent beside it."""
+    monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path / "home"))
+    lo = 20000 + os.getpid() % 10000
+    st = s2cs_factory(port_range=(lo, lo + 2))
+    r = CliRunner().invoke(s2uc_main, ["inbound-request", "--s2cs", st.address, "--no-ssl", "--remote_ip",
+                                       "127.0.0.1", "--receiver_ports", "7000", "--num_conn", "5"],
+                           catch_exceptions=False)
+    assert r.exit_code != 0, r.output
+    assert "num_conn must be between 1 and 3" in r.stderr, r.output
+    time.sleep(0.3)
+    assert st.manager.early == {} and st.manager.sessions == {}
