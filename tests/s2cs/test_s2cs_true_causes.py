@@ -74,6 +74,8 @@ def s2cs_exit(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["--server_crt", "{cert}", "--server_key", "{garbage}"], "is not a PEM private key"),
         (["--server_crt", "{cert}", "--server_key", "{other_key}"], "does not belong to the certificate"),
         (["--server_crt", "{cert}", "--server_key", "/nonexistent.key"], "/nonexistent.key: No such file"),
+        (["--backend-option", "s2ds_timeout=nan"], "backend setting s2ds_timeout='nan' is not a number"),
+        (["-t", "stunnel", "--backend-option", "stop_timeout=inf"], "stop_timeout must be a positive number"),
     ],
 )
 def test_bad_settings_stop_s2cs_at_start_with_one_line(
