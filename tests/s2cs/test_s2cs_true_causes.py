@@ -227,3 +227,29 @@ def test_a_refused_req_is_not_followed_by_a_stray_hello(
     assert "num_conn must be between 1 and 3" in r.stderr, r.output
     time.sleep(0.3)
     assert st.manager.early == {} and st.manager.sessions == {}
+
+
+def test_a_read_only_store_is_unavailable_with_a_sentence(tmp_path: Path) -> None:
+    """The unwritable case (as root no file mode stops a write, so the store's connection is
+    reopened read-only): UNAVAILABLE naming the cause, problem reported, cleared by a probe."""
+    import sqlite3
+
+    from scistream.s2cs.errors import ControlError
+    from scistream.s2cs.store import SessionStore
+
+    store = SessionStore(str(tmp_path / "s2cs.db"))
+    heard: list[str | None] = []
+    store.on_problem = heard.append
+    store.save("a", {"uid": "a"}, b"")
+    store._db.close()
+    store._db = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, isolation_level=None)
+    with pytest.raises(ControlError) as err:
+        store.save("b", {"uid": "b"}, b"")
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "cannot write its session store (attempt to write a readonly database)" in err.value.message
+    with pytest.raises(ControlError):
+        store.check_writable()
+    assert heard == [store.problem] and store.problem
+    assert store.probe() is True  # the directory itself takes writes: the problem is cleared
+    assert heard[-1] is None and store.problem is None
+    store.close()
