@@ -138,35 +138,39 @@ def auth_metadata(token: str | None) -> list[tuple[str, str]]:
 
 
 _TLS_HINTS = ("ssl", "handshake", "certificate", "tsi_", "peer name", "alpn")
-# What gRPC's own transport says when no answer came from the server. An UNAVAILABLE
-# without any of these was sent by the s2cs itself, with a sentence of its own (e.g. it
-# cannot reach Globus Auth, or cannot write its state): the s2cs was reached.
-_TRANSPORT_HINTS = (
+# How gRPC's own transport begins the detail of an UNAVAILABLE it made up itself (no
+# answer came from the server). Any other UNAVAILABLE was sent by the s2cs, with a
+# sentence of its own ("the gateway cannot reach Globus Auth ..."): the s2cs was reached,
+# and its sentence may well contain "connection refused" about something else.
+_TRANSPORT_PREFIXES = (
     "failed to connect",
-    "connection refused",
-    "connection reset",
-    "connection timed out",
-    "socket closed",
-    "end of tcp stream",
     "dns resolution",
-    "resolv",
-    "name not found",
-    "not known",
+    "name resolution",
     "empty address list",
+    "socket closed",
+    "connection reset",
+    "connection refused",
+    "connection timed out",
+    "end of tcp stream",
     "broken pipe",
-    "keepalive",
+    "stream removed",
     "goaway",
+    "keepalive",
     "transport closed",
     "endpoint closing",
     "connections to all backends failing",
-    "stream removed",
+    "cancelling all calls",
     "recvmsg",
     "sendmsg",
-    "unreachable",
-    "no route to host",
-    "network is down",
+    "ssl handshake",
+    "handshake",
     "tcp handshaker",
-    "deadline",
+    "network is unreachable",
+    "no route to host",
+    "unavailable",
+    "ipv4:",
+    "ipv6:",
+    "unix:",
 )
 # In the detail gRPC gives a deadline that ran out on the client's side
 # ("Deadline Exceeded", "Stream removed (Deadline Exceeded)").
@@ -186,7 +190,7 @@ def describe_rpc_error(
     details = err.details() if hasattr(err, "details") else str(err)
     detail = _first_line(details)
     low = (details or "").lower()
-    if code == grpc.StatusCode.UNAVAILABLE and detail and not any(h in low for h in _TRANSPORT_HINTS):
+    if code == grpc.StatusCode.UNAVAILABLE and detail and not low.strip().startswith(_TRANSPORT_PREFIXES):
         return ControlError(f"s2cs at {address} cannot serve {method} now: {detail}", ExitCode.FAILURE)
     if code == grpc.StatusCode.UNAVAILABLE:
         if ssl and any(h in low for h in _TLS_HINTS):

@@ -186,3 +186,45 @@ def test_demo_seed_out_of_range_is_a_usage_error(seed: str) -> None:
     r = CliRunner().invoke(scistream_main, ["demo", "--seed", seed])
     assert r.exit_code == 2, r.output
     assert "Invalid value for '--seed'" in r.output and "Traceback" not in r.output
+
+
+class _Rpc(Exception):
+    def __init__(self, code: object, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> object:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "expect"),
+    [
+        # gRPC's own words: the s2cs was not reached.
+        (
+            "UNAVAILABLE",
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+            "Failed to connect to remote host: Connection refused",
+            "cannot reach s2cs at gw:5000: connection refused",
+        ),
+        ("UNAVAILABLE", "Socket closed", "s2cs at gw:5000 closed the connection"),
+        # The s2cs's own sentences, whatever words they contain.
+        ("UNAVAILABLE", "the gateway cannot reach Globus Auth to check the token; try again later",
+         "s2cs at gw:5000 cannot serve req now: the gateway cannot reach Globus Auth"),
+        ("UNAVAILABLE", "the data plane could not set up the routes: connection refused",
+         "s2cs at gw:5000 cannot serve req now: the data plane could not set up the routes"),
+        ("DEADLINE_EXCEEDED", "no hello for session 'u' arrived within 20 s; its ports were released",
+         "s2cs at gw:5000: no hello for session 'u' arrived within 20 s"),
+        ("DEADLINE_EXCEEDED", "Deadline Exceeded", "the application's hello did not arrive within 190 s"),
+    ],
+)
+def test_errors_repeat_the_s2cs_own_sentence(code: str, details: str, expect: str) -> None:
+    import grpc
+
+    from scistream.grpcutil import describe_rpc_error
+
+    err = describe_rpc_error(_Rpc(getattr(grpc.StatusCode, code), details), "gw:5000", "req",  # type: ignore[arg-type]
+                             timeout=190)
+    assert expect in err.message, err.message
