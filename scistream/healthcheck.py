@@ -2,7 +2,7 @@
 
 Used by the container HEALTHCHECK, by operators and by scripts that start an s2cs
 and must wait until it serves (``--wait SECONDS``). Exits 0 when SERVING, 1
-otherwise, with one sentence saying why (never gRPC's own text).
+otherwise (Docker reserves 2), with one sentence saying why (never gRPC's own text).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def sentence(address: str, status: str) -> str:
 def health(address: str, server_cert: str | None, timeout: float, wait: float) -> None:
     """Exit 0 if the s2cs at --s2cs reports SERVING."""
     deadline = time.monotonic() + wait
+    waited = ""
     while True:
         try:
             status = check(address, server_cert, timeout)
@@ -66,16 +67,15 @@ def health(address: str, server_cert: str | None, timeout: float, wait: float) -
             ok = status == "SERVING"
         except ControlError as exc:
             ok, line = False, exc.message
-            if exc.exit_code == ExitCode.USAGE:  # a usage error (the certificate file): no use retrying
-                click.echo(f"scistream health: {line}", err=True)
-                sys.exit(2)
+            if exc.exit_code == ExitCode.USAGE:  # the certificate file: no use retrying
+                break
         left = deadline - time.monotonic()
         if ok or left <= 0:
+            waited = f" (after waiting {wait:g} s)" if wait and not ok else ""
             break
         time.sleep(min(_RETRY_EVERY_S, left))
     if ok:
         click.echo(line)
         sys.exit(0)
-    waited = f" (after waiting {wait:g} s)" if wait else ""
     click.echo(f"scistream health: {line}{waited}", err=True)
-    sys.exit(1)
+    sys.exit(1)  # also for a usage error: a container HEALTHCHECK must not exit 2 (reserved)
