@@ -128,6 +128,28 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     return value
 
 
+class _LogFileHandler(logging.FileHandler):
+    """--log-file: a write that fails (disk full) is said once on stderr, in one line,
+    instead of logging's traceback for every record; it is said again once it recovers."""
+
+    failing = False
+    _written = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._written = True
+        super().emit(record)  # calls handleError (below) when the write fails
+        if self._written and self.failing:
+            self.failing = False
+            sys.stderr.write(f"s2cs: the log file {self.baseFilename} is writable again\n")
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        exc = sys.exc_info()[1]
+        self._written = False
+        if not self.failing:
+            self.failing = True
+            sys.stderr.write(f"s2cs: cannot write the log file {self.baseFilename}: {exc}\n")
+
+
 def _setup_logging(verbose: bool, log_file: str) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
@@ -140,7 +162,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     if log_file:
         fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.close(fd)
-        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh = _LogFileHandler(log_file, encoding="utf-8")
         fh.setFormatter(fmt)
         root.addHandler(fh)
     # Third-party debug chatter (HTTP bodies of introspection) stays out of our logs.

@@ -253,3 +253,26 @@ def test_a_read_only_store_is_unavailable_with_a_sentence(tmp_path: Path) -> Non
     assert store.probe() is True  # the directory itself takes writes: the problem is cleared
     assert heard[-1] is None and store.problem is None
     store.close()
+
+
+def test_a_log_file_that_cannot_be_written_is_one_line_not_a_traceback_per_record(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    from scistream.s2cs.cli import _LogFileHandler
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    handler = _LogFileHandler("/dev/full", encoding="utf-8")
+    log = logging.getLogger("test-full-log")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        for i in range(3):
+            log.error("record %d", i)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    err = capsys.readouterr().err
+    assert err == "s2cs: cannot write the log file /dev/full: [Errno 28] No space left on device\n", err
