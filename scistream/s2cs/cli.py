@@ -29,6 +29,7 @@ Defaults that differ from 1.x, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
@@ -141,6 +142,10 @@ class _LogFileHandler(logging.FileHandler):
         if self._written and self.failing:
             self.failing = False
             sys.stderr.write(f"s2cs: the log file {self.baseFilename} is writable again\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # what is still buffered cannot be written either
+            super().close()
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
         exc = sys.exc_info()[1]
