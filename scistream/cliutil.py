@@ -6,6 +6,8 @@ that say how to reach an s2cs over gRPC."""
 from __future__ import annotations
 
 import functools
+import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -26,6 +28,36 @@ class ToolError(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"{self.tool}: error: {self.message}", err=True)
+
+
+# The longest wait any option means: a year. Beyond it, deadlines overflow timers
+# (gRPC, time_t, the engine's nanoseconds) instead of meaning anything.
+MAX_SECONDS = 365 * 86400.0
+
+
+class Seconds(click.FloatRange):
+    """A duration in seconds: a finite number in [min, max] (nan and inf are refused,
+    which click's FloatRange lets through)."""
+
+    name = "seconds"
+
+    def __init__(self, min: float = 0.0, max: float = MAX_SECONDS, *, min_open: bool = False) -> None:
+        super().__init__(min=min, max=max, min_open=min_open)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+INT32_MAX = 2**31 - 1
+
+
+def zmq_reason(exc: Exception) -> str:
+    """The errno text of a ZMQError, without pyzmq's "(addr=...)" the caller already names."""
+    errno = getattr(exc, "errno", None)
+    return os.strerror(errno) if isinstance(errno, int) and 0 < errno < 1000 else str(exc)
 
 
 class BothSpellingsGroup(click.Group):

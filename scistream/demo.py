@@ -39,8 +39,10 @@ from typing import IO, Any
 import click
 
 from scistream import netns
+from scistream.cliutil import Seconds
 from scistream.demo_apps import Stream, slices
 from scistream.endpoints import format_endpoint, parse_endpoint
+from scistream.programs import tool_argv
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +90,6 @@ def tree_cpu_seconds(root: int) -> float:
         if f:  # after ')': state ppid ... utime=11 stime=12 cutime=13 cstime=14
             ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
     return ticks / CLK_TCK
-
-
-def _exe(name: str) -> list[str]:
-    """A console script of this package, or the module with this interpreter."""
-    path = shutil.which(name)
-    return [path] if path else [sys.executable, "-m", f"scistream.{name}"]
 
 
 # --------------------------------------------------------------------------- ports
@@ -302,13 +298,13 @@ class Demo:
             fac.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             control_sock = f"ipc://{fac.state_dir / 's2ds.sock'}"
             if self.opts.backend == "native":
-                argv = [*_exe("s2ds"), "serve", "--control", control_sock]
+                argv = [*tool_argv("s2ds"), "serve", "--control", control_sock]
                 if self.opts.engine:
                     argv += ["--engine", self.opts.engine]
                 argv += list(self.opts.s2ds_args)
                 fac.procs.append(self.popen(fac.host, argv, f"{fac.name}-s2ds"))
             host, port = parse_endpoint(fac.control)
-            argv = [*_exe("s2cs"), "--port", str(port), "--bind", "0.0.0.0" if self.topo else host,
+            argv = [*tool_argv("s2cs"), "--port", str(port), "--bind", "0.0.0.0" if self.topo else host,
                     "--listener-ip", fac.listener_ip,
                     "--port-range", f"{fac.port_range[0]}-{fac.port_range[1]}",
                     "--type", self.opts.backend, "--state-dir", str(fac.state_dir),
@@ -367,7 +363,7 @@ class Demo:
 
     def s2uc(self, args: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
         host: netns.Host | None = "cons_gw" if self.topo else None
-        return self.run_cmd(host, [*_exe("s2uc"), *args], timeout)
+        return self.run_cmd(host, [*tool_argv("s2uc"), *args], timeout)
 
     def setup_stream(self) -> list[str]:
         """The two-sided set-up as users type it: ``s2uc stream --appctrl`` on the
@@ -380,17 +376,17 @@ class Demo:
         s2uc_host: netns.Host | None = "cons_gw" if self.topo else None
         t0 = time.monotonic()
         s2uc = self.popen(s2uc_host, [
-            *_exe("s2uc"), "stream", "--prod-s2cs", prod.control, "--cons-s2cs", cons.control,
+            *tool_argv("s2uc"), "stream", "--prod-s2cs", prod.control, "--cons-s2cs", cons.control,
             "--server_cert", str(self.cert), "--num_conn", str(self.opts.num_conn),
             "--security", self.opts.security, "--uid", uid, "--appctrl", "--json"],
             "s2uc", stdout=subprocess.PIPE)
         app_host, app_port = parse_endpoint(self.producer_endpoint)
         hellos = [
             self.popen("producer" if self.topo else None, [
-                *_exe("appctrl"), "mock", uid, prod.hello_control, "INVALID_TOKEN", "PROD", app_host,
+                *tool_argv("appctrl"), "mock", uid, prod.hello_control, "INVALID_TOKEN", "PROD", app_host,
                 "--ports", str(app_port), "--server_cert", str(self.cert)], "appctrl-producer"),
             self.popen("consumer" if self.topo else None, [
-                *_exe("appctrl"), "mock", uid, cons.hello_control, "INVALID_TOKEN", "CONS",
+                *tool_argv("appctrl"), "mock", uid, cons.hello_control, "INVALID_TOKEN", "CONS",
                 netns.ADDR["consumer"] if self.topo else "127.0.0.1", "--ports", "5074",
                 "--server_cert", str(self.cert)], "appctrl-consumer"),
         ]
@@ -502,11 +498,12 @@ class Demo:
             return f"ip netns exec {topo.ns[host]} " if topo else ""
 
         env = f"SCISTREAM_HOME={self.env['SCISTREAM_HOME']} "
+        s2uc = " ".join(tool_argv("s2uc"))  # the full path: the venv need not be on PATH
         lines = [
             "The gateways stay up; poke at them from another terminal:",
-            f"  {pre('cons_gw')}{env}s2uc check-status --s2cs {prod.control} "
+            f"  {pre('cons_gw')}{env}{s2uc} check-status --s2cs {prod.control} "
             f"--server_cert {self.cert} {self.report.uid}",
-            f"  {pre('cons_gw')}{env}s2uc check-status --s2cs {cons.control} "
+            f"  {pre('cons_gw')}{env}{s2uc} check-status --s2cs {cons.control} "
             f"--server_cert {self.cert} {self.report.uid}",
             f"  {pre('consumer')}{sys.executable} -m scistream.demo_apps consumer "
             f"--connect {','.join(connect)} --size {self.opts.size}",
@@ -648,10 +645,11 @@ def _parse_size(text: str) -> int:
 @click.option("--netns", "use_netns", is_flag=True,
               help="Root: run the VM tutorial's four hosts as network namespaces.")
 @click.option("--keep", is_flag=True, help="Leave it running and print commands to poke at it; Ctrl-C ends.")
-@click.option("--seed", type=int, default=None, help="Seed of the producer's data [random].")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="Seed of the producer's data [random].")  # packed as a uint64
 @click.option("--engine", type=click.Choice(["native", "pure", "auto"]), default=None,
               help="s2ds engine [$SCISTREAM_ENGINE or auto].")
-@click.option("--timeout", type=float, default=60.0, show_default=True,
+@click.option("--timeout", type=Seconds(0.1), default=60.0, show_default=True,
               help="Seconds the consumer waits on a silent connection.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @click.option("--corrupt-at", type=int, default=-1, hidden=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,21 @@ class ControlError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+# The uids an s2cs accepts (s2cs/validate.py): checked before anything is sent.
+_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def check_uid(uid: str) -> str:
+    """A session uid the s2cs will accept, else a usage error saying what is wrong."""
+    if not _UID.match(uid):
+        raise ControlError(
+            f"uid {uid[:60]!r} is not a session id: 1 to 128 letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or digit",
+            ExitCode.USAGE,
+        )
+    return uid
 
 
 def check_address(address: str) -> str:
@@ -122,6 +138,43 @@ def auth_metadata(token: str | None) -> list[tuple[str, str]]:
 
 
 _TLS_HINTS = ("ssl", "handshake", "certificate", "tsi_", "peer name", "alpn")
+# How gRPC's own transport begins the detail of an UNAVAILABLE it made up itself (no
+# answer came from the server). Any other UNAVAILABLE was sent by the s2cs, with a
+# sentence of its own ("the gateway cannot reach Globus Auth ..."): the s2cs was reached,
+# and its sentence may well contain "connection refused" about something else.
+_TRANSPORT_PREFIXES = (
+    "failed to connect",
+    "dns resolution",
+    "name resolution",
+    "empty address list",
+    "socket closed",
+    "connection reset",
+    "connection refused",
+    "connection timed out",
+    "end of tcp stream",
+    "broken pipe",
+    "stream removed",
+    "goaway",
+    "keepalive",
+    "transport closed",
+    "endpoint closing",
+    "connections to all backends failing",
+    "cancelling all calls",
+    "recvmsg",
+    "sendmsg",
+    "ssl handshake",
+    "handshake",
+    "tcp handshaker",
+    "network is unreachable",
+    "no route to host",
+    "unavailable",
+    "ipv4:",
+    "ipv6:",
+    "unix:",
+)
+# In the detail gRPC gives a deadline that ran out on the client's side
+# ("Deadline Exceeded", "Stream removed (Deadline Exceeded)").
+_CLIENT_DEADLINE = "deadline exceeded"
 
 
 def _first_line(text: str | None, limit: int = 300) -> str:
@@ -137,6 +190,8 @@ def describe_rpc_error(
     details = err.details() if hasattr(err, "details") else str(err)
     detail = _first_line(details)
     low = (details or "").lower()
+    if code == grpc.StatusCode.UNAVAILABLE and detail and not low.strip().startswith(_TRANSPORT_PREFIXES):
+        return ControlError(f"s2cs at {address} cannot serve {method} now: {detail}", ExitCode.FAILURE)
     if code == grpc.StatusCode.UNAVAILABLE:
         if ssl and any(h in low for h in _TLS_HINTS):
             return ControlError(
@@ -160,6 +215,9 @@ def describe_rpc_error(
         else:
             why = detail or "unavailable"
         return ControlError(f"cannot reach s2cs at {address}: {why}", ExitCode.UNREACHABLE)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and detail and _CLIENT_DEADLINE not in low:
+        # The s2cs's own deadline (its --hello-timeout), in its own words, not ours.
+        return ControlError(f"s2cs at {address}: {detail}", ExitCode.TIMEOUT)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         within = f" within {timeout:g} s" if timeout else ""
         what = "the application's hello did not arrive" if method == "req" else f"{method} did not complete"

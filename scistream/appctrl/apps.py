@@ -19,7 +19,13 @@ from dataclasses import asdict, dataclass
 
 import zmq
 
+from scistream.cliutil import zmq_reason
 from scistream.endpoints import parse_endpoint
+
+
+class AppError(Exception):
+    """A demo application cannot run; the message is one sentence."""
+
 
 HEADER = struct.Struct("!QdI")  # sequence, send time (unix s), payload length
 END_SEQ = 2**64 - 1
@@ -88,7 +94,10 @@ def run_producer(
         sock.setsockopt(zmq.XPUB_NODROP, 1)
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.LINGER, int(linger * 1000))
-        sock.bind(zmq_address(bind))
+        try:
+            sock.bind(zmq_address(bind))
+        except zmq.ZMQError as exc:
+            raise AppError(f"cannot listen on {bind}: {zmq_reason(exc)}") from None
         if not sock.poll(int(wait_subscriber * 1000), zmq.POLLIN):
             raise TimeoutError(f"no subscriber connected to {bind} within {wait_subscriber:g} s")
         sock.recv()  # the subscription message
@@ -122,7 +131,10 @@ def run_consumer(connect: str, *, timeout: float = 60.0, idle_timeout: float = 3
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.connect(zmq_address(connect))
+        try:
+            sock.connect(zmq_address(connect))
+        except zmq.ZMQError as exc:
+            raise AppError(f"cannot connect to {connect}: {zmq_reason(exc)}") from None
         deadline = time.monotonic() + timeout
         start: float | None = None
         while True:

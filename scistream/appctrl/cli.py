@@ -21,9 +21,17 @@ import click
 from scistream import __version__
 from scistream.appctrl import apps
 from scistream.appctrl.controller import AppController, ReadySession
-from scistream.cliutil import BothSpellingsGroup, ToolError, bundle_options, s2cs_tls_options
+from scistream.cliutil import (
+    INT32_MAX,
+    BothSpellingsGroup,
+    Seconds,
+    ToolError,
+    bundle_options,
+    s2cs_tls_options,
+)
 from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
-from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, port_list, split_csv
+from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, check_uid, port_list, split_csv
+from scistream.programs import TOOLS, tool_argv
 from scistream.s2ds.keys import CurveKeyError, load_keypair, load_public
 
 log = logging.getLogger(__name__)
@@ -48,7 +56,7 @@ class AppctrlGroup(BothSpellingsGroup):
             raise AppctrlError(str(exc), ExitCode.USAGE) from None
         except TimeoutError as exc:
             raise AppctrlError(str(exc), ExitCode.TIMEOUT) from None
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, apps.AppError) as exc:
             raise AppctrlError(str(exc), ExitCode.FAILURE) from None
         except KeyboardInterrupt:
             raise AppctrlError("interrupted", 130) from None
@@ -125,7 +133,7 @@ def server_options(f: Any) -> Any:
         *s2cs_tls_options(ENV_PREFIX, "The s2cs certificate to pin."),
         click.option(
             "--timeout",
-            type=click.FloatRange(min=0.1),
+            type=Seconds(0.1),
             default=15.0,
             show_default=True,
             help="Deadline per call in seconds.",
@@ -159,6 +167,17 @@ def _endpoints(ip: str, ports: Sequence[int]) -> list[str]:
         return [format_endpoint(ip, p) for p in ports if parse_endpoint(format_endpoint(ip, p))]
     except InvalidEndpoint:
         raise ControlError(f"{ip!r} is not a host name or address", ExitCode.USAGE) from None
+
+
+def _role(text: str) -> str:
+    """PROD or CONS, any case. A 1.x s2cs reads every other role as CONS and ours refuses
+    it, so a typo would leave a stray hello on the s2cs: refused before anything is sent."""
+    role = text.strip().upper()
+    if role not in ("PROD", "CONS"):
+        raise ControlError(
+            f"role {text!r} is not PROD (the producer's side) or CONS (the consumer's side)", ExitCode.USAGE
+        )
+    return role
 
 
 def _token(token: str | None) -> str | None:
@@ -197,6 +216,8 @@ def mock(
     link: S2csLink,
 ) -> None:
     """Send the hello for UID to S2CS: the application listens at IP:--ports."""
+    role = _role(role)
+    check_uid(uid)
     listeners = _endpoints(ip, port_list(ports, "--ports"))
     got = link.hello(s2cs, uid, role, token, listeners)
     click.echo("Hello message sent successfully")
@@ -213,9 +234,17 @@ def mock(
 @click.option("--app", type=click.Choice(["zmq", "iperf"]), default="zmq", show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Where the producer app listens.")
 @click.option("--port", type=click.IntRange(1, 65535), default=7000, show_default=True)
-@click.option("--count", type=click.IntRange(0), default=1000, show_default=True, help="ZMQ messages.")
-@click.option("--size", type=click.IntRange(0), default=1024, show_default=True, help="ZMQ payload bytes.")
-@click.option("--seconds", type=float, default=10.0, show_default=True, help="iperf3 client duration.")
+@click.option(
+    "--count", type=click.IntRange(0, INT32_MAX), default=1000, show_default=True, help="ZMQ messages."
+)
+@click.option(
+    "--size",
+    type=click.IntRange(0, 64 * 1024 * 1024),
+    default=1024,
+    show_default=True,
+    help="ZMQ payload bytes.",
+)
+@click.option("--seconds", type=Seconds(0.1), default=10.0, show_default=True, help="iperf3 client duration.")
 @server_options
 def create_appctrl(
     *,
@@ -232,6 +261,8 @@ def create_appctrl(
     link: S2csLink,
 ) -> None:
     """Hello for UID, then run the demo app: PROD serves at --host:--port, CONS connects to the listener."""
+    role = _role(role)
+    check_uid(uid)
     listeners = [format_endpoint(host, port)] if role == "PROD" else []
     got = link.hello(s2cs, uid, role, token, listeners)
     if role == "PROD":
@@ -260,18 +291,24 @@ def _report(report: apps.Report, as_json: bool = False) -> None:
 @main.command("run-producer")
 @click.argument("port", default="7000")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--count", type=click.IntRange(0), default=1000, show_default=True)
+@click.option("--count", type=click.IntRange(0, INT32_MAX), default=1000, show_default=True)
 @click.option("--size", type=click.IntRange(0, 64 * 1024 * 1024), default=1024, show_default=True)
 @click.option(
-    "--rate", type=click.FloatRange(0), default=0.0, show_default=True, help="Messages/s (0: no pacing)."
+    "--rate", type=Seconds(0.0, 1e9), default=0.0, show_default=True, help="Messages/s (0: no pacing)."
 )
-@click.option("--wait-subscriber", type=float, default=60.0, show_default=True)
+@click.option("--wait-subscriber", type=Seconds(0.0), default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def run_producer(
     *, port: str, host: str, count: int, size: int, rate: float, wait_subscriber: float, as_json: bool
 ) -> None:
     """ZMQ demo producer: serve PORT (or HOST:PORT) and send numbered messages."""
-    bind = port if ":" in port else format_endpoint(host, int(port))
+    if ":" in port:
+        bind = port
+    elif port.isdigit() and 1 <= int(port) <= 65535:
+        bind = format_endpoint(host, int(port))
+    else:
+        raise ControlError(f"PORT {port!r} is not a port number or HOST:PORT", ExitCode.USAGE)
+    parse_endpoint(bind)
     _report(
         apps.run_producer(bind, count=count, size=size, rate=rate, wait_subscriber=wait_subscriber), as_json
     )
@@ -279,8 +316,8 @@ def run_producer(
 
 @main.command()
 @click.argument("target", default="127.0.0.1:7000")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
-@click.option("--idle-timeout", type=float, default=30.0, show_default=True)
+@click.option("--timeout", type=Seconds(0.1), default=60.0, show_default=True)
+@click.option("--idle-timeout", type=Seconds(0.1), default=30.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def subscribe(*, target: str, timeout: float, idle_timeout: float, as_json: bool) -> None:
     """ZMQ demo consumer: connect to TARGET (a gateway listener), check and count every message."""
@@ -298,8 +335,10 @@ def iperf_server(*, port: int, bind: str | None, forever: bool) -> None:
 
 @main.command("iperf-client")
 @click.argument("target", default="127.0.0.1:7000")
-@click.option("--time", "seconds", type=float, default=10.0, show_default=True)
-@click.option("--bytes", "nbytes", type=click.IntRange(0), default=0, help="Send this many bytes instead.")
+@click.option("--time", "seconds", type=Seconds(0.1), default=10.0, show_default=True)
+@click.option(
+    "--bytes", "nbytes", type=click.IntRange(0, 2**63 - 1), default=0, help="Send this many bytes instead."
+)
 @click.option("--parallel", "-P", type=click.IntRange(1, 128), default=1, show_default=True)
 @click.option("--reverse", "-R", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -360,6 +399,10 @@ async def _run(
         if not session.prod_listeners and listen:
             session = ReadySession(**{**session.__dict__, "prod_listeners": list(listen)})
         argv = substitute(command, session)
+        if argv and argv[0] in TOOLS:
+            # One of ours (`-- appctrl subscribe {listener}`): the same install as this
+            # appctrl, found whatever PATH is.
+            argv = [*tool_argv(argv[0]), *argv[1:]]
         click.echo(f"appctrl: session {uid} is {session.state}; starting: {' '.join(argv)}", err=True)
         try:
             proc = await asyncio.create_subprocess_exec(*argv)
@@ -386,7 +429,7 @@ async def _run(
 @click.option("--role", default="PROD", show_default=True, help="PROD (producer side) or CONS.")
 @click.option("--listen", default="", help="The application's own endpoint(s) HOST:PORT[,...] for the hello.")
 @click.option("--token", default=None, envvar=[ENV_PREFIX + "TOKEN"], help="Access token for the s2cs.")
-@click.option("--ready-timeout", type=float, default=300.0, show_default=True)
+@click.option("--ready-timeout", type=Seconds(0.1), default=300.0, show_default=True)
 @click.option(
     "--release/--no-release",
     "release",
@@ -415,6 +458,7 @@ def run(
 
       appctrl run --uid U --s2cs gw:5000 --role CONS -- appctrl subscribe {listener}
     """
+    check_uid(uid)
     listeners = split_csv(listen)
     for ep in listeners:
         parse_endpoint(ep)
@@ -422,7 +466,7 @@ def run(
         _run(
             s2cs=s2cs,
             uid=uid,
-            role=role.upper(),
+            role=_role(role),
             listen=listeners,
             command=list(command),
             token=token,

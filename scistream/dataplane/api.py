@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,10 @@ COMPAT_TLS12_CIPHERS = (
 )
 #: The PSK identity every SciStream 1.x stunnel config uses.
 COMPAT_PSK_IDENTITY = "client1"
+
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+MAX_TIMEOUT_S = 1e9  # about 31 years; times 1e9 ns still fits an int64
 
 
 def compat_key_from_uid(uid: str) -> bytes:
@@ -145,6 +150,20 @@ class Tuning:
                      "tls_key_update_bytes"):
             if getattr(self, name) < 0:
                 raise InvalidRoute(f"tuning {name} must not be negative")
+        # The C engine keeps these in an int, a uint64 and nanosecond int64s: refuse what
+        # would not fit (or not be a time at all) instead of overflowing there.
+        for name in ("workers", "pipe_size", "tls_buffer_size", "sndbuf", "rcvbuf",
+                     "notsent_lowat", "backlog", "max_connections", "tcp_user_timeout"):
+            if getattr(self, name) > INT32_MAX:
+                raise InvalidRoute(f"tuning {name} {getattr(self, name)} is too large (at most {INT32_MAX})")
+        if self.tls_key_update_bytes > UINT64_MAX:
+            raise InvalidRoute(f"tuning tls_key_update_bytes is too large (at most {UINT64_MAX})")
+        for name in ("connect_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value > MAX_TIMEOUT_S:
+                raise InvalidRoute(
+                    f"tuning {name} {value!r} is not a number of seconds up to {MAX_TIMEOUT_S:g}"
+                )
         if self.connect_timeout <= 0:
             raise InvalidRoute("tuning connect_timeout must be positive")
         if self.idle_timeout < 0:
@@ -183,6 +202,8 @@ class Route:
             parse_endpoint(self.listen, allow_port_zero=True)
         if self.rate_limit < 0 or self.max_connections < 0:
             raise InvalidRoute("rate_limit and max_connections must not be negative")
+        if self.rate_limit > UINT64_MAX or self.max_connections > INT32_MAX:
+            raise InvalidRoute(f"route {self.route_id}: rate_limit or max_connections is too large")
 
 
 @dataclass(frozen=True)

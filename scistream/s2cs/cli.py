@@ -31,6 +31,7 @@ Defaults that differ from 1.x, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
@@ -43,6 +44,7 @@ import click
 
 from scistream import __version__
 from scistream.clienttext import EscapingFormatter
+from scistream.cliutil import Seconds
 from scistream.endpoints import InvalidEndpoint, parse_port_range
 from scistream.s2cs.backends import BACKENDS, backend_names
 from scistream.s2cs.config import DEFAULT_CLIENT_ID, SECURITY_MODES, ServerConfig, default_state_dir
@@ -130,6 +132,32 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     return value
 
 
+class _LogFileHandler(logging.FileHandler):
+    """--log-file: a write that fails (disk full) is said once on stderr, in one line,
+    instead of logging's traceback for every record; it is said again once it recovers."""
+
+    failing = False
+    _written = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._written = True
+        super().emit(record)  # calls handleError (below) when the write fails
+        if self._written and self.failing:
+            self.failing = False
+            sys.stderr.write(f"s2cs: the log file {self.baseFilename} is writable again\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # what is still buffered cannot be written either
+            super().close()
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        exc = sys.exc_info()[1]
+        self._written = False
+        if not self.failing:
+            self.failing = True
+            sys.stderr.write(f"s2cs: cannot write the log file {self.baseFilename}: {exc}\n")
+
+
 def _setup_logging(verbose: bool, log_file: str) -> None:
     # Log lines carry client text (uids, endpoints, identities): one record, one line.
     fmt = EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -143,7 +171,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     if log_file:
         fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.close(fd)
-        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh = _LogFileHandler(log_file, encoding="utf-8")
         fh.setFormatter(fmt)
         root.addHandler(fh)
     # Third-party debug chatter (HTTP bodies of introspection) stays out of our logs.
@@ -284,7 +312,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--handshake-timeout",
     "--handshake_timeout",
     "handshake_timeout",
-    type=click.FloatRange(min=0.1),
+    type=Seconds(0.1),
     default=10.0,
     show_default=True,
     help="Seconds a control-port connection has to finish its TLS handshake and HTTP/2 "
@@ -340,7 +368,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--hello-timeout",
     "--hello_timeout",
     "hello_timeout",
-    type=click.FloatRange(min=0.01),
+    type=Seconds(0.01),
     default=180.0,
     show_default=True,
     help="Seconds a req waits for its hello.",
@@ -349,7 +377,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--reserved-timeout",
     "--reserved_timeout",
     "reserved_timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(0.0),
     default=3600.0,
     show_default=True,
     help="Seconds a helloed session may wait for its update (0=never).",
@@ -358,7 +386,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--idle-timeout",
     "--idle_timeout",
     "idle_timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(0.0),
     default=0.0,
     show_default=True,
     help="Seconds without traffic before a session expires (0 = never).",

@@ -301,6 +301,7 @@ class SessionManager:
         mode = self._security(security)
         if self._closing:
             raise ControlError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+        self.store.check_writable()
         if uid in self.sessions:
             raise ControlError(grpc.StatusCode.ALREADY_EXISTS, f"a session with uid {uid!r} already exists")
         self._refuse_foreign_early_hello(identity, uid)
@@ -440,6 +441,7 @@ class SessionManager:
             raise precondition(f"session {uid!r} already received its hello; its endpoints cannot be changed")
         if s.state is not State.WAITING_HELLO:
             raise precondition(f"session {uid!r} is {s.state.value}")
+        self.store.check_writable()
         if s.role == "PROD":
             await self._check_targets(prod_listeners)
         if s.state is State.WAITING_HELLO and self.sessions.get(uid) is s:
@@ -515,6 +517,7 @@ class SessionManager:
                 grpc.StatusCode.UNAVAILABLE,
                 "the data plane (s2ds) stopped and is being restarted; retry in a few seconds",
             )
+        self.store.check_writable()
         psk = s.psk
         if s.security == "tls" and s.role == "CONS":
             if session_key:
@@ -522,10 +525,12 @@ class SessionManager:
             elif not psk and not self.backend.cons_operator_certs():
                 raise precondition(
                     "this gateway encrypts the data channel (security tls) and the update carries "
-                    "no session key (a SciStream 1.x s2uc carries none): use an s2uc that carries "
-                    "the key from the producer side, or ask both operators for gateway "
-                    "certificates (scistream certs --gateway), which need no key, or, with a 1.x "
-                    "gateway, for the 1.x compatibility mode (s2cs --scistream1-compat)"
+                    "no session key: give this side the key the producer's s2cs issued (s2uc "
+                    "stream does it, or inbound-request --key-file FILE then outbound-request "
+                    "--key-file FILE); a SciStream 1.x s2uc never carries one, so with it ask both "
+                    "operators for gateway certificates (scistream certs --gateway), which need no "
+                    "key, or, with a 1.x gateway, for the 1.x compatibility mode "
+                    "(s2cs --scistream1-compat)"
                 )
         await self._check_targets(targets)
         expanded = [targets[i % len(targets)] for i in range(s.num_conn)]

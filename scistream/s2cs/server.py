@@ -23,6 +23,7 @@ import grpc
 import zmq
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from scistream.s2cs import preflight
 from scistream.s2cs.audit import AuditLog
 from scistream.s2cs.auth import Authenticator, make_authenticator
 from scistream.s2cs.backends import UnknownBackendSetting, create_backend
@@ -33,7 +34,14 @@ from scistream.s2cs.manager import SessionManager
 from scistream.s2cs.metrics import Metrics
 from scistream.s2cs.ports import PortAllocator
 from scistream.s2cs.servicer import ControlServicer, add_to_server
-from scistream.s2cs.store import StateDirLock, StateError, ensure_private_dir, load_instance, open_store
+from scistream.s2cs.store import (
+    SessionStore,
+    StateDirLock,
+    StateError,
+    ensure_private_dir,
+    load_instance,
+    open_store,
+)
 from scistream.s2cs.targets import TargetPolicy
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,8 @@ class S2CSServer:
         self._health: health.aio.HealthServicer | None = None
         self._closers: list[Any] = []
         self._state_lock: StateDirLock | None = None
+        self._store: SessionStore | None = None
+        self._store_watch: asyncio.Future[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -133,6 +143,8 @@ class S2CSServer:
         except (OSError, sqlite3.Error) as exc:
             raise StartupError(f"cannot open the session store {cfg.db_path()}: {exc}") from None
         self._closers.append(store.close)
+        self._store = store
+        store.on_problem = self._store_problem
         try:
             audit = AuditLog(cfg.audit_path())
         except OSError as exc:
@@ -219,7 +231,9 @@ class S2CSServer:
         await server.start()
         self._server = server
         manager.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._store_watch = asyncio.ensure_future(self._watch_store())
+        self._closers.insert(0, self._store_watch.cancel)
+        await self._set_health(self._serving_status())
         log.info(
             "s2cs %s listening on %s:%d (backend %s, security %s, data ports %d-%d on %s, events %s)",
             "TLS" if cfg.ssl else "plaintext",
@@ -247,13 +261,30 @@ class S2CSServer:
             ) from None
         return grpc.ssl_server_credentials([(key, crt)])
 
-    async def _data_plane_serving(self, serving: bool) -> None:
-        if not self._stopped.is_set():
-            await self._set_health(
-                health_pb2.HealthCheckResponse.SERVING
-                if serving
-                else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
+    def _serving_status(self) -> int:
+        """SERVING only while both the data plane answers and the store can be written."""
+        manager_ok = self.manager is None or self.manager.data_plane_ok
+        store_ok = self._store is None or self._store.problem is None
+        ok = manager_ok and store_ok
+        return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def _data_plane_serving(self, _serving: bool) -> None:
+        if self._server is not None and not self._stopped.is_set():
+            await self._set_health(self._serving_status())
+
+    def _store_problem(self, _problem: str | None) -> None:
+        """The session store cannot be written (or can again): health says so at once."""
+        if self._server is None or self._stopped.is_set():
+            return
+        asyncio.get_running_loop().create_task(self._set_health(self._serving_status()))
+
+    async def _watch_store(self) -> None:
+        """While the store cannot be written, try the state directory every 2 s, so health
+        comes back (and requests are taken again) once the operator has fixed it."""
+        while True:
+            await asyncio.sleep(2.0)
+            if self._store is not None and self._store.problem is not None:
+                self._store.probe()  # a 64 KiB write, only while failing: fine on the loop
 
     async def _set_health(self, status: int) -> None:
         if self._health is not None:
@@ -313,6 +344,10 @@ def _warn_about_an_older_default_store(cfg: ServerConfig) -> None:
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; 0 on an orderly stop."""
+    try:
+        preflight.check(config)
+    except preflight.PreflightError as exc:
+        raise StartupError(str(exc)) from None
     server = S2CSServer(config)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()

@@ -23,8 +23,13 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import grpc
+
+from scistream.s2cs.errors import ControlError
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +198,10 @@ def open_store(state_dir: str, instance: Instance, *, fresh: bool = False) -> Se
 class SessionStore:
     def __init__(self, path: str) -> None:
         self.path = path
+        # Why the last write failed (disk full, read-only, ...), until one succeeds again;
+        # ``on_problem`` hears each change (the server turns it into its health status).
+        self.problem: str | None = None
+        self.on_problem: Callable[[str | None], None] | None = None
         ensure_private_dir(os.path.dirname(os.path.abspath(path)))
         # Create the file 0600 before sqlite opens it (sqlite would use the umask).
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -210,18 +219,72 @@ class SessionStore:
             if os.path.exists(path + suffix):
                 os.chmod(path + suffix, 0o600)
 
+    def check_writable(self) -> None:
+        """Refuse a change up front while the last write failed (UNAVAILABLE, one sentence)."""
+        if self.problem is not None:
+            raise self._unavailable(self.problem)
+
     def save(self, uid: str, data: dict[str, Any], psk: bytes) -> None:
-        self._db.execute(
-            "INSERT INTO sessions(uid, data, psk) VALUES (?, ?, ?) "
-            "ON CONFLICT(uid) DO UPDATE SET data = excluded.data, psk = excluded.psk",
-            (uid, json.dumps(data, separators=(",", ":")), psk),
-        )
+        with self._writing():
+            self._db.execute(
+                "INSERT INTO sessions(uid, data, psk) VALUES (?, ?, ?) "
+                "ON CONFLICT(uid) DO UPDATE SET data = excluded.data, psk = excluded.psk",
+                (uid, json.dumps(data, separators=(",", ":")), psk),
+            )
 
     def delete(self, uid: str) -> None:
-        self._db.execute("DELETE FROM sessions WHERE uid = ?", (uid,))
-        # Old WAL frames still hold the row: fold them into the (zeroed) database file
-        # and truncate the WAL, so a released session's key is gone from disk.
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with self._writing():
+            self._db.execute("DELETE FROM sessions WHERE uid = ?", (uid,))
+            # Old WAL frames still hold the row: fold them into the (zeroed) database file
+            # and truncate the WAL, so a released session's key is gone from disk.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def probe(self) -> bool:
+        """While writes fail: can the state directory take a write again? (A scratch file
+        the size of a few database pages, written, synced and removed.)"""
+        if self.problem is None:
+            return True
+        scratch = os.path.join(os.path.dirname(os.path.abspath(self.path)), ".s2cs-write-probe")
+        try:
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, bytes(64 << 10))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(scratch)
+        except OSError:
+            return False
+        self._set_problem(None)
+        return True
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
+            self._set_problem(reason)
+            raise self._unavailable(reason) from None
+        self._set_problem(None)
+
+    def _unavailable(self, reason: str) -> ControlError:
+        return ControlError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the gateway cannot write its session store ({reason}); its operator must free space "
+            "in its state directory or fix its permissions",
+        )
+
+    def _set_problem(self, problem: str | None) -> None:
+        if problem == self.problem:
+            return
+        if problem is None:
+            log.warning("the session store %s is writable again", self.path)
+        else:
+            log.error("cannot write the session store %s: %s", self.path, problem)
+        self.problem = problem
+        if self.on_problem is not None:
+            self.on_problem(problem)
 
     def load(self) -> list[tuple[dict[str, Any], bytes]]:
         rows = self._db.execute("SELECT data, psk FROM sessions ORDER BY rowid").fetchall()

@@ -11,8 +11,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
+import zmq
 
 from scistream import __version__
+from scistream.cliutil import Seconds, zmq_reason
 from scistream.dataplane import Engine, EngineBase, EngineError, InvalidRoute, Route, RouteInfo
 from scistream.endpoints import InvalidEndpoint, parse_endpoint
 from scistream.s2ds.client import S2dsClient
@@ -62,7 +64,7 @@ engine_option = click.option(
 )
 drain_option = click.option(
     "--drain-timeout",
-    type=float,
+    type=Seconds(0.0),
     default=0.0,
     show_default=True,
     help="On SIGTERM/SIGINT, seconds to let streams in flight finish before cutting them; "
@@ -245,7 +247,11 @@ def _endpoint_list(text: str) -> tuple[str, ...]:
 )
 @click.option("--stats", "show_stats", is_flag=True, help="Print live counters, one line per interval.")
 @click.option(
-    "--stats-interval", type=float, default=1.0, show_default=True, help="Seconds between --stats lines."
+    "--stats-interval",
+    type=Seconds(0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds between --stats lines.",
 )
 @engine_option
 @drain_option
@@ -373,7 +379,9 @@ def keygen_cmd(directory: str, names: tuple[str, ...]) -> None:
     default=None,
     help="tcp://: this client's key file (client.key_secret).",
 )
-@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option(
+    "--timeout", type=Seconds(0.01), default=5.0, show_default=True, help="Seconds to wait for an answer."
+)
 @click.pass_context
 def ctl(
     ctx: click.Context,
@@ -383,8 +391,11 @@ def ctl(
     timeout: float,
 ) -> None:
     """Ask a running s2ds about its routes (JSON on stdout)."""
+    address = address or default_control_address()
+    if not address.startswith(("ipc://", "tcp://")) or address in ("ipc://", "tcp://"):
+        raise click.UsageError(f"--control {address!r}: use ipc://PATH or tcp://HOST:PORT")
     ctx.obj = {
-        "address": address or default_control_address(),
+        "address": address,
         "server_key": curve_server_key,
         "client_key": curve_client_key,
         "timeout": timeout,
@@ -413,6 +424,8 @@ def _run_client(obj: dict[str, Any], call: Callable[[S2dsClient], Awaitable[Any]
         return asyncio.run(go())
     except EngineError as exc:
         raise Failure(str(exc)) from None
+    except zmq.ZMQError as exc:  # e.g. a tcp:// host that does not resolve
+        raise Failure(f"cannot use the control socket {obj['address']}: {zmq_reason(exc)}") from None
 
 
 def route_info_json(info: RouteInfo) -> dict[str, Any]:

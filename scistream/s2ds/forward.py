@@ -202,16 +202,17 @@ class Forwarder:
     def run(self) -> int:
         info = self.engine.add_route(self.route)
         tls = self.route.tls
-        self.echo(
-            f"listening on {info.bound} -> {','.join(self.route.targets)}"
-            f" ({f'tls {tls.role.value}/{tls.mode.value}' if tls else 'plain'}"
-            f"{f', {self.route.rate_limit} B/s' if self.route.rate_limit else ''})"
-        )
+        # Handlers first: whoever reads "listening on" may signal at once, and must get a drain.
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         started = time.monotonic()
         prev: _Sample | None = None
         next_stats = started + self.stats_interval
         try:
+            self.echo(
+                f"listening on {info.bound} -> {','.join(self.route.targets)}"
+                f" ({f'tls {tls.role.value}/{tls.mode.value}' if tls else 'plain'}"
+                f"{f', {self.route.rate_limit} B/s' if self.route.rate_limit else ''})"
+            )
             while True:
                 timeout = max(0.0, next_stats - time.monotonic()) if self.stats_interval else None
                 self._wake.wait(timeout)

@@ -17,17 +17,32 @@ from typing import Any, TypeVar
 import click
 
 from scistream import __version__
-from scistream.cliutil import BothSpellingsGroup, ToolError, bundle_options, s2cs_tls_options
-from scistream.grpcutil import ControlError, ExitCode, port_list, split_csv
+from scistream.cliutil import (
+    INT32_MAX,
+    BothSpellingsGroup,
+    Seconds,
+    ToolError,
+    bundle_options,
+    s2cs_tls_options,
+)
+from scistream.grpcutil import ControlError, ExitCode, check_uid, port_list, split_csv
 from scistream.s2uc import flows, output, tokens
 from scistream.s2uc.config import ENV_PREFIX, S2ucConfig, load_config
-from scistream.s2uc.store import SessionRecord, SessionStore, read_key_file, write_key_file
+from scistream.s2uc.store import (
+    SessionRecord,
+    SessionStore,
+    check_key_file_writable,
+    read_key_file,
+    write_key_file,
+)
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_RECEIVER_PORTS = "5074,5075,5076,37000,47000"
 SECURITY_MODES = ("tls", "plain", "compat")
+MAX_NUM_CONN = 64  # s2cs's ServerConfig.max_num_conn
+MAX_RATE_LIMIT = 2**63 - 1  # an int64 on the wire
 
 
 class S2ucError(ToolError):
@@ -125,7 +140,7 @@ def connection_options(default_s2cs: str | None, *, multiple: bool = False) -> C
             *s2cs_tls_options(ENV_PREFIX, "The s2cs certificate (or its CA) to pin as the only trust root."),
             click.option(
                 "--timeout",
-                type=click.FloatRange(min=0.1),
+                type=Seconds(0.1),
                 default=None,
                 envvar=_env("TIMEOUT"),
                 help="Deadline per call in seconds [default: 190 for req, 15 otherwise].",
@@ -181,15 +196,17 @@ def request_options(f: F) -> F:
             "--num_conn",
             "--num-conn",
             "num_conn",
-            type=click.IntRange(1, 1024),
+            # An s2cs of this release serves at most MAX_NUM_CONN per session (fewer when its
+            # port range is smaller): refused here, before any hello is sent.
+            type=click.IntRange(1, MAX_NUM_CONN),
             default=5,
             show_default=True,
             envvar=_env("NUM_CONN"),
-            help="Parallel connections (listeners).",
+            help=f"Parallel connections (listeners), at most {MAX_NUM_CONN}.",
         ),
         click.option(
             "--rate",
-            type=int,
+            type=click.IntRange(0, INT32_MAX),  # an int32 on the wire
             default=10000,
             show_default=True,
             help="1.x rate field: stored by the s2cs, not enforced (see --rate-limit).",
@@ -260,7 +277,15 @@ def parse_rate_limit(text: str | None) -> int:
     if not m:
         raise ControlError(f"--rate-limit {text!r} is not a rate in bytes/s (e.g. 500M)", ExitCode.USAGE)
     scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    value = int(float(m.group(1)) * scale)
+    if value > MAX_RATE_LIMIT:
+        raise ControlError(
+            f"--rate-limit {text!r} is larger than any link (at most {MAX_RATE_LIMIT} bytes/s)",
+            ExitCode.USAGE,
+        )
+    if value == 0:
+        raise ControlError(f"--rate-limit {text!r} is below 1 byte/s (0 means no limit)", ExitCode.USAGE)
+    return value
 
 
 def _progress(as_json: bool) -> flows.Progress:
@@ -365,6 +390,8 @@ def check_auth(ctx: click.Context, scope: str | None, ip: str | None, show_token
 def _producer(
     ctx: click.Context, *, s2cs: str, conn: Connection, as_json: bool, req: RequestSettings, style: str
 ) -> None:
+    if req.key_file:
+        check_key_file_writable(req.key_file)
     target = conn.target(ctx, s2cs)
     uid = flows.new_uid(req.mock)
     if not as_json:
@@ -414,6 +441,7 @@ def _consumer(
 ) -> None:
     if req.mock:
         uid = flows.MOCK_UID
+    check_uid(uid)
     store = SessionStore()
     record = store.get(uid)
     if not remote and record and record.listeners.get("PROD"):
@@ -565,7 +593,9 @@ def stream(
             "(or --remote_ip, or --appctrl to wait for appctrl hellos)",
             ExitCode.USAGE,
         )
-    sid = uid or flows.new_uid(req.mock)
+    sid = check_uid(uid or flows.new_uid(req.mock))
+    if req.key_file:
+        check_key_file_writable(req.key_file)
     pt = dataclasses.replace(conn, server_cert=prod_server_cert or conn.server_cert).target(ctx, prod_s2cs)
     ct = dataclasses.replace(conn, server_cert=cons_server_cert or conn.server_cert).target(ctx, cons_s2cs)
     progress = _progress(True)  # the 1.x chatter would interleave two sides: keep it in the log
@@ -678,7 +708,7 @@ def release(
 @main.command("check-status")
 @click.argument("uid", required=False, default="")
 @click.option("--watch", is_flag=True, help="Refresh a live table until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True)
+@click.option("--interval", type=Seconds(0.1), default=1.0, show_default=True)
 @connection_options("localhost:5000")
 @click.pass_context
 def check_status(
@@ -706,7 +736,7 @@ def check_status(
 @main.command("list")
 @click.option("--local", is_flag=True, help="List the sessions in the local session store instead.")
 @click.option("--watch", is_flag=True, help="Refresh a live table until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True)
+@click.option("--interval", type=Seconds(0.1), default=1.0, show_default=True)
 @connection_options("localhost:5000")
 @click.pass_context
 def list_(

@@ -44,9 +44,13 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from creation: tokens and keys never sit world-readable."""
-    ensure_private_dir(path.parent)
+def write_private_file(path: Path, data: bytes, *, own_dir: bool = True) -> None:
+    """Write atomically with mode 0600 from creation: tokens and keys never sit world-readable.
+
+    ``own_dir``: the directory is s2uc's own (created, made 0700). A file the user named
+    (``--key-file``) lives in the user's directory, which is left exactly as it is."""
+    if own_dir:
+        ensure_private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

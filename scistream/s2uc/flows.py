@@ -213,6 +213,10 @@ def _request_with_hello(
     if hello_endpoints is not None:
         # Give the req a head start: a 1.x s2cs must see it before the hello.
         time.sleep(0.1)
+        if future.done():
+            # Refused already (a req returns only after its hello): no hello may follow it,
+            # or the s2cs would keep it as an early hello for a session that never comes.
+            ctl.result(future, "req")
         try:
             send_hello(ctl, request.uid, hello_endpoints, hello_role, progress=progress, pending=future)
         except ControlError:

@@ -9,6 +9,7 @@ here, so it never appears on a command line. Deleted on release.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,8 @@ from pathlib import Path
 from scistream.grpcutil import ControlError, ExitCode
 from scistream.s2uc.config import home_dir, write_private_file
 
-_UID_SAFE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# The uids an s2cs accepts (grpcutil.check_uid); none can name another directory.
+_UID_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 @dataclass
@@ -102,5 +104,26 @@ def read_key_file(path: str) -> bytes:
     return key
 
 
+def check_key_file_writable(path: str) -> None:
+    """Before a session is set up: the key file it will write can be written (else the
+    session would exist with its key lost)."""
+    p = Path(path).absolute()
+    if p.is_dir():
+        raise ControlError(f"key file {path} is a directory", ExitCode.USAGE)
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # missing directories are created, in the first one that exists
+    if not folder.is_dir():
+        raise ControlError(f"cannot write key file {path}: {folder} is not a directory", ExitCode.USAGE)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ControlError(f"cannot write key file {path}: {folder} is not writable", ExitCode.USAGE)
+
+
 def write_key_file(path: str, key: bytes) -> None:
-    write_private_file(Path(path), key.hex().encode() + b"\n")
+    """The file is 0600 from its creation. Its directory is the user's: an existing one is
+    left as it is (never chmod'ed); a missing one is created 0700, as it will hold a key."""
+    try:
+        Path(path).absolute().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private_file(Path(path), key.hex().encode() + b"\n", own_dir=False)
+    except OSError as exc:
+        raise ControlError(f"cannot write key file {path}: {exc.strerror}", ExitCode.USAGE) from None

@@ -42,6 +42,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import os
 import shlex
 import signal
@@ -347,8 +348,14 @@ class NativeBackend(Backend):
     def _new_client(self) -> S2dsClient:
         extra = self.options.extra
         server_key, client_key = extra.get("s2ds_curve_server_key"), extra.get("s2ds_curve_client_key")
+        text = extra.get("s2ds_timeout", "5")
         try:
-            timeout = float(extra.get("s2ds_timeout", "5"))
+            timeout = float(text)
+        except ValueError:
+            timeout = math.nan
+        if not (math.isfinite(timeout) and 0 < timeout <= 86400):
+            raise BackendError(f"backend setting s2ds_timeout={text!r} is not a number of seconds (0-86400]")
+        try:
             if server_key or client_key:
                 if not (server_key and client_key):
                     raise BackendError(

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import os
 import re
 import shutil
@@ -403,8 +404,8 @@ class SubprocessBackend(Backend):
             value = float(text) if text else default
         except ValueError:
             raise BackendError(f"backend setting {key}={text!r} is not a number") from None
-        if value <= 0:
-            raise BackendError(f"backend setting {key} must be positive")
+        if not math.isfinite(value) or value <= 0:  # nan, inf: no timer could wait that long
+            raise BackendError(f"backend setting {key} must be a positive number of seconds")
         return value
 
     def _idle_timeout(self) -> int:

@@ -1,0 +1,5 @@
+"""``python -m scistream.appctrl`` is ``appctrl``."""
+
+from scistream.appctrl.cli import main
+
+main(prog_name="appctrl")
