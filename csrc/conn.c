@@ -118,7 +118,10 @@ static int handshake(struct conn *c, struct side *s) {
     int r = SSL_do_handshake(s->ssl);
     if (r == 1) return 1;
     int err = SSL_get_error(s->ssl, r);
-    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) return 0;
+    /* OpenSSL flushed its flight into the gather BIO; what the socket did not take
+     * yet leaves here (again on EPOLLOUT, which calls us back). */
+    if ((err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) && tls_flush(s->ssl) >= 0) return 0;
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) err = SSL_ERROR_SYSCALL;
     unsigned long e = ERR_peek_error();
     char why[160];
     if (e)
