@@ -100,6 +100,7 @@ static void establish(struct conn *c) {
     c->a.readable = c->a.writable = c->b.readable = c->b.writable = 1;
     c->last_active = c->w->now;
     int tls = c->a.ssl || c->b.ssl;
+    if (c->r->tls.ktls) tls_established(c->a.ssl ? c->a.ssl : c->b.ssl);
     for (int i = 0; i < 2; i++) {
         if (dir_setup(e, &c->d[i], !tls) < 0) {
             s2_log_route(c->r, S2_E_IO, S2_LOG_ERROR, "route %s: no memory or descriptors for a connection",

@@ -40,9 +40,16 @@ struct tls_conf {
     unsigned char *key;
     size_t key_len;
     char *server_name;
+    int ktls;               /* SSL_OP_ENABLE_KTLS is on (kernel and OpenSSL have it) */
     SSL_CTX *ctx;
 };
-int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, size_t errlen);
+/* want_ktls: try kernel TLS where available (only when no key update is due, see tls.c). */
+int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls, char *err, size_t errlen);
+/* Whether this kernel and OpenSSL can do kernel TLS (probed once). */
+int tls_ktls_available(void);
+/* After the handshake: 1 if the kernel encrypts this SSL's records (kTLS send);
+ * else the write side is (now) the gather BIO. */
+int tls_established(SSL *ssl);
 void tls_conf_clear(struct tls_conf *tc);
 /* An SSL on fd: reads through a socket BIO, writes through the gather BIO (tls.c). */
 SSL *tls_new_ssl(struct tls_conf *tc, int fd);

@@ -13,6 +13,8 @@
  * check it with SHA-384 and abort, and one key under two hashes is what
  * RFC 8446 forbids. */
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -21,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -160,7 +163,42 @@ void tls_conf_clear(struct tls_conf *tc) {
     memset(tc, 0, sizeof *tc);
 }
 
-int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, size_t errlen) {
+/* ---- kernel TLS ---------------------------------------------------------------
+ * With kTLS the kernel builds the records (no record copy in user space, and
+ * sendfile/splice become possible). It needs OpenSSL built with it (Debian's
+ * 3.0 is) and a kernel with CONFIG_TLS: probed once, by asking for the "tls"
+ * ULP on a loopback connection (which also loads the module where it exists).
+ * OpenSSL 3.0 cannot give the kernel a new key after a TLS 1.3 KeyUpdate (the
+ * kernel keeps encrypting with the old one), so the engine asks for kTLS only
+ * where no key update is due (tls_key_update_bytes 0): the byte-threshold key
+ * update always wins. On a socket where OpenSSL did not switch kTLS on (no
+ * kernel support, a cipher the kernel lacks), the write side falls back to the
+ * gather BIO after the handshake (tls_established). */
+static int ktls_usable;
+static pthread_once_t ktls_once = PTHREAD_ONCE_INIT;
+
+static void ktls_probe(void) {
+#if defined(SSL_OP_ENABLE_KTLS) && !defined(OPENSSL_NO_KTLS) && defined(TCP_ULP)
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof sa;
+    int l = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), c = -1, a = -1;
+    if (l >= 0 && bind(l, (struct sockaddr *)&sa, sl) == 0 && listen(l, 1) == 0 &&
+        getsockname(l, (struct sockaddr *)&sa, &sl) == 0 &&
+        (c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) >= 0 &&
+        connect(c, (struct sockaddr *)&sa, sl) == 0 && (a = accept4(l, NULL, NULL, SOCK_CLOEXEC)) >= 0)
+        ktls_usable = setsockopt(c, IPPROTO_TCP, TCP_ULP, "tls", sizeof "tls") == 0;
+    if (a >= 0) close(a);
+    if (c >= 0) close(c);
+    if (l >= 0) close(l);
+#endif
+}
+
+int tls_ktls_available(void) {
+    pthread_once(&ktls_once, ktls_probe);
+    return ktls_usable;
+}
+
+int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls, char *err, size_t errlen) {
     memset(tc, 0, sizeof *tc);
     tc->role = spec->tls_role;
     tc->mode = spec->tls_mode;
@@ -200,6 +238,14 @@ int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, si
     if (server) SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_PRIORITIZE_CHACHA);
     SSL_CTX_set_read_ahead(ctx, 1);
     SSL_CTX_set_default_read_buffer_len(ctx, READ_BUFFER_LEN);
+#if defined(SSL_OP_ENABLE_KTLS) && !defined(OPENSSL_NO_KTLS)
+    if (want_ktls && tls_ktls_available()) {
+        SSL_CTX_set_options(ctx, SSL_OP_ENABLE_KTLS);
+        tc->ktls = 1;
+    }
+#else
+    (void)want_ktls;
+#endif
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     SSL_CTX_set_num_tickets(ctx, 0);
     int ok = 1;
@@ -397,6 +443,10 @@ static BIO *gather_new(int fd) {
 SSL *tls_new_ssl(struct tls_conf *tc, int fd) {
     SSL *ssl = SSL_new(tc->ctx);
     if (!ssl) return NULL;
+    if (tc->ktls) { /* OpenSSL hands the keys to a socket BIO only */
+        if (!SSL_set_fd(ssl, fd)) goto fail;
+        goto named;
+    }
     BIO *rbio = BIO_new_socket(fd, BIO_NOCLOSE);
     BIO *wbio = gather_new(fd);
     if (!rbio || !wbio) {
@@ -405,6 +455,7 @@ SSL *tls_new_ssl(struct tls_conf *tc, int fd) {
         goto fail;
     }
     SSL_set_bio(ssl, rbio, wbio); /* the SSL owns both now */
+named:
     if (tc->role == S2_TLS_CLIENT && tc->server_name) {
         if (!SSL_set_tlsext_host_name(ssl, tc->server_name)) goto fail;
         if (tc->mode == S2_TLS_CERT && !SSL_set1_host(ssl, tc->server_name)) goto fail;
@@ -414,6 +465,17 @@ fail:
     ERR_clear_error();
     SSL_free(ssl);
     return NULL;
+}
+
+int tls_established(SSL *ssl) {
+    BIO *w = SSL_get_wbio(ssl);
+    if (BIO_get_ktls_send(w)) return 1;
+    if (BIO_method_type(w) != BIO_TYPE_SOCKET) return 0;
+    int fd = -1;
+    BIO_get_fd(w, &fd);
+    BIO *g = fd >= 0 ? gather_new(fd) : NULL;
+    if (g) SSL_set0_wbio(ssl, g); /* else the socket BIO goes on: slower, not wrong */
+    return 0;
 }
 
 int tls_flush(SSL *ssl) {

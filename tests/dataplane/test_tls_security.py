@@ -256,3 +256,30 @@ def test_tls13_key_update_keeps_bytes_exact(make_native_engine: Callable[..., En
     check_duplex(server, run_duplex_clients(bound, 2, per_conn), per_conn)
     for rid in ("tls-in", "tls-out"):
         assert engine.stats(rid).routes[rid].errors.get("io", 0) == 0
+
+
+def _kernel_has_tls_ulp() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_ulp") as f:
+            return "tls" in f.read().split()
+    except OSError:
+        return False
+
+
+def test_kernel_tls_detected_or_user_space_fallback(make_native_engine: Callable[..., EngineBase],
+                                                    stream_server: ServerFactory,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """With no key update due (tls_key_update_bytes 0) the engine asks for kernel TLS: it
+    probes the kernel once, says what it found, and moves the bytes exactly either way. On a
+    kernel without CONFIG_TLS (this CI VM) that is the user-space fallback (gather BIO)."""
+    caplog.set_level("INFO", logger="scistream.dataplane.native")
+    engine = make_native_engine(Tuning(tls_key_update_bytes=0))
+    per_conn = size(32 * MiB, 4 * MiB)
+    server = duplex_server(stream_server, per_conn)
+    bound = tls_pair(engine, server.address, psk_tls(TlsRole.CLIENT), psk_tls(TlsRole.SERVER))
+    check_duplex(server, run_duplex_clients(bound, 2, per_conn), per_conn)
+    engine.stats()  # drains the engine's log into logging
+    lines = [r.getMessage() for r in caplog.records if "kernel TLS" in r.getMessage()]
+    assert len(lines) == 2, lines  # one per TLS route
+    if not _kernel_has_tls_ulp():
+        assert all("not available" in line for line in lines), lines
