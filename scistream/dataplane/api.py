@@ -145,7 +145,9 @@ class Tuning:
     connect_timeout: float = 10.0  # seconds to connect to a target (and finish a TLS handshake)
     idle_timeout: float = 0.0  # seconds without a byte either way; 0 = never cut an idle stream
     tcp_user_timeout: int = 0  # TCP_USER_TIMEOUT in ms; 0 = kernel default
-    tls_key_update_bytes: int = 1 << 36  # TLS 1.3 KeyUpdate after this many bytes sent per key
+    # TLS 1.3 KeyUpdate after this many bytes sent per key; 0 = never, and then the native
+    # engine uses kernel TLS where the kernel has it (docs/TUNING.md)
+    tls_key_update_bytes: int = 1 << 36
 
     def __post_init__(self) -> None:
         for name in ("workers", "pipe_size", "tls_buffer_size", "sndbuf", "rcvbuf",
