@@ -318,10 +318,19 @@ def s2ds_argv() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "scistream.s2ds.cli"]
 
 
-def _s2ds(name: str, engine: str, tls: str) -> Callable[[PrivateNamespace, Path, int, int], Forwarder]:
+#: BENCH_BASELINE: a directory holding another build's ``scistream`` package (e.g. a copy
+#: of the previous commit's, with its built engine): the ``*-baseline`` configurations run
+#: it, so a change is measured before and after in the same run.
+BASELINE = os.environ.get("BENCH_BASELINE", "")
+
+
+def _s2ds(name: str, engine: str, tls: str,
+          pythonpath: str = "") -> Callable[[PrivateNamespace, Path, int, int], Forwarder]:
     """``s2ds forward`` (one process per hop): plain 1 hop, or a pair whose middle leg
     is TLS 1.3 with an external PSK (``tls="psk"``) or a pinned certificate (``"cert"``;
     the pure engine cannot do external PSKs on Python 3.11)."""
+
+    env = {"PYTHONPATH": pythonpath} if pythonpath else None
 
     def start(ns: PrivateNamespace, wd: Path, listen: int, target: int) -> Forwarder:
         log = wd / "s2ds.log"
@@ -329,7 +338,8 @@ def _s2ds(name: str, engine: str, tls: str) -> Callable[[PrivateNamespace, Path,
         base = [*s2ds_argv(), "forward", "--engine", engine]
         if not tls:
             fwd.procs.append(
-                _popen(ns, [*base, "--listen", f"127.0.0.1:{listen}", "--to", f"127.0.0.1:{target}"], log)
+                _popen(ns, [*base, "--listen", f"127.0.0.1:{listen}", "--to", f"127.0.0.1:{target}"],
+                       log, env)
             )
             return _started(ns, fwd, listen, log)
         if tls == "psk":
@@ -353,6 +363,7 @@ def _s2ds(name: str, engine: str, tls: str) -> Callable[[PrivateNamespace, Path,
                     *server_tls,
                 ],
                 log,
+                env,
             )
         )
         _started(ns, fwd, MID_PORT, log)
@@ -370,6 +381,7 @@ def _s2ds(name: str, engine: str, tls: str) -> Callable[[PrivateNamespace, Path,
                     *client_tls,
                 ],
                 log,
+                env,
             )
         )
         return _started(ns, fwd, listen, log)
@@ -400,6 +412,19 @@ CONFIGS: dict[str, Config] = {
             "TLS pair",
             _s2ds("scistream-native-tls", "native", "psk"),
             check=_native_built,
+        ),
+        *(
+            [
+                Config(
+                    "scistream-native-tls-baseline",
+                    "scistream native pair, TLS 1.3 PSK (BENCH_BASELINE build)",
+                    "TLS pair",
+                    _s2ds("scistream-native-tls-baseline", "native", "psk", BASELINE),
+                    check=_native_built,
+                )
+            ]
+            if BASELINE
+            else []
         ),
         Config(
             "scistream-pure-tls",

@@ -15,7 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-OURS = ("scistream-native", "scistream-pure", "scistream-native-tls", "scistream-pure-tls")
+OURS = ("scistream-native", "scistream-pure", "scistream-native-tls", "scistream-pure-tls",
+        "scistream-native-tls-baseline")
 KIND = {
     "direct": "direct",
     "scistream-native": "1 hop",
@@ -24,6 +25,7 @@ KIND = {
     "nginx": "1 hop",
     "socat": "1 hop",
     "scistream-native-tls": "TLS pair",
+    "scistream-native-tls-baseline": "TLS pair",  # BENCH_BASELINE: another build, same run
     "scistream-pure-tls": "TLS pair",
     "stunnel-tls13": "TLS pair",
     "stunnel-1x": "TLS pair",
@@ -80,9 +82,9 @@ def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], d
     """Medians per (config, streams) of the unpaced runs, with ratios to direct and the best peer."""
     med = _forwarder_medians(data, paced=False)
     lines = [
-        "| path | streams | Gbit/s | x direct | forwarder cores | Gbit per CPU-s | "
+        "| path | streams | Gbit/s | x direct | forwarder cores | Gbit per CPU-s | CPU-s per GB per side | "
         "x best peer (Gbit/s) | x best peer (per CPU-s) | rounds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for streams in sorted({k[1] for k in med}):
         direct = med.get(("direct", streams), {}).get("gbps")
@@ -96,11 +98,19 @@ def throughput_table(data: dict[str, Any]) -> tuple[str, dict[tuple[str, int], d
                 f"| {config} ({kind}) | {streams} | {_fmt(m['gbps'])} | "
                 f"{_fmt(m['gbps'] / direct if direct and m['gbps'] else None, 2)} | "
                 f"{_fmt(m['cpu_cores'], 2)} | {_fmt(m['per_cpu'])} | "
+                f"{_fmt(cpu_per_gb_side(config, m['per_cpu']), 3)} | "
                 f"{_fmt(m['gbps'] / best_gbps if vs and best_gbps and m['gbps'] else None, 2)} | "
                 f"{_fmt(m['per_cpu'] / best_per if vs and best_per and m['per_cpu'] else None, 2)} | "
                 f"{m['n']} |"
             )
     return "\n".join(lines), med
+
+
+def cpu_per_gb_side(config: str, per_cpu: float | None) -> float | None:
+    """CPU-seconds per GB moved, per forwarder process (a pair has two: one per gateway)."""
+    if not per_cpu:
+        return None
+    return 8 / per_cpu / (2 if KIND.get(config) == "TLS pair" else 1)
 
 
 def load_table(data: dict[str, Any]) -> str | None:
@@ -111,8 +121,8 @@ def load_table(data: dict[str, Any]) -> str | None:
         return None
     lines = [
         "| path | offered Gbit/s | delivered Gbit/s | forwarder cores | Gbit per CPU-s | "
-        "x best peer (per CPU-s) | rounds |",
-        "|---|---|---|---|---|---|---|",
+        "CPU-s per GB per side | x best peer (per CPU-s) | rounds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for load in sorted({k[1] for k in med}):
         for config in _ordered({k[0] for k in med if k[1] == load}):
@@ -121,6 +131,7 @@ def load_table(data: dict[str, Any]) -> str | None:
             lines.append(
                 f"| {config} ({KIND.get(config, '')}) | {load:g} | {_fmt(m['gbps'])} | "
                 f"{_fmt(m['cpu_cores'], 2)} | {_fmt(m['per_cpu'])} | "
+                f"{_fmt(cpu_per_gb_side(config, m['per_cpu']), 3)} | "
                 f"{_fmt(m['per_cpu'] / best if best and m['per_cpu'] else None, 2)} | {m['n']} |"
             )
     return "\n".join(lines)

@@ -100,6 +100,7 @@ static void establish(struct conn *c) {
     c->a.readable = c->a.writable = c->b.readable = c->b.writable = 1;
     c->last_active = c->w->now;
     int tls = c->a.ssl || c->b.ssl;
+    if (c->r->tls.ktls) tls_established(c->a.ssl ? c->a.ssl : c->b.ssl);
     for (int i = 0; i < 2; i++) {
         if (dir_setup(e, &c->d[i], !tls) < 0) {
             s2_log_route(c->r, S2_E_IO, S2_LOG_ERROR, "route %s: no memory or descriptors for a connection",
@@ -118,7 +119,10 @@ static int handshake(struct conn *c, struct side *s) {
     int r = SSL_do_handshake(s->ssl);
     if (r == 1) return 1;
     int err = SSL_get_error(s->ssl, r);
-    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) return 0;
+    /* OpenSSL flushed its flight into the gather BIO; what the socket did not take
+     * yet leaves here (again on EPOLLOUT, which calls us back). */
+    if ((err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) && tls_flush(s->ssl) >= 0) return 0;
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) err = SSL_ERROR_SYSCALL;
     unsigned long e = ERR_peek_error();
     char why[160];
     if (e)

@@ -471,7 +471,15 @@ int s2_route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t bo
     r->id = strdup(spec->route_id);
     int rc = r->id ? S2_OK : S2_ERR_INTERNAL;
     if (rc == S2_OK) rc = targets_build(&r->tg, spec->targets, spec->ntargets, err, errlen);
-    if (rc == S2_OK && spec->tls_role != S2_TLS_NONE) rc = tls_conf_build(&r->tls, spec, err, errlen);
+    int want_ktls = e->t.tls_key_update_bytes == 0;
+    if (rc == S2_OK && spec->tls_role != S2_TLS_NONE) {
+        rc = tls_conf_build(&r->tls, spec, want_ktls, err, errlen);
+        if (rc == S2_OK && want_ktls)
+            s2_log(e, S2_LOG_INFO, "route %s: kernel TLS %s", spec->route_id,
+                   r->tls.ktls ? "on where the kernel takes the suite"
+                               : "not available (no tls ULP in this kernel, or OpenSSL without it): "
+                                 "records are built in user space");
+    }
     if (rc != S2_OK) {
         route_unref(r);
         return rc;

@@ -40,11 +40,24 @@ struct tls_conf {
     unsigned char *key;
     size_t key_len;
     char *server_name;
+    int ktls;               /* SSL_OP_ENABLE_KTLS is on (kernel and OpenSSL have it) */
     SSL_CTX *ctx;
 };
-int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, size_t errlen);
+/* want_ktls: try kernel TLS where available (only when no key update is due, see tls.c). */
+int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls, char *err, size_t errlen);
+/* Whether this kernel and OpenSSL can do kernel TLS (probed once). */
+int tls_ktls_available(void);
+/* After the handshake: 1 if the kernel encrypts this SSL's records (kTLS send);
+ * else the write side is (now) the gather BIO. */
+int tls_established(SSL *ssl);
 void tls_conf_clear(struct tls_conf *tc);
+/* An SSL on fd: reads through a socket BIO, writes through the gather BIO (tls.c). */
 SSL *tls_new_ssl(struct tls_conf *tc, int fd);
+/* Send the records the gather BIO holds: 1 = none left, 0 = socket full (retry on
+ * EPOLLOUT), -1 = failed (errno). */
+int tls_flush(SSL *ssl);
+/* Bytes of records written by OpenSSL but not yet sent. */
+size_t tls_unsent(SSL *ssl);
 
 /* ---- routes ------------------------------------------------------------ */
 struct target {
@@ -125,7 +138,8 @@ struct dir {
     unsigned char *buf;
     size_t cap, head, tail;
     int eof;                /* source finished (FIN or close_notify) */
-    int shut;               /* destination write side closed */
+    int shut;               /* destination write side closed (close_notify sent, if TLS) */
+    int notified;           /* TLS destination: SSL_shutdown done, close_notify maybe unsent */
     uint64_t bytes;
     uint64_t key_bytes;     /* bytes sent under the current TLS key */
 };

@@ -3,7 +3,14 @@
  * plain <-> plain: splice() socket -> pipe -> socket, one pipe per direction,
  * never a byte in userspace. Anything with a TLS leg: one userspace buffer per
  * direction; SSL_read_ex fills it (read-ahead: one read() fetches many
- * records), SSL_write_ex drains it in full-size records.
+ * records), SSL_write_ex drains it in full-size records, which the gather BIO
+ * (tls.c) sends with one send() per burst.
+ *
+ * OpenSSL's error queue: SSL_get_error needs it empty before the call it
+ * explains. Clearing it before every SSL call costs more than the call's own
+ * bookkeeping at 60,000 records a second, so the engine keeps it empty instead:
+ * every path that can leave an error there clears it (tls_fail, the handshake,
+ * key_update, SSL_shutdown).
  *
  * Backpressure: a direction reads only while its pipe/buffer has room, so a
  * slow receiver stops the reads and TCP flow control pushes back to the sender;
@@ -14,7 +21,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <stdlib.h>
 #include <string.h>
@@ -211,7 +217,6 @@ static void read_buf(struct conn *c, struct dir *d, struct pr *p) {
     if (ssl) {
         while (got < g) {
             size_t n = 0;
-            ERR_clear_error();
             if (SSL_read_ex(ssl, d->buf + d->tail + got, g - got, &n)) {
                 got += n;
                 continue;
@@ -227,6 +232,7 @@ static void read_buf(struct conn *c, struct dir *d, struct pr *p) {
                 d->eof = 1;
                 p->progress = 1;
             } else if (err == SSL_ERROR_SYSCALL) {
+                ERR_clear_error();
                 if (errno == 0) { /* EOF without close_notify */
                     d->eof = 1;
                     p->progress = 1;
@@ -251,6 +257,9 @@ static void read_buf(struct conn *c, struct dir *d, struct pr *p) {
             read_fail(c, d, errno, p);
         }
     }
+    /* A reply OpenSSL wrote while reading (e.g. a requested KeyUpdate) leaves now;
+     * a socket error shows on the other direction's next write. */
+    if (ssl && tls_unsent(ssl) && d->src->writable && tls_flush(ssl) == 0) d->src->writable = 0;
     rate_return(c, g, got);
     if (got) {
         account(c, d, got);
@@ -273,13 +282,23 @@ static void key_update(struct conn *c, struct dir *d, SSL *ssl, size_t n) {
         ERR_clear_error();
 }
 
+/* Push out what the gather BIO holds; 0 = done, -1 = stop here (socket full or failed). */
+static int flush_tls(struct conn *c, struct dir *d, SSL *ssl, struct pr *p) {
+    int r = tls_flush(ssl);
+    if (r > 0) return 0;
+    if (r == 0)
+        d->dst->writable = 0; /* EPOLLOUT brings us back */
+    else
+        write_fail(c, d, errno, p);
+    return -1;
+}
+
 static void write_records(struct conn *c, struct dir *d, struct pr *p) {
     SSL *ssl = d->dst->ssl;
     while (d->tail > d->head) {
         size_t len = d->tail - d->head;
         if (ssl) {
             size_t n = 0;
-            ERR_clear_error();
             if (SSL_write_ex(ssl, d->buf + d->head, len, &n)) {
                 d->head += n;
                 p->progress = 1;
@@ -289,10 +308,12 @@ static void write_records(struct conn *c, struct dir *d, struct pr *p) {
             int err = SSL_get_error(ssl, 0);
             if (err == SSL_ERROR_WANT_WRITE) d->dst->writable = 0;
             if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) return;
-            if (err == SSL_ERROR_SYSCALL && errno)
+            if (err == SSL_ERROR_SYSCALL && errno) {
+                ERR_clear_error();
                 write_fail(c, d, errno, p);
-            else
+            } else {
                 tls_fail(c, p, "write");
+            }
             return;
         }
         ssize_t n = send(d->dst->fd, d->buf + d->head, len, MSG_NOSIGNAL);
@@ -308,38 +329,34 @@ static void write_records(struct conn *c, struct dir *d, struct pr *p) {
             return;
         }
     }
+    /* The burst's records are written: send them (one send() for up to 8 records). */
+    if (ssl && flush_tls(c, d, ssl, p) < 0) return;
     if (d->eof && !d->shut) {
         if (!ssl) {
             shut_plain(d, p);
             return;
         }
-        ERR_clear_error();
-        int r = SSL_shutdown(ssl); /* sends close_notify; the peer's comes as EOF on read */
-        if (r < 0) {
-            int err = SSL_get_error(ssl, r);
-            ERR_clear_error();
-            if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) return;
+        if (!d->notified) {
+            int r = SSL_shutdown(ssl); /* sends close_notify; the peer's comes as EOF on read */
+            if (r < 0) {
+                int err = SSL_get_error(ssl, r);
+                ERR_clear_error();
+                if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) return;
+            }
+            d->notified = 1;
         }
+        /* SSL_shutdown ignores a failed flush of the alert: the direction is shut
+         * only once the close_notify has left (or the socket failed). */
+        if (flush_tls(c, d, ssl, p) < 0) return;
         d->shut = 1;
         p->progress = 1;
     }
 }
 
-/* TLS records are at most 16 KiB, and OpenSSL writes each with its own write().
- * With TCP_NODELAY each would leave as its own segment, and every segment costs
- * both hosts' stacks (and, on one machine, the peer's receive path runs in our
- * context). Corking the socket for a burst of records lets the kernel pack them
- * into full-size segments without a copy; uncorking sends the remainder at once. */
-static void cork(struct side *s, int on) {
-    if (setsockopt(s->fd, IPPROTO_TCP, TCP_CORK, &on, sizeof on) < 0) { /* not a TCP socket */ }
-}
-
 static void write_buf(struct conn *c, struct dir *d, struct pr *p) {
-    if (d->tail > d->head && !d->dst->writable) return; /* EPOLLOUT brings us back */
-    int corked = d->dst->ssl && d->tail - d->head > SSL3_RT_MAX_PLAIN_LENGTH;
-    if (corked) cork(d->dst, 1);
+    int pending = d->tail > d->head || (d->dst->ssl && tls_unsent(d->dst->ssl));
+    if (pending && !d->dst->writable) return; /* EPOLLOUT brings us back */
     write_records(c, d, p);
-    if (corked) cork(d->dst, 0);
 }
 
 static void step_buf(struct conn *c, struct dir *d, struct pr *p) {

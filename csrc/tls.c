@@ -1,18 +1,51 @@
 /* TLS contexts for a route's TLS leg: psk (TLS 1.3 external PSK), compat
- * (SciStream 1.x stunnel: TLS 1.2 PSK) and cert (certificate + pinned CA). */
+ * (SciStream 1.x stunnel: TLS 1.2 PSK) and cert (certificate + pinned CA),
+ * and the gather BIO that writes a burst of TLS records with one send().
+ *
+ * The external PSK is bound to SHA-256: RFC 8446 4.2.11 makes SHA-256 the hash
+ * of an external PSK that names none, and it is what stunnel and openssl
+ * s_client / s_server use. A TLS 1.3 PSK handshake works only with a suite of
+ * the PSK's hash, and the server picks the suite (from the client's list)
+ * before it looks at the PSK. So in psk mode both sides offer SHA-256 suites
+ * only, and the server picks by its own order (AES-128-GCM first). Building
+ * the PSK session for whatever hash the suite has instead (e.g. SHA-384) does
+ * not help: the client computed its binder with SHA-256, the server would
+ * check it with SHA-384 and abort, and one key under two hashes is what
+ * RFC 8446 forbids. */
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/bio.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "internal.h"
 
-#define TLS13_SUITES "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
+/* AES-128-GCM first: the fastest suite on CPUs with AES-NI. SSL_OP_PRIORITIZE_CHACHA
+ * still gives ChaCha20 to a client that lists it first (one without AES hardware). */
+#define TLS13_PSK_SUITES "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
+#define TLS13_CERT_SUITES "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
 #define COMPAT_CIPHERS \
     "ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-NULL-SHA256"
-/* The PSK session's suite: SHA-256, so that stunnel 5.68 accepts the PSK. */
+/* The PSK session's suite: its hash (SHA-256) is the PSK's hash. */
 static const unsigned char PSK_SUITE_ID[2] = {0x13, 0x01}; /* TLS_AES_128_GCM_SHA256 */
+
+/* A full TLS 1.3 record on the wire: 5 header + 16384 data + 1 content type + 16 tag. */
+#define TLS_RECORD_WIRE (SSL3_RT_HEADER_LENGTH + SSL3_RT_MAX_PLAIN_LENGTH + 1 + 16)
+/* OpenSSL's read-ahead buffer: it aligns the payload, which leaves len - 3 bytes
+ * for records in a buffer from glibc's malloc. Sized so that the rest holds
+ * whole full-size records: a read then never ends inside a record, which cost
+ * a second small read() for the record's tail. */
+#define READ_RECORDS 8
+#define READ_BUFFER_LEN (READ_RECORDS * TLS_RECORD_WIRE + 3)
+/* The gather BIO's buffer: this many full records per send(). */
+#define GATHER_CAP (8 * TLS_RECORD_WIRE)
 
 static void ssl_err(char *err, size_t errlen, const char *what) {
     char why[160] = "unknown error";
@@ -25,6 +58,8 @@ static void ssl_err(char *err, size_t errlen, const char *what) {
 static struct tls_conf *conf_of(SSL *ssl) {
     return SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
 }
+
+static int is_sha256(const EVP_MD *md) { return md && EVP_MD_get_type(md) == NID_sha256; }
 
 static SSL_SESSION *psk_session(SSL *ssl, const struct tls_conf *tc) {
     const SSL_CIPHER *cipher = SSL_CIPHER_find(ssl, PSK_SUITE_ID);
@@ -54,8 +89,12 @@ static int psk_use_session(SSL *ssl, const EVP_MD *md, const unsigned char **id,
     const struct tls_conf *tc = conf_of(ssl);
     SSL_SESSION *s = psk_session(ssl, tc);
     if (!s) return 0;
-    if (md && md != SSL_CIPHER_get_handshake_digest(SSL_SESSION_get0_cipher(s))) {
-        /* The server picked a suite whose hash does not fit this PSK. */
+    /* md is set on the second ClientHello (after a HelloRetryRequest): the hash of
+     * the suite the server picked. Compared by type: OpenSSL passes a fetched
+     * EVP_MD, which is never the same pointer as the cipher's legacy one. */
+    if (md && !is_sha256(md)) {
+        /* The server picked a suite whose hash does not fit this PSK: offer none,
+         * and refuse_certificate() ends the handshake. */
         SSL_SESSION_free(s);
         *id = NULL;
         *idlen = 0;
@@ -66,6 +105,32 @@ static int psk_use_session(SSL *ssl, const EVP_MD *md, const unsigned char **id,
     *idlen = strlen(tc->identity);
     *sess = s;
     return 1;
+}
+
+/* A PSK client wants the peer to prove it holds the key, nothing else: a server
+ * that ignores the PSK and shows a certificate instead (any certificate, from
+ * anyone) is refused. Without this, a TLS 1.3 server that does not know the key
+ * could complete a certificate handshake and read the stream. */
+static int refuse_certificate(int ok, X509_STORE_CTX *store) {
+    (void)ok;
+    (void)store;
+    return 0;
+}
+
+/* Keep only the TLS 1.3 suites (key exchange "any") whose hash is the PSK's (SHA-256); 0 if none is left. */
+static int keep_psk_suites(SSL_CTX *ctx) {
+    STACK_OF(SSL_CIPHER) *all = SSL_CTX_get_ciphers(ctx);
+    char list[512] = "";
+    size_t used = 0;
+    for (int i = 0; all && i < sk_SSL_CIPHER_num(all); i++) {
+        const SSL_CIPHER *c = sk_SSL_CIPHER_value(all, i);
+        if (SSL_CIPHER_get_kx_nid(c) != NID_kx_any || !is_sha256(SSL_CIPHER_get_handshake_digest(c)))
+            continue;
+        int n = snprintf(list + used, sizeof list - used, "%s%s", used ? ":" : "", SSL_CIPHER_standard_name(c));
+        if (n < 0 || (size_t)n >= sizeof list - used) return 0;
+        used += (size_t)n;
+    }
+    return used && SSL_CTX_set_ciphersuites(ctx, list);
 }
 
 static unsigned int compat_server_cb(SSL *ssl, const char *identity, unsigned char *psk,
@@ -98,7 +163,42 @@ void tls_conf_clear(struct tls_conf *tc) {
     memset(tc, 0, sizeof *tc);
 }
 
-int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, size_t errlen) {
+/* ---- kernel TLS ---------------------------------------------------------------
+ * With kTLS the kernel builds the records (no record copy in user space, and
+ * sendfile/splice become possible). It needs OpenSSL built with it (Debian's
+ * 3.0 is) and a kernel with CONFIG_TLS: probed once, by asking for the "tls"
+ * ULP on a loopback connection (which also loads the module where it exists).
+ * OpenSSL 3.0 cannot give the kernel a new key after a TLS 1.3 KeyUpdate (the
+ * kernel keeps encrypting with the old one), so the engine asks for kTLS only
+ * where no key update is due (tls_key_update_bytes 0): the byte-threshold key
+ * update always wins. On a socket where OpenSSL did not switch kTLS on (no
+ * kernel support, a cipher the kernel lacks), the write side falls back to the
+ * gather BIO after the handshake (tls_established). */
+static int ktls_usable;
+static pthread_once_t ktls_once = PTHREAD_ONCE_INIT;
+
+static void ktls_probe(void) {
+#if defined(SSL_OP_ENABLE_KTLS) && !defined(OPENSSL_NO_KTLS) && defined(TCP_ULP)
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof sa;
+    int l = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), c = -1, a = -1;
+    if (l >= 0 && bind(l, (struct sockaddr *)&sa, sl) == 0 && listen(l, 1) == 0 &&
+        getsockname(l, (struct sockaddr *)&sa, &sl) == 0 &&
+        (c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) >= 0 &&
+        connect(c, (struct sockaddr *)&sa, sl) == 0 && (a = accept4(l, NULL, NULL, SOCK_CLOEXEC)) >= 0)
+        ktls_usable = setsockopt(c, IPPROTO_TCP, TCP_ULP, "tls", sizeof "tls") == 0;
+    if (a >= 0) close(a);
+    if (c >= 0) close(c);
+    if (l >= 0) close(l);
+#endif
+}
+
+int tls_ktls_available(void) {
+    pthread_once(&ktls_once, ktls_probe);
+    return ktls_usable;
+}
+
+int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls, char *err, size_t errlen) {
     memset(tc, 0, sizeof *tc);
     tc->role = spec->tls_role;
     tc->mode = spec->tls_mode;
@@ -133,8 +233,19 @@ int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, si
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     /* A peer closing TCP without close_notify ends its direction like EOF, as stunnel does. */
     SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_RENEGOTIATION);
+    /* The server picks the suite by its own order: the one that fits the PSK's
+     * hash, and the cheapest one (AES-128-GCM), whatever order a client lists. */
+    if (server) SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_PRIORITIZE_CHACHA);
     SSL_CTX_set_read_ahead(ctx, 1);
-    SSL_CTX_set_default_read_buffer_len(ctx, 128 * 1024);
+    SSL_CTX_set_default_read_buffer_len(ctx, READ_BUFFER_LEN);
+#if defined(SSL_OP_ENABLE_KTLS) && !defined(OPENSSL_NO_KTLS)
+    if (want_ktls && tls_ktls_available()) {
+        SSL_CTX_set_options(ctx, SSL_OP_ENABLE_KTLS);
+        tc->ktls = 1;
+    }
+#else
+    (void)want_ktls;
+#endif
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     SSL_CTX_set_num_tickets(ctx, 0);
     int ok = 1;
@@ -142,12 +253,24 @@ int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, si
     switch (spec->tls_mode) {
     case S2_TLS_PSK:
         ok = SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) &&
-             SSL_CTX_set_ciphersuites(ctx, ciphers ? ciphers : TLS13_SUITES);
+             SSL_CTX_set_ciphersuites(ctx, ciphers ? ciphers : TLS13_PSK_SUITES);
         what = "the TLS 1.3 cipher suites";
-        if (server)
+        if (ok && !keep_psk_suites(ctx)) {
+            ok = 0;
+            ERR_clear_error();
+            snprintf(err, errlen,
+                     "TLS 1.3 PSK needs a SHA-256 suite (TLS_AES_128_GCM_SHA256 or "
+                     "TLS_CHACHA20_POLY1305_SHA256): the PSK is bound to SHA-256, got '%s'",
+                     ciphers ? ciphers : "");
+            tls_conf_clear(tc);
+            return S2_ERR_INVALID;
+        }
+        if (server) {
             SSL_CTX_set_psk_find_session_callback(ctx, psk_find_session);
-        else
+        } else {
             SSL_CTX_set_psk_use_session_callback(ctx, psk_use_session);
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, refuse_certificate);
+        }
         break;
     case S2_TLS_COMPAT: {
         /* PSK suites only; aNULL is removed for good even if the caller asks.
@@ -157,15 +280,17 @@ int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, char *err, si
         ok = SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) &&
              SSL_CTX_set_max_proto_version(ctx, TLS1_2_VERSION) && SSL_CTX_set_cipher_list(ctx, list);
         what = "the TLS 1.2 PSK cipher list";
-        if (server)
+        if (server) {
             SSL_CTX_set_psk_server_callback(ctx, compat_server_cb);
-        else
+        } else {
             SSL_CTX_set_psk_client_callback(ctx, compat_client_cb);
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, refuse_certificate);
+        }
         break;
     }
     case S2_TLS_CERT:
         ok = SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) &&
-             SSL_CTX_set_ciphersuites(ctx, ciphers ? ciphers : TLS13_SUITES);
+             SSL_CTX_set_ciphersuites(ctx, ciphers ? ciphers : TLS13_CERT_SUITES);
         what = "the TLS 1.3 cipher suites";
         /* Server: its certificate, and with a CA file it requires a client certificate
          * that chains to it (gateways authenticating each other). Client: the CA file
@@ -206,10 +331,145 @@ oom:
     return S2_ERR_INTERNAL;
 }
 
+/* ---- the gather BIO ---------------------------------------------------------
+ * OpenSSL hands its write BIO one record at a time. A socket BIO makes that one
+ * write() per 16 KiB record, each a trip through the TCP stack. This BIO keeps
+ * the records of a burst in a buffer and sends them with one send() when the
+ * buffer is full or the pump (or OpenSSL, after a handshake flight or an alert)
+ * flushes it. Reads bypass it (the SSL's read BIO is a plain socket BIO).
+ * Full socket: a write fails with the retry flag set, so OpenSSL reports
+ * SSL_ERROR_WANT_WRITE and the pump waits for EPOLLOUT, as with a socket BIO.
+ * A flush from OpenSSL (BIO_flush) sends what it can and succeeds even if the
+ * socket is full: during a handshake or a KeyUpdate OpenSSL flushes through
+ * its buffering BIO, which does not pass a retry on, so a "retry" there would
+ * read as a failure. What is left is sent by tls_flush(), which the pump and
+ * the handshake call (and which reports the full socket). Any other send()
+ * error fails with errno kept (SSL_ERROR_SYSCALL). */
+struct gather {
+    int fd;
+    unsigned char *buf; /* allocated on first use */
+    size_t head, tail;  /* unsent bytes: buf[head, tail) */
+};
+
+static BIO_METHOD *gather_method;
+static int gather_type;
+static pthread_once_t gather_once = PTHREAD_ONCE_INIT;
+
+/* Send what is buffered: 1 = all sent, 0 = the socket is full, -1 = error (errno). */
+static int gather_send(struct gather *g) {
+    while (g->tail > g->head) {
+        ssize_t n = send(g->fd, g->buf + g->head, g->tail - g->head, MSG_NOSIGNAL);
+        if (n > 0) {
+            g->head += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN) {
+            return 0;
+        } else {
+            if (n == 0) errno = EPIPE;
+            return -1;
+        }
+    }
+    g->head = g->tail = 0;
+    return 1;
+}
+
+static int gather_write(BIO *b, const char *data, int len) {
+    struct gather *g = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (len <= 0) return 0;
+    if (!g->buf && !(g->buf = malloc(GATHER_CAP))) return -1;
+    if (g->tail == GATHER_CAP) {
+        int r = gather_send(g);
+        if (r < 0) return -1;
+        if (g->head && g->head == g->tail) g->head = g->tail = 0;
+        if (g->head) { /* partly sent: move the rest to the front */
+            memmove(g->buf, g->buf + g->head, g->tail - g->head);
+            g->tail -= g->head;
+            g->head = 0;
+        }
+        if (g->tail == GATHER_CAP) {
+            BIO_set_retry_write(b);
+            return -1;
+        }
+    }
+    size_t n = GATHER_CAP - g->tail < (size_t)len ? GATHER_CAP - g->tail : (size_t)len;
+    memcpy(g->buf + g->tail, data, n);
+    g->tail += n;
+    return (int)n; /* OpenSSL writes the rest of a record that did not fit again */
+}
+
+static long gather_ctrl(BIO *b, int cmd, long num, void *ptr) {
+    (void)num;
+    struct gather *g = BIO_get_data(b);
+    switch (cmd) {
+    case BIO_CTRL_FLUSH:
+        BIO_clear_retry_flags(b);
+        return gather_send(g) < 0 ? -1 : 1;
+    case BIO_CTRL_WPENDING:
+    case BIO_CTRL_PENDING:
+        return cmd == BIO_CTRL_WPENDING ? (long)(g->tail - g->head) : 0;
+    case BIO_C_GET_FD:
+        if (ptr) *(int *)ptr = g->fd;
+        return g->fd;
+    default:
+        return 0; /* e.g. BIO_get_ktls_send: no */
+    }
+}
+
+static int gather_destroy(BIO *b) {
+    struct gather *g = BIO_get_data(b);
+    if (g) {
+        free(g->buf);
+        free(g);
+    }
+    BIO_set_data(b, NULL);
+    return 1;
+}
+
+static void gather_method_init(void) {
+    gather_type = BIO_get_new_index() | BIO_TYPE_SOURCE_SINK;
+    BIO_METHOD *m = BIO_meth_new(gather_type, "scistream gather");
+    if (m && BIO_meth_set_write(m, gather_write) && BIO_meth_set_ctrl(m, gather_ctrl) &&
+        BIO_meth_set_destroy(m, gather_destroy)) {
+        gather_method = m;
+        return;
+    }
+    BIO_meth_free(m);
+}
+
+static BIO *gather_new(int fd) {
+    pthread_once(&gather_once, gather_method_init);
+    if (!gather_method) return NULL;
+    struct gather *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->fd = fd;
+    BIO *b = BIO_new(gather_method);
+    if (!b) {
+        free(g);
+        return NULL;
+    }
+    BIO_set_data(b, g);
+    BIO_set_init(b, 1);
+    return b;
+}
+
 SSL *tls_new_ssl(struct tls_conf *tc, int fd) {
     SSL *ssl = SSL_new(tc->ctx);
     if (!ssl) return NULL;
-    if (!SSL_set_fd(ssl, fd)) goto fail;
+    if (tc->ktls) { /* OpenSSL hands the keys to a socket BIO only */
+        if (!SSL_set_fd(ssl, fd)) goto fail;
+        goto named;
+    }
+    BIO *rbio = BIO_new_socket(fd, BIO_NOCLOSE);
+    BIO *wbio = gather_new(fd);
+    if (!rbio || !wbio) {
+        BIO_free(rbio);
+        BIO_free(wbio);
+        goto fail;
+    }
+    SSL_set_bio(ssl, rbio, wbio); /* the SSL owns both now */
+named:
     if (tc->role == S2_TLS_CLIENT && tc->server_name) {
         if (!SSL_set_tlsext_host_name(ssl, tc->server_name)) goto fail;
         if (tc->mode == S2_TLS_CERT && !SSL_set1_host(ssl, tc->server_name)) goto fail;
@@ -219,4 +479,28 @@ fail:
     ERR_clear_error();
     SSL_free(ssl);
     return NULL;
+}
+
+int tls_established(SSL *ssl) {
+    BIO *w = SSL_get_wbio(ssl);
+    if (BIO_get_ktls_send(w)) return 1;
+    if (BIO_method_type(w) != BIO_TYPE_SOCKET) return 0;
+    int fd = -1;
+    BIO_get_fd(w, &fd);
+    BIO *g = fd >= 0 ? gather_new(fd) : NULL;
+    if (g) SSL_set0_wbio(ssl, g); /* else the socket BIO goes on: slower, not wrong */
+    return 0;
+}
+
+int tls_flush(SSL *ssl) {
+    BIO *b = SSL_get_wbio(ssl); /* the gather BIO itself, under OpenSSL's buffering BIO */
+    if (!gather_method || BIO_method_type(b) != gather_type) return 1;
+    return gather_send(BIO_get_data(b));
+}
+
+size_t tls_unsent(SSL *ssl) {
+    BIO *b = SSL_get_wbio(ssl);
+    if (!gather_method || BIO_method_type(b) != gather_type) return 0;
+    const struct gather *g = BIO_get_data(b);
+    return g->tail - g->head;
 }

@@ -52,16 +52,24 @@ class TlsRole(enum.StrEnum):
 
 
 class TlsMode(enum.StrEnum):
-    PSK = "psk"  # TLS 1.3 external PSK, AES-GCM / ChaCha20-Poly1305 (default)
+    PSK = "psk"  # TLS 1.3 external PSK (SHA-256), AES-128-GCM / ChaCha20-Poly1305 (default)
     COMPAT = "compat"  # SciStream 1.x stunnel: TLS 1.2 PSK, identity client1 (PSK suites only)
     CERT = "cert"  # server certificate + pinned CA, TLS 1.3
 
 
-#: TLS 1.3 suites offered in PSK mode. SHA-256 suites first: stunnel 5.68
-#: accepts an external TLS 1.3 PSK only with SHA-256 suites.
-DEFAULT_TLS13_SUITES = (
+#: TLS 1.3 suites of PSK mode. An external PSK is bound to one hash, SHA-256 here
+#: (RFC 8446's default, and what stunnel and openssl s_client/s_server use), and
+#: a PSK handshake works only with a suite of that hash: the native engine keeps
+#: only the SHA-256 suites of any list it is given (refusing a list with none), and
+#: its server picks by this order (server preference), whatever a client lists
+#: first. AES-128-GCM first: the cheapest per byte on CPUs with AES-NI.
+DEFAULT_TLS13_PSK_SUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256"
+#: TLS 1.3 suites of certificate mode (server preference, in this order).
+DEFAULT_TLS13_CERT_SUITES = (
     "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
 )
+#: Kept for callers of the old name: the certificate-mode list.
+DEFAULT_TLS13_SUITES = DEFAULT_TLS13_CERT_SUITES
 #: TLS 1.2 cipher list of the 1.x interoperability mode: PSK suites only, never
 #: an anonymous (aNULL) suite; PSK-NULL-SHA256 is what a 1.x stunnel with
 #: ``ciphers = eNULL`` can agree on.
@@ -142,7 +150,9 @@ class Tuning:
     connect_timeout: float = 10.0  # seconds to connect to a target (and finish a TLS handshake)
     idle_timeout: float = 0.0  # seconds without a byte either way; 0 = never cut an idle stream
     tcp_user_timeout: int = 0  # TCP_USER_TIMEOUT in ms; 0 = kernel default
-    tls_key_update_bytes: int = 1 << 36  # TLS 1.3 KeyUpdate after this many bytes sent per key
+    # TLS 1.3 KeyUpdate after this many bytes sent per key; 0 = never, and then the native
+    # engine uses kernel TLS where the kernel has it (docs/TUNING.md)
+    tls_key_update_bytes: int = 1 << 36
 
     def __post_init__(self) -> None:
         for name in ("workers", "pipe_size", "tls_buffer_size", "sndbuf", "rcvbuf",

@@ -32,7 +32,9 @@ from streams import MiB, Served, StreamServer, connect, wait_for
 from scistream.dataplane import (
     COMPAT_PSK_IDENTITY,
     EngineBase,
+    InvalidRoute,
     Route,
+    Tls,
     TlsMode,
     TlsRole,
     Tuning,
@@ -195,6 +197,55 @@ def test_anonymous_client_refused_in_compat_mode(make_native_engine: Callable[..
     assert SECRET in ok.stdout, ok.stderr.decode(errors="replace")
 
 
+@needs_openssl
+@pytest.mark.parametrize("mode", [TlsMode.PSK, TlsMode.COMPAT])
+def test_psk_client_refuses_a_certificate_server(make_native_engine: Callable[..., EngineBase],
+                                                 spawn: Any, free_port: Any, certs: Any, tmp_path: Any,
+                                                 mode: TlsMode) -> None:
+    """A server that does not know the key may ignore the PSK and authenticate with a
+    certificate instead (any certificate: it is not checked in PSK mode). Our PSK client must
+    end such a handshake: no byte of the stream may reach that server."""
+    engine = make_native_engine()
+    port = free_port()
+    out = tmp_path / "s_server.out"
+    version = ["-tls1_3"] if mode is TlsMode.PSK else ["-tls1_2", "-cipher", "ALL:@SECLEVEL=0"]
+    with out.open("wb") as sink:
+        server = spawn(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(certs.cert),
+                        "-key", str(certs.key), "-quiet", *version], stdin=subprocess.PIPE, stdout=sink,
+                       stderr=subprocess.STDOUT)
+    assert wait_for(lambda: _listening(port) or server.poll() is not None, 10) and server.poll() is None
+    identity = IDENTITY if mode is TlsMode.PSK else COMPAT_PSK_IDENTITY
+    key = KEY if mode is TlsMode.PSK else compat_key_from_uid(UID)
+    info = engine.add_route(Route("out", "127.0.0.1:0", (f"127.0.0.1:{port}",),
+                                  tls=psk_tls(TlsRole.CLIENT, key=key, mode=mode, identity=identity)))
+    with connect(info.bound) as c:
+        c.sendall(SECRET + b"\n")
+        assert outcome(c, timeout=10) in ("eof", "reset")
+    assert wait_for(lambda: engine.stats("out").routes["out"].errors.get("tls_handshake", 0) >= 1, 10)
+    assert SECRET not in out.read_bytes()
+    # Positive control: the same server takes a client that accepts any certificate.
+    s_client(f"127.0.0.1:{port}", *version, "-no_ign_eof", stdin=b"control-line\n")
+    assert wait_for(lambda: b"control-line" in out.read_bytes(), 10), out.read_bytes()[-500:]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_psk_mode_refuses_suites_without_sha256(make_native_engine: Callable[..., EngineBase]) -> None:
+    """The PSK is bound to SHA-256: a suite list with no SHA-256 suite can never carry it."""
+    engine = make_native_engine()
+    sha384_only = Tls(role=TlsRole.SERVER, mode=TlsMode.PSK, psk_identity=IDENTITY, psk_key=KEY,
+                      ciphers="TLS_AES_256_GCM_SHA384")
+    with pytest.raises(InvalidRoute, match="SHA-256"):
+        engine.add_route(Route("sha384", "127.0.0.1:0", ("127.0.0.1:9",), tls=sha384_only))
+
+
 @pytest.mark.slow
 def test_tls13_key_update_keeps_bytes_exact(make_native_engine: Callable[..., EngineBase],
                                             stream_server: ServerFactory) -> None:
@@ -205,3 +256,30 @@ def test_tls13_key_update_keeps_bytes_exact(make_native_engine: Callable[..., En
     check_duplex(server, run_duplex_clients(bound, 2, per_conn), per_conn)
     for rid in ("tls-in", "tls-out"):
         assert engine.stats(rid).routes[rid].errors.get("io", 0) == 0
+
+
+def _kernel_has_tls_ulp() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_ulp") as f:
+            return "tls" in f.read().split()
+    except OSError:
+        return False
+
+
+def test_kernel_tls_detected_or_user_space_fallback(make_native_engine: Callable[..., EngineBase],
+                                                    stream_server: ServerFactory,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """With no key update due (tls_key_update_bytes 0) the engine asks for kernel TLS: it
+    probes the kernel once, says what it found, and moves the bytes exactly either way. On a
+    kernel without CONFIG_TLS (this CI VM) that is the user-space fallback (gather BIO)."""
+    caplog.set_level("INFO", logger="scistream.dataplane.native")
+    engine = make_native_engine(Tuning(tls_key_update_bytes=0))
+    per_conn = size(32 * MiB, 4 * MiB)
+    server = duplex_server(stream_server, per_conn)
+    bound = tls_pair(engine, server.address, psk_tls(TlsRole.CLIENT), psk_tls(TlsRole.SERVER))
+    check_duplex(server, run_duplex_clients(bound, 2, per_conn), per_conn)
+    engine.stats()  # drains the engine's log into logging
+    lines = [r.getMessage() for r in caplog.records if "kernel TLS" in r.getMessage()]
+    assert len(lines) == 2, lines  # one per TLS route
+    if not _kernel_has_tls_ulp():
+        assert all("not available" in line for line in lines), lines
