@@ -139,7 +139,7 @@ static int handshake(struct conn *c, struct side *s) {
 static void connected(struct conn *c) {
     struct route *r = c->r;
     if (r->tls.role == S2_TLS_CLIENT) {
-        c->b.ssl = tls_new_ssl(&r->tls, c->b.fd);
+        c->b.ssl = tls_new_ssl(&r->tls, c->b.fd, c->target);
         if (!c->b.ssl) {
             conn_fail(c, S2_E_TLS_HANDSHAKE);
             return;
@@ -262,7 +262,7 @@ void conn_accept(struct worker *w, struct route *r, int fd) {
     }
     if (r->tls.role == S2_TLS_SERVER) {
         /* The target is dialled only once the peer proved it holds the key. */
-        c->a.ssl = tls_new_ssl(&r->tls, fd);
+        c->a.ssl = tls_new_ssl(&r->tls, fd, NULL);
         if (!c->a.ssl) {
             conn_fail(c, S2_E_TLS_HANDSHAKE);
             return;

@@ -52,7 +52,7 @@ int tls_ktls_available(void);
 int tls_established(SSL *ssl);
 void tls_conf_clear(struct tls_conf *tc);
 /* An SSL on fd: reads through a socket BIO, writes through the gather BIO (tls.c). */
-SSL *tls_new_ssl(struct tls_conf *tc, int fd);
+SSL *tls_new_ssl(struct tls_conf *tc, int fd, const char *target); /* target: the dialled "host:port", or NULL */
 /* Send the records the gather BIO holds: 1 = none left, 0 = socket full (retry on
  * EPOLLOUT), -1 = failed (errno). */
 int tls_flush(SSL *ssl);

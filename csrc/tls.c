@@ -13,12 +13,14 @@
  * check it with SHA-384 and abort, and one key under two hashes is what
  * RFC 8446 forbids. */
 #include <errno.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -454,7 +456,34 @@ static BIO *gather_new(int fd) {
     return b;
 }
 
-SSL *tls_new_ssl(struct tls_conf *tc, int fd) {
+/* The host part of a target's text ("host:port" or "[v6]:port") into buf; 0 if none fits. */
+static int target_host(const char *target, char *buf, size_t len) {
+    const char *start = target, *end;
+    if (*target == '[') {
+        start = target + 1;
+        end = strchr(start, ']');
+    } else {
+        end = strrchr(target, ':');
+    }
+    if (!end || end <= start || (size_t)(end - start) >= len) return 0;
+    memcpy(buf, start, (size_t)(end - start));
+    buf[end - start] = '\0';
+    return 1;
+}
+
+/* A certificate client with no configured server name checks the certificate against the
+ * target it dialled, as the pure engine does: a CA shared by several gateways must not let
+ * one answer for another's address. */
+static int check_target_name(SSL *ssl, const char *target) {
+    char host[256];
+    if (!target || !target_host(target, host, sizeof host)) return 0;
+    unsigned char raw[16];
+    if (inet_pton(AF_INET, host, raw) == 1 || inet_pton(AF_INET6, host, raw) == 1)
+        return X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host) == 1;
+    return SSL_set_tlsext_host_name(ssl, host) == 1 && SSL_set1_host(ssl, host) == 1;
+}
+
+SSL *tls_new_ssl(struct tls_conf *tc, int fd, const char *target) {
     SSL *ssl = SSL_new(tc->ctx);
     if (!ssl) return NULL;
     if (tc->ktls) { /* OpenSSL hands the keys to a socket BIO only */
@@ -473,6 +502,8 @@ named:
     if (tc->role == S2_TLS_CLIENT && tc->server_name) {
         if (!SSL_set_tlsext_host_name(ssl, tc->server_name)) goto fail;
         if (tc->mode == S2_TLS_CERT && !SSL_set1_host(ssl, tc->server_name)) goto fail;
+    } else if (tc->role == S2_TLS_CLIENT && tc->mode == S2_TLS_CERT) {
+        if (!check_target_name(ssl, target)) goto fail;
     }
     return ssl;
 fail:

@@ -279,8 +279,8 @@ def make_gateway_cert(
         _write_key(ca_key_path, ca_key)
         _write_cert(ca_cert_path, ca_cert)
     key = _new_key(key_type)
-    # The name checks nothing between gateways (they pin the CA); SANs help humans and
-    # operators who do set tls_server_name.
+    # A CONS gateway checks that the PROD certificate names the listener it dials (or the
+    # operator's tls_server_name): give the addresses and names peers reach it at.
     sans = _sans(ips, dns or ([] if ips else [name]))
     leaf = _leaf(
         name,

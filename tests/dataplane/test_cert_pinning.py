@@ -119,3 +119,33 @@ def test_client_accepts_the_pinned_ca_and_name(make_engine: Callable[..., Engine
         app.sendall(APP_BYTES)
         (served,) = target.server.wait_served(1, timeout=15)
     assert served.results["got"] == APP_BYTES
+
+
+@pytest.fixture
+def pinned_elsewhere(tmp_path: Path) -> Any:
+    """A certificate of the pinned CA for another gateway's address and name only."""
+    return make_ca_and_leaf(tmp_path / "elsewhere", ["192.0.2.7"], ["gw2.example.org"],
+                            common_name="gw2.example.org", days=1)
+
+
+def test_client_without_a_server_name_checks_the_target_address(
+        make_engine: Callable[..., EngineBase], stream_server: ServerFactory,
+        pinned_elsewhere: Any) -> None:
+    """With no server name configured, the certificate must name the target the route
+    dialled (127.0.0.1 here): one gateway of a shared CA cannot answer for another."""
+    engine = make_engine()
+    target = TlsTarget(stream_server, pinned_elsewhere.cert, pinned_elsewhere.key)
+    assert_refused(engine, client_route(engine, target.server.address, pinned_elsewhere.ca_cert, ""), target)
+
+
+def test_client_without_a_server_name_accepts_a_certificate_for_the_target(
+        make_engine: Callable[..., EngineBase], stream_server: ServerFactory, pinned: Any) -> None:
+    """The positive control: the pinned CA's certificate names 127.0.0.1, the dialled address."""
+    engine = make_engine()
+    target = TlsTarget(stream_server, pinned.cert, pinned.key)
+    with connect(client_route(engine, target.server.address, pinned.ca_cert, "")) as app:
+        app.settimeout(10)
+        got = b""
+        while len(got) < len(GREETING) and (data := app.recv(4096)):
+            got += data
+        assert got == GREETING
