@@ -276,7 +276,7 @@ def port_list(values: Sequence[str] | str, option: str, *, required: bool = Fals
     none at all when ``required``, is a usage error naming the option."""
     ports = []
     for item in split_csv(values):
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
+        if not (item.isascii() and item.isdigit()) or not 1 <= int(item) <= 65535:
             raise ControlError(f"{option}: {item!r} is not a port number", ExitCode.USAGE)
         ports.append(int(item))
     if required and not ports:

@@ -304,7 +304,7 @@ def run_producer(
     """ZMQ demo producer: serve PORT (or HOST:PORT) and send numbered messages."""
     if ":" in port:
         bind = port
-    elif port.isdigit() and 1 <= int(port) <= 65535:
+    elif port.isascii() and port.isdigit() and 1 <= int(port) <= 65535:
         bind = format_endpoint(host, int(port))
     else:
         raise ControlError(f"PORT {port!r} is not a port number or HOST:PORT", ExitCode.USAGE)

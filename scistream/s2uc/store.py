@@ -19,7 +19,7 @@ from scistream.grpcutil import ControlError, ExitCode
 from scistream.s2uc.config import home_dir, write_private_file
 
 # The uids an s2cs accepts (grpcutil.check_uid); none can name another directory.
-_UID_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_UID_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 @dataclass
@@ -42,7 +42,7 @@ class SessionStore:
         self.root = (root or home_dir()) / "sessions"
 
     def _path(self, uid: str) -> Path:
-        if not _UID_SAFE.match(uid):
+        if not _UID_SAFE.fullmatch(uid):
             raise ControlError(f"uid {uid!r} has characters a session id never has", ExitCode.USAGE)
         return self.root / f"{uid}.json"
 

@@ -315,3 +315,20 @@ def test_start_uses_a_daemon_that_is_starting_up(state_dirs: list[Path]) -> None
         outside.stop()
     assert outside.proc.returncode == 0
     assert lock.read_text() == ""  # a clean exit leaves no pid behind
+
+
+def test_spawned_s2ds_gets_none_of_the_s2cs_secrets(
+    state_dirs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The s2ds that s2cs spawns carries route keys, never the Globus client secret or a token."""
+    from scistream.s2cs.backends.native import spawn_s2ds
+
+    monkeypatch.setenv("SCISTREAM_CLIENT_SECRET", "client-secret-canary")
+    monkeypatch.setenv("GLOBUS_ACCESS_TOKEN", "token-canary")
+    state = state_dirs[0]
+    pid = spawn_s2ds(f"ipc://{state}/s2ds.sock", str(state))
+    (state / "s2ds.pid").write_text(str(pid))
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        environ = f.read()
+    assert b"canary" not in environ
+    assert f"SCISTREAM_STATE_DIR={state.absolute()}".encode() in environ.split(b"\0")

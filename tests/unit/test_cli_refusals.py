@@ -228,3 +228,23 @@ def test_errors_repeat_the_s2cs_own_sentence(code: str, details: str, expect: st
     err = describe_rpc_error(_Rpc(getattr(grpc.StatusCode, code), details), "gw:5000", "req",  # type: ignore[arg-type]
                              timeout=190)
     assert expect in err.message, err.message
+
+
+@pytest.mark.parametrize("port", ["²", "٣", "5074,²"])
+def test_non_ascii_digits_are_no_port_numbers(port: str) -> None:
+    """str.isdigit() takes '²' (int() then raises) and int() takes Arabic-Indic digits: a port
+    list is ASCII digits only, and anything else is a usage error, never a traceback."""
+    from scistream.grpcutil import ControlError, port_list
+
+    with pytest.raises(ControlError) as err:
+        port_list(port, "--receiver_ports")
+    assert err.value.exit_code == ExitCode.USAGE
+
+
+def test_s2uc_store_refuses_a_uid_with_a_trailing_newline(tmp_path: Path) -> None:
+    """``$`` matches before a final newline: the uid check must match the whole uid."""
+    from scistream.grpcutil import ControlError
+    from scistream.s2uc.store import SessionStore
+
+    with pytest.raises(ControlError):
+        SessionStore(tmp_path).get("abc\n")

@@ -189,7 +189,9 @@ def spawn_s2ds(address: str, state_dir: str, extra_args: list[str] | None = None
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     cmd = [sys.executable, "-m", "scistream.s2ds", "serve", "--control", address,
            "--idle-exit", str(SPAWNED_IDLE_EXIT_S), *(extra_args or [])]  # fmt: skip
-    env = dict(os.environ, SCISTREAM_STATE_DIR=str(state.absolute()))
+    # s2ds needs none of s2cs's credentials (the Globus client secret, tokens).
+    env = {k: v for k, v in os.environ.items() if "SECRET" not in k.upper() and "TOKEN" not in k.upper()}
+    env["SCISTREAM_STATE_DIR"] = str(state.absolute())
     log_fd = os.open(state / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(

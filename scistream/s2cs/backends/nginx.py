@@ -74,7 +74,7 @@ class NginxBackend(CertModeBackend, SubprocessBackend):
 
     def _workers(self) -> int:
         text = self.options.extra.get("nginx_workers", "1")
-        if not text.isdigit() or int(text) < 1:
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
             raise BackendError(f"backend setting nginx_workers={text!r} is not a positive number")
         return int(text)
 
