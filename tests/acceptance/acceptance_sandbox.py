@@ -15,12 +15,9 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import queue
 import re
 import shlex
-import signal
 import subprocess
 import threading
 import time
@@ -99,12 +96,6 @@ class Result:
         return self.path.read_text(errors="replace")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the test process dies, whatever kills it."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-
 class ScenarioFailed(AssertionError):
     pass
 
@@ -130,11 +121,12 @@ class Sandbox:
         self._n = 0
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+            # setpriv --pdeathsig: the sandbox dies with this test process, whatever kills it.
+            ["setpriv", "--pdeathsig", "KILL",
+             "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
              "--mount-proc", "--net", "--", "/bin/bash", str(ENTER), str(self.dir), str(self.clone.base),
              str(self.home)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            preexec_fn=_die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -297,9 +289,10 @@ def strip_comment(cmd: str) -> str:
     return shlex.join(list(lex))
 
 
-def example_tokens(example: str, actual: str) -> dict[str, str]:
+def example_tokens(example: str, actual: str, *, keep_first: bool = True) -> dict[str, str]:
     """Map the uids and host:port addresses of a README example output to the ones this run
-    printed in the same place: a user reads their own values off the screen the same way."""
+    printed in the same place: a user reads their own values off the screen the same way.
+    ``keep_first``: the first match in ``actual`` wins, else the last (the newest on screen)."""
     mapping: dict[str, str] = {}
     token = re.compile(f"({UUID_RE}|{ENDPOINT_RE})")
     for line in example.splitlines():
@@ -312,10 +305,14 @@ def example_tokens(example: str, actual: str) -> dict[str, str]:
                 pattern += f"({UUID_RE})" if re.fullmatch(UUID_RE, part) else f"({ENDPOINT_RE})"
             else:
                 pattern += r"\s+".join(re.escape(w) for w in part.split(" "))
-        m = re.search(pattern, actual)
-        if m:
+        found = list(re.finditer(pattern, actual))
+        if found:
+            m = found[0] if keep_first else found[-1]
             for example_tok, actual_tok in zip(parts[1::2], m.groups(), strict=True):
-                mapping.setdefault(example_tok, actual_tok)
+                if keep_first:
+                    mapping.setdefault(example_tok, actual_tok)
+                else:
+                    mapping[example_tok] = actual_tok
     return mapping
 
 
@@ -323,3 +320,54 @@ def substitute(cmd: str, mapping: dict[str, str]) -> str:
     for old, new in mapping.items():
         cmd = re.sub(rf"(?<![\w.:-]){re.escape(old)}(?![\w:-]|\.\d)", new, cmd)
     return cmd
+
+
+# ---------------------------------------------------------------------- steps shared by scenarios
+def serving(box: Sandbox, address: str, cert: str, *, timeout: float = 30) -> None:
+    """Wait (as an operator watching the log would) until the s2cs at ``address`` is SERVING."""
+    box.until(f"scistream health --s2cs {address} --server-cert {shlex.quote(cert)}",
+              lambda r: r.rc == 0 and "SERVING" in r.out and "NOT_SERVING" not in r.out,
+              f"the s2cs at {address} to serve", timeout=timeout)
+
+
+def background(box: Sandbox, cmd: str) -> tuple[Result, str]:
+    """Start ``cmd`` in the background of the user's shell; its output file and its PID."""
+    r = box.ok(f"{cmd} &", f"start `{cmd}`")
+    pid = box.ok("echo $!", "the PID of the job just started").out.strip()
+    return r, pid
+
+
+def finish(box: Sandbox, job: tuple[Result, str], why: str, *, timeout: float = 60) -> str:
+    """Wait for a background job; it must exit 0. Its output."""
+    r, pid = job
+    w = box.run(f"wait {pid}", timeout=timeout)
+    if w.rc != 0:
+        raise ScenarioFailed(f"{why}: `{r.cmd}` exited {w.rc}:\n{_tail(r.path)}\n{box.log_tail()}")
+    return r.out
+
+
+def listeners_of(out: str) -> list[str]:
+    """The listeners an s2uc command printed, in either of the 1.x formats."""
+    found = re.findall(rf'^listeners: "({ENDPOINT_RE})"', out, re.MULTILINE)
+    m = re.search(r"^Listeners: \[([^\]]*)\]", out, re.MULTILINE)
+    if m:
+        found += re.findall(ENDPOINT_RE, m.group(1))
+    return found
+
+
+def sha256_through(box: Sandbox, endpoint: str, expected: str, why: str, *, timeout: float = 20) -> None:
+    """Read a whole stream from ``endpoint`` (retrying until ``timeout``): the SHA-256 must match."""
+    box.until(box.py(f"fetch {endpoint}"), lambda r: r.rc == 0 and f"sha256 {expected}" in r.out,
+              f"{why}: the bytes read from {endpoint} to have SHA-256 {expected}", timeout=timeout)
+
+
+def processes(box: Sandbox, pattern: str) -> list[tuple[int, str]]:
+    """Live processes of the sandbox (its own PID namespace) whose command line matches."""
+    r = box.ok("ps -eo pid=,stat=,args=", "list the sandbox's processes")
+    found = []
+    for line in r.out.splitlines():
+        parts = line.split(None, 2)
+        live = len(parts) == 3 and not parts[1].startswith("Z") and "ps -eo" not in parts[2]
+        if live and re.search(pattern, parts[2]):
+            found.append((int(parts[0]), parts[2]))
+    return found

@@ -13,6 +13,7 @@ only: the user's environment has nothing else), e.g. ``python3 sandbox_tools.py 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import random
@@ -35,11 +36,8 @@ def serve(args: argparse.Namespace) -> int:
           flush=True)
 
     def one(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.sendall(data)
-            except OSError:
-                pass  # the fault tests break connections on purpose
+        with conn, contextlib.suppress(OSError):  # the fault tests break connections on purpose
+            conn.sendall(data)
 
     while True:
         conn, _ = srv.accept()

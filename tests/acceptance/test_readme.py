@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 from acceptance_sandbox import (
@@ -63,6 +64,88 @@ def _tour_blocks(clone: Clone) -> list[tuple[str, str, int]]:
     return [(b.lang, b.text, b.line) for b in blocks]
 
 
+# The 1.x verbs that wait for an application controller's hello: the README runs them "in one
+# terminal" and the hello "in a second terminal", so the runner leaves them running in a
+# terminal of their own and collects their exit status at the end of the next block.
+WAITS_FOR_HELLO = re.compile(r"^s2uc\s+(prod-req|cons-req)\b")
+
+
+@dataclass
+class Terminal:
+    typed: str
+    line: int
+    pid: str
+    result: Result
+    blocks_left: int = 1
+
+
+class TourRunner:
+    """Types the tour's commands into one shell as a user reading the README would."""
+
+    def __init__(self, box: Sandbox) -> None:
+        self.box = box
+        self.patterns: list[tuple[str, str]] = []  # (example output, README value) a user re-reads
+        self.mapping: dict[str, str] = {}  # README value -> the value this run printed there
+        self.block_outputs: list[Result] = []
+        self.last_uid: str | None = None
+        self.terminals: list[Terminal] = []
+
+    def read_example(self, example: str) -> None:
+        """A README example output: remember where its values are, map them to this run's."""
+        self.patterns.append((example, ""))
+        printed = "\n".join(r.out for r in self.block_outputs)
+        self.mapping.update(example_tokens(example, printed))
+
+    def saw(self, r: Result) -> None:
+        """The user read ``r``'s output: the newest uid, and the newest value printed at each
+        place an example output showed one, are what they type next."""
+        out = r.out
+        uids = re.findall(UUID_RE, out)
+        if uids:
+            self.last_uid = uids[-1]
+        for example, _ in self.patterns:
+            self.mapping.update(example_tokens(example, out, keep_first=False))
+
+    def type(self, typed: str, line: int) -> None:
+        cmd = substitute(typed, self.mapping)
+        if "<uid>" in cmd:  # "<uid> as printed above": the uid this user was just given
+            if not self.last_uid:
+                raise ScenarioFailed(f"README.md line {line}: `{typed}` needs a uid and none was printed")
+            cmd = cmd.replace("<uid>", self.last_uid)
+        shown = f"`{typed}`" + (f" (typed as `{cmd}`)" if cmd != typed else "")
+        if WAITS_FOR_HELLO.search(cmd):
+            r = self.box.run(f"{cmd} &")
+            pid = self.box.ok("echo $!", "note the terminal's job").out.strip()
+            self.terminals.append(Terminal(shown, line, pid, r))
+            return
+        interrupted = re.search(r"(^|\s)--watch(\s|$)", cmd) is not None
+        if interrupted:  # "Watch both sides live (Ctrl-C ends)"
+            cmd = f"timeout -s INT {CTRL_C_AFTER_S} {cmd}"
+        r = self.box.run(cmd, timeout=240)
+        self.block_outputs.append(r)
+        if not (r.rc == 0 or (interrupted and r.rc in (124, 130))):
+            raise ScenarioFailed(f"README.md tour, block at line {line}: {shown} exited {r.rc}:\n"
+                                 f"{r.out[-3000:]}\n{self.box.log_tail()}")
+        if "Traceback" in r.out:
+            raise ScenarioFailed(f"README.md line {line}: {shown} printed a traceback:\n{r.out[-3000:]}")
+        self.saw(r)
+
+    def end_block(self) -> None:
+        """The other terminals' commands started before this block must be done by now."""
+        for t in list(self.terminals):
+            if t.blocks_left > 0:
+                t.blocks_left -= 1
+                continue
+            self.terminals.remove(t)
+            w = self.box.run(f"wait {t.pid}", timeout=60)
+            out = t.result.out
+            if w.rc != 0:
+                raise ScenarioFailed(f"README.md tour, block at line {t.line}: {t.typed} (in its own "
+                                     f"terminal) exited {w.rc}:\n{out[-3000:]}\n{self.box.log_tail()}")
+            self.block_outputs.append(t.result)
+            self.saw(t.result)
+
+
 @pytest.mark.timeout(600)
 def test_readme_tour_every_block_in_order(user_clone: Clone, sandbox: Callable[[], Sandbox]) -> None:
     """Every shell block of "A 5-minute tour", in order, in one shell, after
@@ -71,39 +154,17 @@ def test_readme_tour_every_block_in_order(user_clone: Clone, sandbox: Callable[[
     box = sandbox()
     box.ok(f"cd {shlex.quote(str(user_clone.root))} && . .venv/bin/activate",
            "activate the venv as the tour says")
-    mapping: dict[str, str] = {}  # README example value -> the value this run printed
-    last_outputs: list[Result] = []
-    last_uid: str | None = None
+    tour = TourRunner(box)
     for lang, text, line in _tour_blocks(user_clone):
         if lang == "text":
-            printed = "\n".join(r.out for r in last_outputs)
-            mapping.update(example_tokens(text, printed))
-            continue
-        if lang not in ("bash", "sh", "shell"):
-            continue
-        last_outputs = []
-        for typed in commands(text):
-            cmd = substitute(typed, mapping)
-            if "<uid>" in cmd:  # "<uid> as printed above": the uid this user was just given
-                assert last_uid, f"README.md line {line}: `{typed}` needs a uid and none was printed"
-                cmd = cmd.replace("<uid>", last_uid)
-            interrupted = "--watch" in shlex.split(cmd)
-            if interrupted:  # "Watch both sides live (Ctrl-C ends)"
-                cmd = f"timeout -s INT {CTRL_C_AFTER_S} {cmd}"
-            r = box.run(cmd, timeout=240)
-            last_outputs.append(r)
-            ok = r.rc == 0 or (interrupted and r.rc in (124, 130))
-            if not ok:
-                raise ScenarioFailed(
-                    f"README.md tour, block at line {line}: `{typed}`"
-                    + (f" (typed as `{cmd}`)" if cmd != typed else "")
-                    + f" exited {r.rc}:\n{r.out[-3000:]}\n{box.log_tail()}"
-                )
-            if "Traceback" in r.out:
-                raise ScenarioFailed(f"README.md line {line}: `{typed}` printed a traceback:\n{r.out[-3000:]}")
-            uids = re.findall(UUID_RE, r.out)
-            if uids:
-                last_uid = uids[-1]
+            tour.read_example(text)
+        elif lang in ("bash", "sh", "shell"):
+            tour.block_outputs = []
+            for typed in commands(text):
+                tour.type(typed, line)
+            tour.end_block()
+    tour.end_block()
+    tour.end_block()
     # The tour leaves its gateways running; the scenario's end stops them (PID namespace).
 
 
@@ -118,7 +179,8 @@ def test_tour_parsing_finds_commands(user_clone: Clone) -> None:
 
 
 def test_example_tokens_maps_what_the_user_reads() -> None:
-    example = 'uid; s2cs\n21e96708-e732-11f1-9e2c-02fc00000001 127.0.0.1:5000 INVALID_TOKEN PROD\nlisteners: "127.0.0.1:5100"'
+    example = ('uid; s2cs\n21e96708-e732-11f1-9e2c-02fc00000001 127.0.0.1:5000 INVALID_TOKEN PROD\n'
+               'listeners: "127.0.0.1:5100"')
     actual = ('uid; s2cs\n0c8b3a54-0000-11f1-9e2c-02fc00000001 127.0.0.1:5000 INVALID_TOKEN PROD\n'
               'listeners: "127.0.0.1:5104"\n')
     m = example_tokens(example, actual)
