@@ -53,10 +53,10 @@ class Clone:
         return self.source.parent / "shared"
 
 
-def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
-         timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+def _run(
+    cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def make_clone(base: Path, setup_timeout: float = 900) -> Clone:
@@ -80,8 +80,9 @@ def make_clone(base: Path, setup_timeout: float = 900) -> Clone:
     t0 = time.monotonic()
     r = _run(["./dev", "setup"], cwd=root, env=user_env(home), timeout=setup_timeout)
     if r.returncode != 0:
-        raise RuntimeError(f"./dev setup in a fresh clone failed (exit {r.returncode}):\n"
-                           f"{(r.stdout + r.stderr)[-4000:]}")
+        raise RuntimeError(
+            f"./dev setup in a fresh clone failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}"
+        )
     return Clone(root=root, base=base, source=source, setup_seconds=time.monotonic() - t0)
 
 
@@ -122,11 +123,30 @@ class Sandbox:
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.proc = subprocess.Popen(
             # setpriv --pdeathsig: the sandbox dies with this test process, whatever kills it.
-            ["setpriv", "--pdeathsig", "KILL",
-             "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
-             "--mount-proc", "--net", "--", "/bin/bash", str(ENTER), str(self.dir), str(self.clone.base),
-             str(self.home)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                "setpriv",
+                "--pdeathsig",
+                "KILL",
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+                "--net",
+                "--",
+                "/bin/bash",
+                str(ENTER),
+                str(self.dir),
+                str(self.clone.base),
+                str(self.home),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -150,7 +170,7 @@ class Sandbox:
             src_path.write_text(stdin)
             src = str(src_path)
         # Braces, not a subshell: cd, variables and background jobs stay in the user's shell.
-        script = f"{{ {cmd}\n}} >{shlex.quote(str(out))} 2>&1 <{shlex.quote(src)}; echo \"@@done {n} $?\"\n"
+        script = f'{{ {cmd}\n}} >{shlex.quote(str(out))} 2>&1 <{shlex.quote(src)}; echo "@@done {n} $?"\n'
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(script)
@@ -162,8 +182,10 @@ class Sandbox:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.transcript.append(f"$ {cmd}\n[still running after {timeout:.0f} s]\n{_tail(out)}")
-                raise ScenarioFailed(f"`{cmd}` did not finish within {timeout:.0f} s; its output:\n"
-                                     f"{_tail(out)}\n{self.log_tail()}")
+                raise ScenarioFailed(
+                    f"`{cmd}` did not finish within {timeout:.0f} s; its output:\n"
+                    f"{_tail(out)}\n{self.log_tail()}"
+                )
             try:
                 line = self._lines.get(timeout=left)
             except queue.Empty:
@@ -186,8 +208,16 @@ class Sandbox:
             raise ScenarioFailed(f"{why}: `{cmd}` exited {r.rc}:\n{_tail(r.path)}\n{self.log_tail()}")
         return r
 
-    def until(self, cmd: str, pred: Callable[[Result], bool], why: str, *, timeout: float = 20,
-              interval: float = 0.3, per_call: float = 30) -> Result:
+    def until(
+        self,
+        cmd: str,
+        pred: Callable[[Result], bool],
+        why: str,
+        *,
+        timeout: float = 20,
+        interval: float = 0.3,
+        per_call: float = 30,
+    ) -> Result:
         """Run ``cmd`` again and again until ``pred`` holds on its result, at most ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while True:
@@ -195,8 +225,10 @@ class Sandbox:
             if pred(r):
                 return r
             if time.monotonic() > deadline:
-                raise ScenarioFailed(f"{why}: not within {timeout:.0f} s; last `{cmd}` exited {r.rc}:\n"
-                                     f"{_tail(r.path)}\n{self.log_tail()}")
+                raise ScenarioFailed(
+                    f"{why}: not within {timeout:.0f} s; last `{cmd}` exited {r.rc}:\n"
+                    f"{_tail(r.path)}\n{self.log_tail()}"
+                )
             time.sleep(interval)
 
     def py(self, args: str) -> str:
@@ -325,9 +357,12 @@ def substitute(cmd: str, mapping: dict[str, str]) -> str:
 # ---------------------------------------------------------------------- steps shared by scenarios
 def serving(box: Sandbox, address: str, cert: str, *, timeout: float = 30) -> None:
     """Wait (as an operator watching the log would) until the s2cs at ``address`` is SERVING."""
-    box.until(f"scistream health --s2cs {address} --server-cert {shlex.quote(cert)}",
-              lambda r: r.rc == 0 and "SERVING" in r.out and "NOT_SERVING" not in r.out,
-              f"the s2cs at {address} to serve", timeout=timeout)
+    box.until(
+        f"scistream health --s2cs {address} --server-cert {shlex.quote(cert)}",
+        lambda r: r.rc == 0 and "SERVING" in r.out and "NOT_SERVING" not in r.out,
+        f"the s2cs at {address} to serve",
+        timeout=timeout,
+    )
 
 
 def background(box: Sandbox, cmd: str) -> tuple[Result, str]:
@@ -357,8 +392,12 @@ def listeners_of(out: str) -> list[str]:
 
 def sha256_through(box: Sandbox, endpoint: str, expected: str, why: str, *, timeout: float = 20) -> None:
     """Read a whole stream from ``endpoint`` (retrying until ``timeout``): the SHA-256 must match."""
-    box.until(box.py(f"fetch {endpoint}"), lambda r: r.rc == 0 and f"sha256 {expected}" in r.out,
-              f"{why}: the bytes read from {endpoint} to have SHA-256 {expected}", timeout=timeout)
+    box.until(
+        box.py(f"fetch {endpoint}"),
+        lambda r: r.rc == 0 and f"sha256 {expected}" in r.out,
+        f"{why}: the bytes read from {endpoint} to have SHA-256 {expected}",
+        timeout=timeout,
+    )
 
 
 def processes(box: Sandbox, pattern: str) -> list[tuple[int, str]]:

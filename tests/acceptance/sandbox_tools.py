@@ -32,8 +32,10 @@ def payload(size: int, seed: int) -> bytes:
 def serve(args: argparse.Namespace) -> int:
     data = payload(args.size, args.seed)
     srv = socket.create_server((args.bind, args.port), reuse_port=False, backlog=64)
-    print(f"serving {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()} on {args.bind}:{args.port}",
-          flush=True)
+    print(
+        f"serving {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()} on {args.bind}:{args.port}",
+        flush=True,
+    )
 
     def one(conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):  # the fault tests break connections on purpose
@@ -93,18 +95,34 @@ def globus(args: argparse.Namespace) -> int:
                 token = f"tok-{len(issued)}-{random.getrandbits(64):x}"
                 issued[token] = scope
                 rs = scope.split("/scopes/")[-1].split("/")[0] if "/scopes/" in scope else "auth.globus.org"
-                self._reply({"access_token": token, "refresh_token": f"r-{token}", "expires_in": 3600,
-                             "scope": scope, "token_type": "Bearer", "resource_server": rs,
-                             "other_tokens": []})
+                self._reply(
+                    {
+                        "access_token": token,
+                        "refresh_token": f"r-{token}",
+                        "expires_in": 3600,
+                        "scope": scope,
+                        "token_type": "Bearer",
+                        "resource_server": rs,
+                        "other_tokens": [],
+                    }
+                )
             elif path == "/v2/oauth2/token/introspect":
                 token = form.get("token", [""])[0]
                 if token not in issued:
                     self._reply({"active": False})
                     return
                 rs = issued[token].split("/scopes/")[-1].split("/")[0]
-                self._reply({"active": True, "sub": "00000000-0000-0000-0000-00000000a11c",
-                             "username": "alice@example.org", "scope": issued[token],
-                             "aud": [rs], "exp": int(time.time()) + 3600, "client_id": "s2uc"})
+                self._reply(
+                    {
+                        "active": True,
+                        "sub": "00000000-0000-0000-0000-00000000a11c",
+                        "username": "alice@example.org",
+                        "scope": issued[token],
+                        "aud": [rs],
+                        "exp": int(time.time()) + 3600,
+                        "client_id": "s2uc",
+                    }
+                )
             elif path == "/v2/oauth2/token/revoke":
                 issued.pop(form.get("token", [""])[0], None)
                 self._reply({"active": False})

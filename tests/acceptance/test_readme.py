@@ -124,8 +124,10 @@ class TourRunner:
         r = self.box.run(cmd, timeout=240)
         self.block_outputs.append(r)
         if not (r.rc == 0 or (interrupted and r.rc in (124, 130))):
-            raise ScenarioFailed(f"README.md tour, block at line {line}: {shown} exited {r.rc}:\n"
-                                 f"{r.out[-3000:]}\n{self.box.log_tail()}")
+            raise ScenarioFailed(
+                f"README.md tour, block at line {line}: {shown} exited {r.rc}:\n"
+                f"{r.out[-3000:]}\n{self.box.log_tail()}"
+            )
         if "Traceback" in r.out:
             raise ScenarioFailed(f"README.md line {line}: {shown} printed a traceback:\n{r.out[-3000:]}")
         self.saw(r)
@@ -140,8 +142,10 @@ class TourRunner:
             w = self.box.run(f"wait {t.pid}", timeout=60)
             out = t.result.out
             if w.rc != 0:
-                raise ScenarioFailed(f"README.md tour, block at line {t.line}: {t.typed} (in its own "
-                                     f"terminal) exited {w.rc}:\n{out[-3000:]}\n{self.box.log_tail()}")
+                raise ScenarioFailed(
+                    f"README.md tour, block at line {t.line}: {t.typed} (in its own "
+                    f"terminal) exited {w.rc}:\n{out[-3000:]}\n{self.box.log_tail()}"
+                )
             self.block_outputs.append(t.result)
             self.saw(t.result)
 
@@ -152,8 +156,10 @@ def test_readme_tour_every_block_in_order(user_clone: Clone, sandbox: Callable[[
     `. .venv/bin/activate` in the clone's root, as the tour's first paragraph says
     (issue 10, items 1 and 12 and the acceptance section)."""
     box = sandbox()
-    box.ok(f"cd {shlex.quote(str(user_clone.root))} && . .venv/bin/activate",
-           "activate the venv as the tour says")
+    box.ok(
+        f"cd {shlex.quote(str(user_clone.root))} && . .venv/bin/activate",
+        "activate the venv as the tour says",
+    )
     tour = TourRunner(box)
     for lang, text, line in _tour_blocks(user_clone):
         if lang == "text":
@@ -179,13 +185,20 @@ def test_tour_parsing_finds_commands(user_clone: Clone) -> None:
 
 
 def test_example_tokens_maps_what_the_user_reads() -> None:
-    example = ('uid; s2cs\n21e96708-e732-11f1-9e2c-02fc00000001 127.0.0.1:5000 INVALID_TOKEN PROD\n'
-               'listeners: "127.0.0.1:5100"')
-    actual = ('uid; s2cs\n0c8b3a54-0000-11f1-9e2c-02fc00000001 127.0.0.1:5000 INVALID_TOKEN PROD\n'
-              'listeners: "127.0.0.1:5104"\n')
+    example = (
+        "uid; s2cs\n21e96708-e732-11f1-9e2c-02fc00000001 127.0.0.1:5000 INVALID_TOKEN PROD\n"
+        'listeners: "127.0.0.1:5100"'
+    )
+    actual = (
+        "uid; s2cs\n0c8b3a54-0000-11f1-9e2c-02fc00000001 127.0.0.1:5000 INVALID_TOKEN PROD\n"
+        'listeners: "127.0.0.1:5104"\n'
+    )
     m = example_tokens(example, actual)
-    assert m == {"21e96708-e732-11f1-9e2c-02fc00000001": "0c8b3a54-0000-11f1-9e2c-02fc00000001",
-                 "127.0.0.1:5000": "127.0.0.1:5000", "127.0.0.1:5100": "127.0.0.1:5104"}
+    assert m == {
+        "21e96708-e732-11f1-9e2c-02fc00000001": "0c8b3a54-0000-11f1-9e2c-02fc00000001",
+        "127.0.0.1:5000": "127.0.0.1:5000",
+        "127.0.0.1:5100": "127.0.0.1:5104",
+    }
     assert substitute("curl 127.0.0.1:5100 127.0.0.1:51000", m) == "curl 127.0.0.1:5104 127.0.0.1:51000"
     assert strip_comment("./dev demo    # installs what it needs, then ...") == "./dev demo"
     assert commands("a \\\n  b\n# c\n\nd # e\n") == ["a   b", "d # e"]
