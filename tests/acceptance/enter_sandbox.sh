@@ -8,9 +8,10 @@
 #   * every process it starts, daemons included, dies with it (the PID namespace ends
 #     when this script exits or unshare is killed), so nothing outlives a test;
 #   * the default state directories are genuinely used without touching the host:
-#     /var/lib and /etc are overlays whose writes land in $scn/overlay (so
+#     /var/lib, /etc and /run are overlays whose writes land in $scn/overlay (so
 #     /var/lib/scistream, or any per-instance sibling of it, starts empty and is thrown
-#     away), and /tmp is an empty directory of the scenario (the README's /tmp/tour).
+#     away), /run likewise (sockets, and `ip netns` for `scistream demo --netns`), and
+#     /tmp is an empty directory of the scenario (the README's /tmp/tour).
 # Then it runs the user's shell under `env -i` with only PATH and a temporary HOME,
 # reading commands from our stdin.
 # Usage: enter_sandbox.sh SCENARIO_DIR KEEP_DIR HOME_DIR
@@ -30,7 +31,7 @@ mkdir -p "$keep"
 mount --no-canonicalize --bind /proc/self/fd/3 "$keep"
 exec 3<&-
 
-for dir in /var/lib /etc; do
+for dir in /var/lib /etc /run; do
   name=${dir//\//_}
   mkdir -p "$scn/overlay/$name/upper" "$scn/overlay/$name/work"
   mount -t overlay overlay \

@@ -201,4 +201,4 @@ def test_example_tokens_maps_what_the_user_reads() -> None:
     }
     assert substitute("curl 127.0.0.1:5100 127.0.0.1:51000", m) == "curl 127.0.0.1:5104 127.0.0.1:51000"
     assert strip_comment("./dev demo    # installs what it needs, then ...") == "./dev demo"
-    assert commands("a \\\n  b\n# c\n\nd # e\n") == ["a   b", "d # e"]
+    assert commands("a \\\n  b\n# c\n\nd # e\n") == ["a    b", "d # e"]
