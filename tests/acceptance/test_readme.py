@@ -1,9 +1,13 @@
 """The README as a new user follows it, in a fresh clone, under ``env -i``, as root.
 
 Commands are parsed out of README.md (never retyped here), so a README that says something
-the product does not do fails this test. The only liberties taken are those a user takes
-while typing: reading uids and addresses off the screen (the README's example outputs say
-where), and ending with Ctrl-C what the README says runs until Ctrl-C.
+the product does not do fails this test. A block is run as if pasted into a terminal: its
+commands follow each other with no pause, so a block that starts a server in the background
+and uses it on the next line must itself wait until it serves (issue 10, item 12). The only
+liberties taken are those a user takes while typing: reading uids and addresses off the
+screen (the README's example outputs say where, and ``<uid>`` means the one just printed),
+running in a terminal of its own a command the README says waits for a hello, and ending
+with Ctrl-C what the README says runs until Ctrl-C.
 """
 
 from __future__ import annotations
