@@ -29,7 +29,7 @@ from acceptance_sandbox import (
 # The s2cs option an operator gives to start on purpose with a new, empty session store
 # (issue 10, item 6: "unless the operator asks for a fresh start"). Its final name is the
 # fixer's choice: change it here only.
-FRESH_START_FLAG = "--fresh-start"
+FRESH_START_FLAG = "--fresh-state"
 # How long s2cs may take to notice a dead s2ds and report it (the issue: "about a second").
 NOTICE_S = 5.0
 # How long until a new s2ds serves the re-applied sessions.
