@@ -72,6 +72,8 @@ def _tour_blocks(clone: Clone) -> list[tuple[str, str, int]]:
 # terminal" and the hello "in a second terminal", so the runner leaves them running in a
 # terminal of their own and collects their exit status at the end of the next block.
 WAITS_FOR_HELLO = re.compile(r"^s2uc\s+(prod-req|cons-req)\b")
+# A command line that already puts something in the background (`cmd & PID=$!`): typed as is.
+BACKGROUND = re.compile(r"(?<![&>|])&(?![&>])")
 
 
 @dataclass
@@ -117,7 +119,7 @@ class TourRunner:
                 raise ScenarioFailed(f"README.md line {line}: `{typed}` needs a uid and none was printed")
             cmd = cmd.replace("<uid>", self.last_uid)
         shown = f"`{typed}`" + (f" (typed as `{cmd}`)" if cmd != typed else "")
-        if WAITS_FOR_HELLO.search(cmd):
+        if WAITS_FOR_HELLO.search(cmd) and not BACKGROUND.search(cmd):
             r = self.box.run(f"{cmd} &")
             pid = self.box.ok("echo $!", "note the terminal's job").out.strip()
             self.terminals.append(Terminal(shown, line, pid, r))
@@ -125,7 +127,7 @@ class TourRunner:
         interrupted = re.search(r"(^|\s)--watch(\s|$)", cmd) is not None
         if interrupted:  # "Watch both sides live (Ctrl-C ends)"
             cmd = f"timeout -s INT {CTRL_C_AFTER_S} {cmd}"
-        r = self.box.run(cmd, timeout=240)
+        r = self.box.run(cmd, timeout=150)
         self.block_outputs.append(r)
         if not (r.rc == 0 or (interrupted and r.rc in (124, 130))):
             raise ScenarioFailed(
@@ -206,3 +208,5 @@ def test_example_tokens_maps_what_the_user_reads() -> None:
     assert substitute("curl 127.0.0.1:5100 127.0.0.1:51000", m) == "curl 127.0.0.1:5104 127.0.0.1:51000"
     assert strip_comment("./dev demo    # installs what it needs, then ...") == "./dev demo"
     assert commands("a \\\n  b\n# c\n\nd # e\n") == ["a    b", "d # e"]
+    assert BACKGROUND.search("s2uc prod-req --json > p.json & PROD_REQ=$!")
+    assert not BACKGROUND.search("s2uc prod-req --mock True 2>&1 && echo ok &>/dev/null")
