@@ -191,7 +191,10 @@ class Sandbox:
             except queue.Empty:
                 continue
             if line is None:
-                raise ScenarioFailed(f"the scenario shell died during `{cmd}`:\n{_tail(out)}")
+                raise ScenarioFailed(
+                    f"the scenario shell died during `{cmd}` (enter_sandbox.sh's own errors are the "
+                    f"[shell] lines):\n{_tail(out)}\n{self.log_tail()}"
+                )
             m = re.fullmatch(rf"@@done {n} (\d+)", line)
             if m:
                 rc = int(m.group(1))

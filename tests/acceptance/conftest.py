@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def user_clone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clone]:
     if os.geteuid() != 0:
         pytest.skip("the acceptance suite runs as root, as the README's user does (namespaces, mounts)")
-    for tool in ("git", "unshare", "mount", "ip"):
+    for tool in ("git", "unshare", "setpriv", "mount", "ip"):
         if shutil.which(tool) is None:
             pytest.skip(f"the acceptance suite needs {tool}")
     base = tmp_path_factory.mktemp("acceptance")
