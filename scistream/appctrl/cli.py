@@ -33,6 +33,9 @@ from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
 from scistream.grpcutil import INVALID_TOKEN, ControlError, ExitCode, check_uid, port_list, split_csv
 from scistream.programs import TOOLS, tool_argv
 from scistream.s2ds.keys import CurveKeyError, load_keypair, load_public
+from scistream.s2uc import tokens
+from scistream.s2uc.config import load_config
+from scistream.s2uc.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ class S2csLink:
             role=role,
             server_cert=self.server_cert,
             ssl=self.ssl,
-            token=_token(token),
+            token=_token(token, s2cs),
             timeout=self.timeout,
             events_curve=self.events_curve(),
         )
@@ -180,8 +183,23 @@ def _role(text: str) -> str:
     return role
 
 
-def _token(token: str | None) -> str | None:
-    return None if not token or token == INVALID_TOKEN else token
+def _token(token: str | None, s2cs: str) -> str | None:
+    """The token to send: the one given, else (empty, or 1.x's placeholder) this user's
+    `s2uc login` for the scope that s2uc.toml's [scopes] names for ``s2cs``, if any.
+
+    An s2cs that checks tokens authenticates every hello (the tutorials type the
+    placeholder next to an `s2uc login`); one that does not ignores the token.
+    """
+    if token and token != INVALID_TOKEN:
+        return token
+    try:
+        scope = load_config().scope_for(s2cs)
+        if not scope or not TokenStore().get(scope):
+            return None
+        return tokens.access_token(scope)
+    except ControlError as exc:
+        log.warning("not using the s2uc login for %s: %s", s2cs, exc)
+        return None
 
 
 @click.group(cls=AppctrlGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -356,3 +356,27 @@ def test_producer_without_subscriber_times_out_cleanly() -> None:
     r = CliRunner().invoke(main, ["run-producer", str(port), "--wait-subscriber", "0.3"])
     assert r.exit_code == ExitCode.TIMEOUT
     assert "no subscriber" in r.stderr
+
+
+def test_mock_with_the_placeholder_sends_the_users_s2uc_login(
+    gw: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VM tutorial types INVALID_TOKEN next to an `s2uc login`: against a gateway that
+    checks tokens, the hello must carry that login's token (the scope from [scopes])."""
+    from scistream.s2uc.tokens import TokenStore
+
+    monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path))
+    (tmp_path / "s2uc.toml").write_text(f'[scopes]\n"{gw.address}" = "scope-abc"\n')
+    login = {"access_token": "tok-of-the-login", "expires_at_seconds": time.time() + 3600}
+    TokenStore().put("scope-abc", login)
+    background(lambda: stub(gw).req(pb.Request(uid=UID, role="PROD", num_conn=1), timeout=20))
+    r = appctrl("mock", UID, gw.address, "INVALID_TOKEN", "PROD", "127.0.0.1", "--server-cert", str(gw.cert))
+    assert r.exit_code == 0, r.output
+    assert [a for n, _, a in gw.fake.calls if n == "hello"] == ["tok-of-the-login"]
+
+    # A token typed on the command line wins; no login for the s2cs: the placeholder as in 1.x.
+    monkeypatch.setenv("SCISTREAM_HOME", str(tmp_path / "nobody-logged-in"))
+    from scistream.appctrl.cli import _token
+
+    assert _token("typed-token", gw.address) == "typed-token"
+    assert _token("INVALID_TOKEN", gw.address) is None
