@@ -584,7 +584,7 @@ def run_demo(opts: Options, console: Any, show_progress: bool) -> Report:
         TransferSpeedColumn,
     )
 
-    demo = Demo(opts, lambda s: console.print(s, markup=False, highlight=False))
+    demo = Demo(opts, lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
     report = demo.report
     try:
         with _signals():
