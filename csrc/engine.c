@@ -46,6 +46,9 @@ void format_sockaddr(const struct sockaddr *sa, char *out, size_t outlen) {
     }
 }
 
+static int engine_enter(struct s2_engine *e);
+static void engine_leave(struct s2_engine *e);
+
 /* Queue one line; loglock held. */
 static void log_vpush(struct s2_engine *e, int level, const char *fmt, va_list ap) {
     if (e->log_count == S2_LOG_RING) {
@@ -119,10 +122,13 @@ void route_log_flush(struct route *r, int force) {
 
 void s2_engine_drain_logs(s2_engine *e, s2_log_sink sink, void *ud) {
     /* Sum up the intervals that are over; if a control command holds the registry, the
-     * next drain does. */
-    if (pthread_mutex_trylock(&e->rlock) == 0) {
-        for (struct route *r = e->routes; r; r = r->next) route_log_flush(r, 0);
-        pthread_mutex_unlock(&e->rlock);
+     * next drain does. A closed engine has no routes left, only lines to hand out. */
+    if (engine_enter(e) == 0) {
+        if (pthread_mutex_trylock(&e->rlock) == 0) {
+            for (struct route *r = e->routes; r; r = r->next) route_log_flush(r, 0);
+            pthread_mutex_unlock(&e->rlock);
+        }
+        engine_leave(e);
     }
     for (;;) {
         struct log_entry le;
@@ -223,6 +229,8 @@ int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
     }
     pthread_mutex_init(&e->rlock, NULL);
     pthread_mutex_init(&e->loglock, NULL);
+    pthread_mutex_init(&e->ulock, NULL);
+    pthread_cond_init(&e->ucv, NULL);
     atomic_store(&e->next_conn_id, 1);
     e->w = calloc((size_t)e->nworkers, sizeof *e->w);
     if (!e->w) {
@@ -266,40 +274,83 @@ int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
 
 int s2_engine_workers(const s2_engine *e) { return e->nworkers; }
 
-void s2_engine_free(s2_engine *e) {
-    if (!e) return;
+/* ---- lifetime ----------------------------------------------------------
+ * Every public call that touches routes, workers or connections runs between
+ * engine_enter and engine_leave; s2_engine_close waits until none is in progress.
+ * The handle's memory is freed only by s2_engine_free, which the owner calls when
+ * no thread can be in a call any more (the Python binding: when the last reference
+ * to the wrapper goes, and every call in progress holds one). */
+
+/* 0: go on (and call engine_leave after); -1: the engine is closed. */
+static int engine_enter(struct s2_engine *e) {
+    pthread_mutex_lock(&e->ulock);
+    int open = e->state == ENGINE_OPEN;
+    if (open) e->users++;
+    pthread_mutex_unlock(&e->ulock);
+    return open ? 0 : -1;
+}
+
+static void engine_leave(struct s2_engine *e) {
+    pthread_mutex_lock(&e->ulock);
+    if (--e->users == 0 && e->state != ENGINE_OPEN) pthread_cond_broadcast(&e->ucv);
+    pthread_mutex_unlock(&e->ulock);
+}
+
+static int closed_err(char *err, size_t errlen) {
+    seterr(err, errlen, "the engine is closed");
+    return S2_ERR_CLOSED;
+}
+
+/* Stop the started workers (each closes its connections first) and join them. */
+static void workers_stop(struct s2_engine *e) {
     int any = 0;
-    for (int i = 0; i < e->nworkers; i++) any |= e->w[i].started;
-    if (any) {
-        struct cmd c;
-        cmd_init(&c, CMD_STOP, NULL);
-        /* Post only to started workers: the others never run a loop. */
-        struct cmd_node *nodes = calloc((size_t)e->nworkers, sizeof *nodes);
-        if (nodes) {
-            for (int i = 0; i < e->nworkers; i++)
-                if (e->w[i].started) c.pending++;
-            for (int i = 0; i < e->nworkers; i++) {
-                if (!e->w[i].started) continue;
-                nodes[i].cmd = &c;
-                worker_post(&e->w[i], &nodes[i]);
-            }
-            pthread_mutex_lock(&c.m);
-            while (c.pending > 0) pthread_cond_wait(&c.cv, &c.m);
-            pthread_mutex_unlock(&c.m);
-        }
+    for (int i = 0; e->w && i < e->nworkers; i++) any |= e->w[i].started;
+    if (!any) return;
+    struct cmd c;
+    cmd_init(&c, CMD_STOP, NULL);
+    /* Post only to started workers: the others never run a loop. */
+    struct cmd_node *nodes = calloc((size_t)e->nworkers, sizeof *nodes);
+    if (nodes) {
         for (int i = 0; i < e->nworkers; i++)
-            if (e->w[i].started) pthread_join(e->w[i].th, NULL);
-        free(nodes);
-        cmd_destroy(&c);
+            if (e->w[i].started) c.pending++;
+        for (int i = 0; i < e->nworkers; i++) {
+            if (!e->w[i].started) continue;
+            nodes[i].cmd = &c;
+            worker_post(&e->w[i], &nodes[i]);
+        }
+        pthread_mutex_lock(&c.m);
+        while (c.pending > 0) pthread_cond_wait(&c.cv, &c.m);
+        pthread_mutex_unlock(&c.m);
     }
+    for (int i = 0; i < e->nworkers; i++)
+        if (e->w[i].started) pthread_join(e->w[i].th, NULL);
+    for (int i = 0; i < e->nworkers; i++) e->w[i].started = 0;
+    free(nodes);
+    cmd_destroy(&c);
+}
+
+void s2_engine_close(s2_engine *e) {
+    pthread_mutex_lock(&e->ulock);
+    if (e->state != ENGINE_OPEN) {
+        while (e->state != ENGINE_CLOSED) pthread_cond_wait(&e->ucv, &e->ulock);
+        pthread_mutex_unlock(&e->ulock);
+        return;
+    }
+    e->state = ENGINE_CLOSING;
+    atomic_store(&e->closing, 1);
+    while (e->users > 0) pthread_cond_wait(&e->ucv, &e->ulock);
+    pthread_mutex_unlock(&e->ulock);
+    /* No call is in progress and none can start: the registry and the workers are ours. */
+    workers_stop(e);
     for (int i = 0; e->w && i < e->nworkers; i++) {
         struct worker *w = &e->w[i];
         if (w->epfd >= 0) close(w->epfd);
         if (w->evfd >= 0) close(w->evfd);
         if (w->reserve_fd >= 0) close(w->reserve_fd);
-        pthread_mutex_destroy(&w->qlock);
+        w->epfd = w->evfd = w->reserve_fd = -1;
     }
     struct route *r = e->routes;
+    e->routes = NULL;
     while (r) {
         struct route *next = r->next;
         if (r->listen_fd >= 0) close(r->listen_fd);
@@ -307,9 +358,21 @@ void s2_engine_free(s2_engine *e) {
         route_unref(r);
         r = next;
     }
+    pthread_mutex_lock(&e->ulock);
+    e->state = ENGINE_CLOSED;
+    pthread_cond_broadcast(&e->ucv);
+    pthread_mutex_unlock(&e->ulock);
+}
+
+void s2_engine_free(s2_engine *e) {
+    if (!e) return;
+    s2_engine_close(e);
+    for (int i = 0; e->w && i < e->nworkers; i++) pthread_mutex_destroy(&e->w[i].qlock);
     free(e->w);
     pthread_mutex_destroy(&e->rlock);
     pthread_mutex_destroy(&e->loglock);
+    pthread_mutex_destroy(&e->ulock);
+    pthread_cond_destroy(&e->ucv);
     free(e);
 }
 
@@ -443,8 +506,8 @@ static int open_listener(struct s2_engine *e, const s2_route_spec *spec, char *e
     return S2_OK;
 }
 
-int s2_route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t boundlen, char *err,
-                 size_t errlen) {
+static int route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t boundlen, char *err,
+                     size_t errlen) {
     if (!spec->route_id || !*spec->route_id) {
         seterr(err, errlen, "a route needs a route_id");
         return S2_ERR_INVALID;
@@ -520,8 +583,8 @@ int s2_route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t bo
     return S2_OK;
 }
 
-int s2_route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *targets, int ntargets,
-                      char *err, size_t errlen) {
+static int route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *targets, int ntargets,
+                          char *err, size_t errlen) {
     if (ntargets <= 0) {
         seterr(err, errlen, "route %s needs at least one target", route_id);
         return S2_ERR_INVALID;
@@ -546,7 +609,7 @@ int s2_route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *
     return S2_OK;
 }
 
-int s2_route_remove(s2_engine *e, const char *route_id, int drain, char *err, size_t errlen) {
+static int route_remove(s2_engine *e, const char *route_id, int drain, char *err, size_t errlen) {
     pthread_mutex_lock(&e->rlock);
     struct route **pp = &e->routes;
     while (*pp && strcmp((*pp)->id, route_id) != 0) pp = &(*pp)->next;
@@ -574,7 +637,7 @@ int s2_route_remove(s2_engine *e, const char *route_id, int drain, char *err, si
     return S2_OK;
 }
 
-int s2_engine_drain(s2_engine *e, double timeout) {
+static int engine_drain(s2_engine *e, double timeout) {
     pthread_mutex_lock(&e->rlock);
     for (struct route *r = e->routes; r; r = r->next) {
         if (!atomic_exchange(&r->accepting, 0)) continue;
@@ -591,7 +654,8 @@ int s2_engine_drain(s2_engine *e, double timeout) {
     int64_t end = timeout < 0 ? INT64_MAX : mono_ns() + (int64_t)(timeout * 1e9);
     for (;;) {
         if (atomic_load(&e->active) == 0) return 1;
-        if (mono_ns() >= end) return 0;
+        /* A close waits for this call: give up at once, the streams are being cut. */
+        if (atomic_load(&e->closing) || mono_ns() >= end) return 0;
         struct timespec ts = {0, 5 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
@@ -619,8 +683,8 @@ static void route_stats_fill(struct route *r, s2_route_stats *rs) {
     rs->started_at = r->started_at;
 }
 
-int s2_engine_stats(s2_engine *e, const char *route_id, int with_conns, s2_stats **out, char *err,
-                    size_t errlen) {
+static int engine_stats(s2_engine *e, const char *route_id, int with_conns, s2_stats **out, char *err,
+                        size_t errlen) {
     *out = NULL;
     s2_stats *s = calloc(1, sizeof *s);
     if (!s) {
@@ -692,6 +756,47 @@ void s2_stats_free(s2_stats *s) {
     }
     free(s->routes);
     free(s);
+}
+
+/* ---- the public calls: each one inside engine_enter/engine_leave -------- */
+
+int s2_route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t boundlen, char *err,
+                 size_t errlen) {
+    if (engine_enter(e) < 0) return closed_err(err, errlen);
+    int rc = route_add(e, spec, bound, boundlen, err, errlen);
+    engine_leave(e);
+    return rc;
+}
+
+int s2_route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *targets, int ntargets,
+                      char *err, size_t errlen) {
+    if (engine_enter(e) < 0) return closed_err(err, errlen);
+    int rc = route_retarget(e, route_id, targets, ntargets, err, errlen);
+    engine_leave(e);
+    return rc;
+}
+
+int s2_route_remove(s2_engine *e, const char *route_id, int drain, char *err, size_t errlen) {
+    if (engine_enter(e) < 0) return closed_err(err, errlen);
+    int rc = route_remove(e, route_id, drain, err, errlen);
+    engine_leave(e);
+    return rc;
+}
+
+int s2_engine_drain(s2_engine *e, double timeout) {
+    if (engine_enter(e) < 0) return -1;
+    int rc = engine_drain(e, timeout);
+    engine_leave(e);
+    return rc;
+}
+
+int s2_engine_stats(s2_engine *e, const char *route_id, int with_conns, s2_stats **out, char *err,
+                    size_t errlen) {
+    *out = NULL;
+    if (engine_enter(e) < 0) return closed_err(err, errlen);
+    int rc = engine_stats(e, route_id, with_conns, out, err, errlen);
+    engine_leave(e);
+    return rc;
 }
 
 void s2_engine_resources(s2_engine *e, s2_resources *out) {

@@ -210,7 +210,16 @@ struct s2_engine {
     struct log_entry logs[S2_LOG_RING];
     unsigned log_head, log_count, log_dropped;
     _Atomic int64_t dbg_fds, dbg_pipes, dbg_ssl, dbg_conns;
+    /* Lifetime: the public calls in progress and the close state (engine.c), so that
+     * s2_engine_close waits for its callers instead of tearing the engine down under
+     * them, and refuses every call after it. */
+    pthread_mutex_t ulock;
+    pthread_cond_t ucv;
+    int users;              /* public calls in progress (ulock) */
+    int state;              /* enum engine_state (ulock) */
+    _Atomic int closing;    /* set first thing by close: a waiting drain gives up */
 };
+enum engine_state { ENGINE_OPEN, ENGINE_CLOSING, ENGINE_CLOSED };
 
 void s2_log(struct s2_engine *e, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
