@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s2ds_support import Daemon, echo_roundtrip, echo_server, need_native
+from s2ds_support import Daemon, Forward, echo_roundtrip, echo_server, need_native, stop
 from streams import MiB
 
 from scistream.dataplane import Route
@@ -159,6 +159,37 @@ def test_signal_storm_while_draining_under_asan(
                     storm.join(10)
                 for t in streams:
                     t.join(10)
+
+
+@pytest.mark.timeout(120)
+def test_forward_second_signal_under_a_drain_under_asan(
+    asan_env: dict[str, str], state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`s2ds forward` has the same two threads: the first signal's drain thread and the
+    main thread that closes on the second signal (and prints --stats meanwhile)."""
+    for name, value in asan_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(state_dir)
+    with echo_server() as echo:
+        for rnd in range(ROUNDS):
+            fwd = Forward("--listen", "127.0.0.1:0", "--to", echo.address, "--engine", "native",
+                          "--stats", "--stats-interval", "0.02")
+            first = threading.Event()
+            stream = threading.Thread(target=_quiet_roundtrip, args=(fwd.bound, first), daemon=True)
+            try:
+                maps = Path(f"/proc/{fwd.proc.pid}/maps").read_text()
+                assert asan_env["SAN_PACKAGE"] in maps, "s2ds did not load the ASan build of the engine"
+                stream.start()
+                assert first.wait(20)
+                fwd.proc.send_signal(signal.SIGTERM)
+                time.sleep(0.1 + 0.1 * rnd)
+                code = fwd.finish(signal.SIGTERM, timeout=30)
+                if "AddressSanitizer" in fwd.stderr or "runtime error" in fwd.stderr:
+                    pytest.fail(f"round {rnd}: sanitizer report\n{fwd.stderr[-8000:]}", pytrace=False)
+                assert code == 128 + signal.SIGTERM, f"round {rnd}: exit {code}\n{fwd.stderr[-3000:]}"
+            finally:
+                stop(fwd.proc)
+                stream.join(10)
 
 
 async def _add_routes(address: str, target: str) -> list[str]:
