@@ -395,6 +395,8 @@ class Daemon:
                 )
             await in_daemon_thread(self.engine.close)
         except Exception as exc:
+            if self._forced:
+                return  # the forced close got there first (the drain was refused)
             log.error("shutdown failed: %s", exc)
             complete = False
         if self._forced:
