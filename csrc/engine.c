@@ -1,9 +1,8 @@
-/* Engine lifecycle, route registry and the control commands posted to workers. */
-#include <arpa/inet.h>
+/* The engine's public API (engine.h): life cycle, the route registry and the
+ * commands that make the workers act on it, stats. Nothing in the engine calls up
+ * into this file; it calls down into route.c, worker.c, log.c and util.c. */
 #include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,139 +13,6 @@
 
 #include "internal.h"
 
-const char *const s2_error_kind_names[S2_E_COUNT] = {
-    "accept", "connect_refused", "connect_timeout", "connect_error", "tls_handshake",
-    "reset", "idle_timeout", "max_connections", "io",
-};
-
-int64_t mono_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * S2_NS + ts.tv_nsec;
-}
-
-double wall_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-void format_sockaddr(const struct sockaddr *sa, char *out, size_t outlen) {
-    char host[INET6_ADDRSTRLEN] = "?";
-    if (sa->sa_family == AF_INET) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-        inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
-        snprintf(out, outlen, "%s:%u", host, ntohs(in->sin_port));
-    } else if (sa->sa_family == AF_INET6) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-        snprintf(out, outlen, "[%s]:%u", host, ntohs(in6->sin6_port));
-    } else {
-        snprintf(out, outlen, "?");
-    }
-}
-
-/* Queue one line; loglock held. */
-static void log_vpush(struct s2_engine *e, int level, const char *fmt, va_list ap) {
-    if (e->log_count == S2_LOG_RING) {
-        e->log_dropped++;
-        return;
-    }
-    struct log_entry *le = &e->logs[(e->log_head + e->log_count) % S2_LOG_RING];
-    vsnprintf(le->msg, sizeof le->msg, fmt, ap);
-    le->level = level;
-    e->log_count++;
-}
-
-static void log_push(struct s2_engine *e, int level, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void log_push(struct s2_engine *e, int level, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    log_vpush(e, level, fmt, ap);
-    va_end(ap);
-}
-
-void s2_log(struct s2_engine *e, int level, const char *fmt, ...) {
-    va_list ap;
-    pthread_mutex_lock(&e->loglock);
-    va_start(ap, fmt);
-    log_vpush(e, level, fmt, ap);
-    va_end(ap);
-    pthread_mutex_unlock(&e->loglock);
-}
-
-/* End r's interval of kind: one line for what it did not log; loglock held. */
-static void loglimit_end(struct route *r, int kind, int64_t now) {
-    struct loglimit *l = &r->loglim[kind];
-    if (l->suppressed)
-        log_push(r->e, l->level,
-                 "route %s: %u more %s errors in the last %.1f s (each counted in the route's errors)", r->id,
-                 l->suppressed, s2_error_kind_names[kind], (double)(now - l->start) / S2_NS);
-    memset(l, 0, sizeof *l);
-}
-
-void s2_log_route(struct route *r, int kind, int level, const char *fmt, ...) {
-    struct s2_engine *e = r->e;
-    int64_t now = mono_ns();
-    pthread_mutex_lock(&e->loglock);
-    struct loglimit *l = &r->loglim[kind];
-    if (l->logged && now - l->start >= (int64_t)S2_LOG_WINDOW_S * S2_NS) loglimit_end(r, kind, now);
-    if (!l->logged) l->start = now;
-    if (l->logged < S2_LOG_BURST) {
-        l->logged++;
-        va_list ap;
-        va_start(ap, fmt);
-        log_vpush(e, level, fmt, ap);
-        va_end(ap);
-    } else {
-        l->suppressed++;
-        if (level > l->level) l->level = level;
-    }
-    pthread_mutex_unlock(&e->loglock);
-}
-
-void route_log_flush(struct route *r, int force) {
-    int64_t now = mono_ns();
-    pthread_mutex_lock(&r->e->loglock);
-    for (int k = 0; k < S2_E_COUNT; k++) {
-        const struct loglimit *l = &r->loglim[k];
-        if (l->logged && (force || now - l->start >= (int64_t)S2_LOG_WINDOW_S * S2_NS))
-            loglimit_end(r, k, now);
-    }
-    pthread_mutex_unlock(&r->e->loglock);
-}
-
-void s2_engine_drain_logs(s2_engine *e, s2_log_sink sink, void *ud) {
-    /* Sum up the intervals that are over; if a control command holds the registry, the
-     * next drain does. */
-    if (pthread_mutex_trylock(&e->rlock) == 0) {
-        for (struct route *r = e->routes; r; r = r->next) route_log_flush(r, 0);
-        pthread_mutex_unlock(&e->rlock);
-    }
-    for (;;) {
-        struct log_entry le;
-        unsigned dropped;
-        pthread_mutex_lock(&e->loglock);
-        if (e->log_count == 0) {
-            pthread_mutex_unlock(&e->loglock);
-            return;
-        }
-        le = e->logs[e->log_head];
-        e->log_head = (e->log_head + 1) % S2_LOG_RING;
-        e->log_count--;
-        dropped = e->log_dropped;
-        e->log_dropped = 0;
-        pthread_mutex_unlock(&e->loglock);
-        if (dropped) {
-            char m[80];
-            snprintf(m, sizeof m, "%u engine log lines were dropped (ring full)", dropped);
-            sink(ud, S2_LOG_WARNING, m);
-        }
-        sink(ud, le.level, le.msg);
-    }
-}
-
 void s2_tuning_defaults(s2_tuning *t) {
     memset(t, 0, sizeof *t);
     t->pipe_size = 1 << 20;
@@ -155,16 +21,6 @@ void s2_tuning_defaults(s2_tuning *t) {
     t->backlog = 1024;
     t->connect_timeout = 10.0;
     t->tls_key_update_bytes = (uint64_t)1 << 36;
-}
-
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
 }
 
 /* ---- commands ---------------------------------------------------------- */
@@ -182,12 +38,15 @@ static void cmd_destroy(struct cmd *c) {
     pthread_cond_destroy(&c->cv);
 }
 
-/* Post to every worker and wait until all ran it. */
+/* Post to every started worker (all of them, but while s2_engine_new fails half way)
+ * and wait until each ran it. */
 static int cmd_run_all(struct s2_engine *e, struct cmd *c) {
     struct cmd_node *nodes = calloc((size_t)e->nworkers, sizeof *nodes);
     if (!nodes) return -1;
-    c->pending = e->nworkers;
+    c->pending = 0;
+    for (int i = 0; i < e->nworkers; i++) c->pending += e->w[i].started;
     for (int i = 0; i < e->nworkers; i++) {
+        if (!e->w[i].started) continue;
         nodes[i].cmd = c;
         worker_post(&e->w[i], &nodes[i]);
     }
@@ -204,12 +63,12 @@ int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
     *out = NULL;
     if (t->workers < 0 || t->pipe_size < 0 || t->tls_buffer_size < 0 || t->connect_timeout <= 0 ||
         t->idle_timeout < 0 || t->backlog < 0) {
-        seterr(err, errlen, "the engine tuning has a negative or zero value where none is allowed");
+        s2_seterr(err, errlen, "the engine tuning has a negative or zero value where none is allowed");
         return S2_ERR_INVALID;
     }
     s2_engine *e = calloc(1, sizeof *e);
     if (!e) {
-        seterr(err, errlen, "out of memory starting the engine");
+        s2_seterr(err, errlen, "out of memory starting the engine");
         return S2_ERR_INTERNAL;
     }
     e->t = *t;
@@ -223,10 +82,12 @@ int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
     }
     pthread_mutex_init(&e->rlock, NULL);
     pthread_mutex_init(&e->loglock, NULL);
+    pthread_mutex_init(&e->ulock, NULL);
+    pthread_cond_init(&e->ucv, NULL);
     atomic_store(&e->next_conn_id, 1);
     e->w = calloc((size_t)e->nworkers, sizeof *e->w);
     if (!e->w) {
-        seterr(err, errlen, "out of memory starting the engine");
+        s2_seterr(err, errlen, "out of memory starting the engine");
         s2_engine_free(e);
         return S2_ERR_INTERNAL;
     }
@@ -248,13 +109,13 @@ int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
         w->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &w->evfd_kind};
         if (w->epfd < 0 || w->evfd < 0 || epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->evfd, &ev) < 0) {
-            seterr(err, errlen, "could not create the worker event loop: %s", strerror(errno));
+            s2_seterr(err, errlen, "could not create the worker event loop: %s", strerror(errno));
             s2_engine_free(e);
             return S2_ERR_INTERNAL;
         }
         int rc = pthread_create(&w->th, NULL, worker_main, w);
         if (rc != 0) {
-            seterr(err, errlen, "could not start a worker thread: %s", strerror(rc));
+            s2_seterr(err, errlen, "could not start a worker thread: %s", strerror(rc));
             s2_engine_free(e);
             return S2_ERR_INTERNAL;
         }
@@ -266,40 +127,70 @@ int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
 
 int s2_engine_workers(const s2_engine *e) { return e->nworkers; }
 
-void s2_engine_free(s2_engine *e) {
-    if (!e) return;
+/* ---- lifetime ----------------------------------------------------------
+ * Every public call that touches routes, workers or connections runs between
+ * engine_enter and engine_leave; s2_engine_close waits until none is in progress.
+ * The handle's memory is freed only by s2_engine_free, which the owner calls when
+ * no thread can be in a call any more (the Python binding: when the last reference
+ * to the wrapper goes, and every call in progress holds one). */
+
+/* 0: go on (and call engine_leave after); -1: the engine is closed. */
+static int engine_enter(struct s2_engine *e) {
+    pthread_mutex_lock(&e->ulock);
+    int open = e->state == ENGINE_OPEN;
+    if (open) e->users++;
+    pthread_mutex_unlock(&e->ulock);
+    return open ? 0 : -1;
+}
+
+static void engine_leave(struct s2_engine *e) {
+    pthread_mutex_lock(&e->ulock);
+    if (--e->users == 0 && e->state != ENGINE_OPEN) pthread_cond_broadcast(&e->ucv);
+    pthread_mutex_unlock(&e->ulock);
+}
+
+static int closed_err(char *err, size_t errlen) {
+    s2_seterr(err, errlen, "the engine is closed");
+    return S2_ERR_CLOSED;
+}
+
+/* Stop the started workers (each closes its connections first) and join them. */
+static void workers_stop(struct s2_engine *e) {
     int any = 0;
-    for (int i = 0; i < e->nworkers; i++) any |= e->w[i].started;
-    if (any) {
-        struct cmd c;
-        cmd_init(&c, CMD_STOP, NULL);
-        /* Post only to started workers: the others never run a loop. */
-        struct cmd_node *nodes = calloc((size_t)e->nworkers, sizeof *nodes);
-        if (nodes) {
-            for (int i = 0; i < e->nworkers; i++)
-                if (e->w[i].started) c.pending++;
-            for (int i = 0; i < e->nworkers; i++) {
-                if (!e->w[i].started) continue;
-                nodes[i].cmd = &c;
-                worker_post(&e->w[i], &nodes[i]);
-            }
-            pthread_mutex_lock(&c.m);
-            while (c.pending > 0) pthread_cond_wait(&c.cv, &c.m);
-            pthread_mutex_unlock(&c.m);
-        }
-        for (int i = 0; i < e->nworkers; i++)
-            if (e->w[i].started) pthread_join(e->w[i].th, NULL);
-        free(nodes);
-        cmd_destroy(&c);
+    for (int i = 0; e->w && i < e->nworkers; i++) any |= e->w[i].started;
+    if (!any) return;
+    struct cmd c;
+    cmd_init(&c, CMD_STOP, NULL);
+    cmd_run_all(e, &c);
+    cmd_destroy(&c);
+    for (int i = 0; i < e->nworkers; i++) {
+        if (e->w[i].started) pthread_join(e->w[i].th, NULL);
+        e->w[i].started = 0;
     }
+}
+
+void s2_engine_close(s2_engine *e) {
+    pthread_mutex_lock(&e->ulock);
+    if (e->state != ENGINE_OPEN) {
+        while (e->state != ENGINE_CLOSED) pthread_cond_wait(&e->ucv, &e->ulock);
+        pthread_mutex_unlock(&e->ulock);
+        return;
+    }
+    e->state = ENGINE_CLOSING;
+    atomic_store(&e->closing, 1);
+    while (e->users > 0) pthread_cond_wait(&e->ucv, &e->ulock);
+    pthread_mutex_unlock(&e->ulock);
+    /* No call is in progress and none can start: the registry and the workers are ours. */
+    workers_stop(e);
     for (int i = 0; e->w && i < e->nworkers; i++) {
         struct worker *w = &e->w[i];
         if (w->epfd >= 0) close(w->epfd);
         if (w->evfd >= 0) close(w->evfd);
         if (w->reserve_fd >= 0) close(w->reserve_fd);
-        pthread_mutex_destroy(&w->qlock);
+        w->epfd = w->evfd = w->reserve_fd = -1;
     }
     struct route *r = e->routes;
+    e->routes = NULL;
     while (r) {
         struct route *next = r->next;
         if (r->listen_fd >= 0) close(r->listen_fd);
@@ -307,204 +198,44 @@ void s2_engine_free(s2_engine *e) {
         route_unref(r);
         r = next;
     }
+    pthread_mutex_lock(&e->ulock);
+    e->state = ENGINE_CLOSED;
+    pthread_cond_broadcast(&e->ucv);
+    pthread_mutex_unlock(&e->ulock);
+}
+
+void s2_engine_free(s2_engine *e) {
+    if (!e) return;
+    s2_engine_close(e);
+    for (int i = 0; e->w && i < e->nworkers; i++) pthread_mutex_destroy(&e->w[i].qlock);
     free(e->w);
     pthread_mutex_destroy(&e->rlock);
     pthread_mutex_destroy(&e->loglock);
+    pthread_mutex_destroy(&e->ulock);
+    pthread_cond_destroy(&e->ucv);
     free(e);
 }
 
 /* ---- routes ------------------------------------------------------------ */
 
-static void targets_free(struct targets *tg) {
-    for (int i = 0; i < tg->n; i++) free(tg->v[i].text);
-    free(tg->v);
-    tg->v = NULL;
-    tg->n = 0;
-}
-
-static int targets_build(struct targets *tg, const s2_target_spec *spec, int n, char *err,
-                         size_t errlen) {
-    tg->v = calloc((size_t)n, sizeof *tg->v);
-    tg->n = 0;
-    if (!tg->v) {
-        seterr(err, errlen, "out of memory");
-        return S2_ERR_INTERNAL;
-    }
-    for (int i = 0; i < n; i++) {
-        struct target *t = &tg->v[i];
-        char text[320], port[16];
-        if (!spec[i].host || !*spec[i].host || spec[i].port <= 0 || spec[i].port > 65535) {
-            seterr(err, errlen, "target %d is not a host and a port in 1-65535", i);
-            targets_free(tg);
-            return S2_ERR_INVALID;
-        }
-        if (strchr(spec[i].host, ':'))
-            snprintf(text, sizeof text, "[%s]:%d", spec[i].host, spec[i].port);
-        else
-            snprintf(text, sizeof text, "%s:%d", spec[i].host, spec[i].port);
-        t->text = strdup(text);
-        tg->n++;
-        if (!t->text) {
-            targets_free(tg);
-            seterr(err, errlen, "out of memory");
-            return S2_ERR_INTERNAL;
-        }
-        /* Resolve once here, in the caller's thread: workers never block on DNS.
-         * A name that does not resolve is kept and counted as connect_error. */
-        struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
-        struct addrinfo *res = NULL;
-        snprintf(port, sizeof port, "%d", spec[i].port);
-        if (getaddrinfo(spec[i].host, port, &hints, &res) == 0 && res) {
-            memcpy(&t->addr, res->ai_addr, res->ai_addrlen);
-            t->addrlen = res->ai_addrlen;
-        }
-        if (res) freeaddrinfo(res);
-    }
-    return S2_OK;
-}
-
-void route_unref(struct route *r) {
-    if (atomic_fetch_sub(&r->refs, 1) != 1) return;
-    route_log_flush(r, 1); /* what its draining connections did after its removal */
-    if (r->listen_fd >= 0) close(r->listen_fd);
-    targets_free(&r->tg);
-    tls_conf_clear(&r->tls);
-    pthread_mutex_destroy(&r->tlock);
-    free(r->id);
-    free(r);
-}
-
-void route_error(struct route *r, int kind) {
-    atomic_fetch_add_explicit(&r->errors[kind], 1, memory_order_relaxed);
-}
-
-static struct route *route_find(struct s2_engine *e, const char *id) {
-    for (struct route *r = e->routes; r; r = r->next)
-        if (strcmp(r->id, id) == 0) return r;
-    return NULL;
-}
-
-static int open_listener(struct s2_engine *e, const s2_route_spec *spec, char *err, size_t errlen,
-                         int *out_fd) {
-    *out_fd = -1;
-    if (spec->listen_fd >= 0) {
-        int fd = fcntl(spec->listen_fd, F_DUPFD_CLOEXEC, 0);
-        if (fd < 0) {
-            seterr(err, errlen, "cannot adopt listening socket %d: %s", spec->listen_fd, strerror(errno));
-            return S2_ERR_INVALID;
-        }
-        int fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 || listen(fd, e->t.backlog) < 0) {
-            seterr(err, errlen, "adopted socket %d cannot listen: %s", spec->listen_fd, strerror(errno));
-            close(fd);
-            return S2_ERR_INVALID;
-        }
-        *out_fd = fd;
-        return S2_OK;
-    }
-    char port[16];
-    snprintf(port, sizeof port, "%d", spec->listen_port);
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *res = NULL;
-    int gai = getaddrinfo(spec->listen_host && *spec->listen_host ? spec->listen_host : NULL, port,
-                          &hints, &res);
-    if (gai != 0 || !res) {
-        seterr(err, errlen, "cannot resolve listen address %s: %s", spec->listen_host, gai_strerror(gai));
-        if (res) freeaddrinfo(res);
-        return S2_ERR_INVALID;
-    }
-    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        seterr(err, errlen, "cannot create a socket: %s", strerror(errno));
-        freeaddrinfo(res);
-        return S2_ERR_INTERNAL;
-    }
-    int one = 1;
-    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0) { /* best effort */ }
-    if (e->t.rcvbuf > 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &e->t.rcvbuf, sizeof e->t.rcvbuf);
-    if (bind(fd, res->ai_addr, res->ai_addrlen) < 0) {
-        int er = errno;
-        char a[80];
-        format_sockaddr(res->ai_addr, a, sizeof a);
-        seterr(err, errlen, "cannot listen on %s: %s", a, strerror(er));
-        close(fd);
-        freeaddrinfo(res);
-        return er == EADDRINUSE ? S2_ERR_ADDR_IN_USE : er == EADDRNOTAVAIL || er == EACCES ? S2_ERR_INVALID
-                                                                                           : S2_ERR_INTERNAL;
-    }
-    freeaddrinfo(res);
-    if (listen(fd, e->t.backlog) < 0) {
-        int er = errno;
-        seterr(err, errlen, "listen() failed: %s", strerror(er));
-        close(fd);
-        return er == EADDRINUSE ? S2_ERR_ADDR_IN_USE : S2_ERR_INTERNAL;
-    }
-    *out_fd = fd;
-    return S2_OK;
-}
-
-int s2_route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t boundlen, char *err,
-                 size_t errlen) {
-    if (!spec->route_id || !*spec->route_id) {
-        seterr(err, errlen, "a route needs a route_id");
-        return S2_ERR_INVALID;
-    }
-    if (spec->ntargets <= 0) {
-        seterr(err, errlen, "route %s needs at least one target", spec->route_id);
-        return S2_ERR_INVALID;
-    }
-    if (spec->tls_role < S2_TLS_NONE || spec->tls_role > S2_TLS_CLIENT || spec->tls_mode < S2_TLS_PSK ||
-        spec->tls_mode > S2_TLS_CERT || spec->max_connections < 0) {
-        seterr(err, errlen, "route %s has an unknown TLS role or mode", spec->route_id);
-        return S2_ERR_INVALID;
-    }
-    struct route *r = calloc(1, sizeof *r);
-    if (!r) {
-        seterr(err, errlen, "out of memory");
-        return S2_ERR_INTERNAL;
-    }
-    r->kind = TAG_LISTENER;
-    r->e = e;
-    r->listen_fd = -1;
-    atomic_store(&r->refs, 1);
-    pthread_mutex_init(&r->tlock, NULL);
-    r->id = strdup(spec->route_id);
-    int rc = r->id ? S2_OK : S2_ERR_INTERNAL;
-    if (rc == S2_OK) rc = targets_build(&r->tg, spec->targets, spec->ntargets, err, errlen);
-    int want_ktls = e->t.tls_key_update_bytes == 0;
-    if (rc == S2_OK && spec->tls_role != S2_TLS_NONE) {
-        rc = tls_conf_build(&r->tls, spec, want_ktls, err, errlen);
-        if (rc == S2_OK && want_ktls)
-            s2_log(e, S2_LOG_INFO, "route %s: kernel TLS %s", spec->route_id,
-                   r->tls.ktls ? "on where the kernel takes the suite"
-                               : "not available (no tls ULP in this kernel, or OpenSSL without it): "
-                                 "records are built in user space");
-    }
-    if (rc != S2_OK) {
-        route_unref(r);
-        return rc;
-    }
-    r->max_conns = spec->max_connections ? spec->max_connections : e->t.max_connections;
-    bucket_init(&r->bucket, spec->rate_limit, mono_ns());
-    r->started_at = wall_now();
-
+static int route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t boundlen, char *err,
+                     size_t errlen) {
+    struct route *r;
+    int rc = route_new(e, spec, &r, err, errlen);
+    if (rc != S2_OK) return rc;
     pthread_mutex_lock(&e->rlock);
     if (route_find(e, spec->route_id)) {
         pthread_mutex_unlock(&e->rlock);
-        seterr(err, errlen, "route %s already exists", spec->route_id);
+        s2_seterr(err, errlen, "route %s already exists", spec->route_id);
         route_unref(r);
         return S2_ERR_EXISTS;
     }
-    rc = open_listener(e, spec, err, errlen, &r->listen_fd);
+    rc = route_listen(r, spec, err, errlen);
     if (rc != S2_OK) {
         pthread_mutex_unlock(&e->rlock);
         route_unref(r);
         return rc;
     }
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof ss;
-    if (getsockname(r->listen_fd, (struct sockaddr *)&ss, &sl) == 0)
-        format_sockaddr((struct sockaddr *)&ss, r->bound, sizeof r->bound);
     atomic_store(&r->accepting, 1);
     struct cmd c;
     cmd_init(&c, CMD_ADD_LISTENER, r);
@@ -515,7 +246,7 @@ int s2_route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t bo
         cmd_destroy(&d);
         cmd_destroy(&c);
         pthread_mutex_unlock(&e->rlock);
-        seterr(err, errlen, "could not watch the listening socket of route %s", spec->route_id);
+        s2_seterr(err, errlen, "could not watch the listening socket of route %s", spec->route_id);
         route_unref(r);
         return S2_ERR_INTERNAL;
     }
@@ -528,10 +259,10 @@ int s2_route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t bo
     return S2_OK;
 }
 
-int s2_route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *targets, int ntargets,
-                      char *err, size_t errlen) {
+static int route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *targets, int ntargets,
+                          char *err, size_t errlen) {
     if (ntargets <= 0) {
-        seterr(err, errlen, "route %s needs at least one target", route_id);
+        s2_seterr(err, errlen, "route %s needs at least one target", route_id);
         return S2_ERR_INVALID;
     }
     struct targets tg;
@@ -542,7 +273,7 @@ int s2_route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *
     if (!r) {
         pthread_mutex_unlock(&e->rlock);
         targets_free(&tg);
-        seterr(err, errlen, "no route %s", route_id);
+        s2_seterr(err, errlen, "no route %s", route_id);
         return S2_ERR_NOT_FOUND;
     }
     pthread_mutex_lock(&r->tlock);
@@ -554,14 +285,14 @@ int s2_route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *
     return S2_OK;
 }
 
-int s2_route_remove(s2_engine *e, const char *route_id, int drain, char *err, size_t errlen) {
+static int route_remove(s2_engine *e, const char *route_id, int drain, char *err, size_t errlen) {
     pthread_mutex_lock(&e->rlock);
     struct route **pp = &e->routes;
     while (*pp && strcmp((*pp)->id, route_id) != 0) pp = &(*pp)->next;
     struct route *r = *pp;
     if (!r) {
         pthread_mutex_unlock(&e->rlock);
-        seterr(err, errlen, "no route %s", route_id);
+        s2_seterr(err, errlen, "no route %s", route_id);
         return S2_ERR_NOT_FOUND;
     }
     *pp = r->next;
@@ -582,7 +313,7 @@ int s2_route_remove(s2_engine *e, const char *route_id, int drain, char *err, si
     return S2_OK;
 }
 
-int s2_engine_drain(s2_engine *e, double timeout) {
+static int engine_drain(s2_engine *e, double timeout) {
     pthread_mutex_lock(&e->rlock);
     for (struct route *r = e->routes; r; r = r->next) {
         if (!atomic_exchange(&r->accepting, 0)) continue;
@@ -599,7 +330,8 @@ int s2_engine_drain(s2_engine *e, double timeout) {
     int64_t end = timeout < 0 ? INT64_MAX : mono_ns() + (int64_t)(timeout * 1e9);
     for (;;) {
         if (atomic_load(&e->active) == 0) return 1;
-        if (mono_ns() >= end) return 0;
+        /* A close waits for this call: give up at once, the streams are being cut. */
+        if (atomic_load(&e->closing) || mono_ns() >= end) return 0;
         struct timespec ts = {0, 5 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
@@ -627,12 +359,12 @@ static void route_stats_fill(struct route *r, s2_route_stats *rs) {
     rs->started_at = r->started_at;
 }
 
-int s2_engine_stats(s2_engine *e, const char *route_id, int with_conns, s2_stats **out, char *err,
-                    size_t errlen) {
+static int engine_stats(s2_engine *e, const char *route_id, int with_conns, s2_stats **out, char *err,
+                        size_t errlen) {
     *out = NULL;
     s2_stats *s = calloc(1, sizeof *s);
     if (!s) {
-        seterr(err, errlen, "out of memory");
+        s2_seterr(err, errlen, "out of memory");
         return S2_ERR_INTERNAL;
     }
     s->workers = e->nworkers;
@@ -643,14 +375,14 @@ int s2_engine_stats(s2_engine *e, const char *route_id, int with_conns, s2_stats
     if (route_id && n == 0) {
         pthread_mutex_unlock(&e->rlock);
         free(s);
-        seterr(err, errlen, "no route %s", route_id);
+        s2_seterr(err, errlen, "no route %s", route_id);
         return S2_ERR_NOT_FOUND;
     }
     s->routes = calloc(n ? n : 1, sizeof *s->routes);
     if (!s->routes) {
         pthread_mutex_unlock(&e->rlock);
         free(s);
-        seterr(err, errlen, "out of memory");
+        s2_seterr(err, errlen, "out of memory");
         return S2_ERR_INTERNAL;
     }
     struct route **rv = calloc(n ? n : 1, sizeof *rv);
@@ -700,6 +432,60 @@ void s2_stats_free(s2_stats *s) {
     }
     free(s->routes);
     free(s);
+}
+
+/* ---- the public calls: each one inside engine_enter/engine_leave -------- */
+
+int s2_route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t boundlen, char *err,
+                 size_t errlen) {
+    if (engine_enter(e) < 0) return closed_err(err, errlen);
+    int rc = route_add(e, spec, bound, boundlen, err, errlen);
+    engine_leave(e);
+    return rc;
+}
+
+int s2_route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *targets, int ntargets,
+                      char *err, size_t errlen) {
+    if (engine_enter(e) < 0) return closed_err(err, errlen);
+    int rc = route_retarget(e, route_id, targets, ntargets, err, errlen);
+    engine_leave(e);
+    return rc;
+}
+
+int s2_route_remove(s2_engine *e, const char *route_id, int drain, char *err, size_t errlen) {
+    if (engine_enter(e) < 0) return closed_err(err, errlen);
+    int rc = route_remove(e, route_id, drain, err, errlen);
+    engine_leave(e);
+    return rc;
+}
+
+int s2_engine_drain(s2_engine *e, double timeout) {
+    if (engine_enter(e) < 0) return -1;
+    int rc = engine_drain(e, timeout);
+    engine_leave(e);
+    return rc;
+}
+
+int s2_engine_stats(s2_engine *e, const char *route_id, int with_conns, s2_stats **out, char *err,
+                    size_t errlen) {
+    *out = NULL;
+    if (engine_enter(e) < 0) return closed_err(err, errlen);
+    int rc = engine_stats(e, route_id, with_conns, out, err, errlen);
+    engine_leave(e);
+    return rc;
+}
+
+void s2_engine_drain_logs(s2_engine *e, s2_log_sink sink, void *ud) {
+    /* Sum up the intervals that are over; if a control command holds the registry, the
+     * next drain does. A closed engine has no routes left, only lines to hand out. */
+    if (engine_enter(e) == 0) {
+        if (pthread_mutex_trylock(&e->rlock) == 0) {
+            for (struct route *r = e->routes; r; r = r->next) route_log_flush(r, 0);
+            pthread_mutex_unlock(&e->rlock);
+        }
+        engine_leave(e);
+    }
+    log_drain(e, sink, ud);
 }
 
 void s2_engine_resources(s2_engine *e, s2_resources *out) {

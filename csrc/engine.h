@@ -23,7 +23,8 @@ enum s2_status {
     S2_ERR_NOT_FOUND = 2,  /* no route with this id */
     S2_ERR_ADDR_IN_USE = 3,/* the listen address is taken */
     S2_ERR_INVALID = 4,    /* the route or tuning is not acceptable */
-    S2_ERR_INTERNAL = 5    /* anything else (out of memory, thread start...) */
+    S2_ERR_INTERNAL = 5,   /* anything else (out of memory, thread start...) */
+    S2_ERR_CLOSED = 6      /* the engine was closed (s2_engine_close) */
 };
 
 /* Error kinds counted per route; same order and names as api.ERROR_KINDS. */
@@ -134,7 +135,15 @@ void s2_tuning_defaults(s2_tuning *t);
 
 /* Start the workers. On failure returns a status and writes a sentence to err. */
 int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen);
-/* Stop workers, close every route and connection, free everything. */
+/* Stop the workers, close every route and connection, give back every fd, pipe and
+ * SSL object. Thread-safe against every other call: it refuses new calls, makes a
+ * drain in progress return 0 at once and waits for the calls in progress to return
+ * before it tears anything down; a second close waits for the first. After it every
+ * call is refused with S2_ERR_CLOSED (drain: -1) but the handle stays valid memory:
+ * s2_engine_resources, s2_engine_workers and s2_engine_drain_logs still answer. */
+void s2_engine_close(s2_engine *e);
+/* Close (if not yet) and free the handle. The caller must know that no other thread
+ * is in, or will enter, any call on e: that is what close cannot promise. */
 void s2_engine_free(s2_engine *e);
 int s2_engine_workers(const s2_engine *e);
 
@@ -145,7 +154,8 @@ int s2_route_retarget(s2_engine *e, const char *route_id, const s2_target_spec *
 int s2_route_remove(s2_engine *e, const char *route_id, int drain, char *err, size_t errlen);
 
 /* Stop accepting everywhere; wait up to timeout seconds (<0: forever) for every
- * connection to end. Returns 1 when none is left, else 0. */
+ * connection to end. Returns 1 when none is left, 0 when the timeout passed or the
+ * engine was closed meanwhile, -1 when it was closed before the call. */
 int s2_engine_drain(s2_engine *e, double timeout);
 
 /* Snapshot of one route (route_id != NULL) or all; with_conns adds the

@@ -1,4 +1,13 @@
-/* Structures shared by the engine's translation units (not part of the API). */
+/* Structures shared by the engine's translation units (not part of the API).
+ *
+ * Calls go one way, down this list, never back up:
+ *   engine.c   the public API (engine.h): life cycle, route registry, commands, stats
+ *   worker.c   one epoll loop per thread, runs posted commands
+ *   conn.c     one connection: accept, connect, handshakes, timers   (pump.c drives its bytes)
+ *   route.c    one route: targets, listener, TLS configuration, counters
+ *   tls.c, ratelimit.c
+ *   log.c      the log ring and per-route log rate limit
+ *   util.c     clocks, address text, error messages */
 #ifndef SCISTREAM_INTERNAL_H
 #define SCISTREAM_INTERNAL_H
 
@@ -106,13 +115,24 @@ struct route {
     struct loglimit loglim[S2_E_COUNT]; /* engine->loglock */
     struct route *next;     /* registry list (engine->rlock) */
 };
+/* route.c */
+/* Validate spec and build an unlisted route holding one reference (the registry's). */
+int route_new(struct s2_engine *e, const s2_route_spec *spec, struct route **out, char *err, size_t errlen);
+/* Open (or adopt) r's listening socket and note its address in r->bound. */
+int route_listen(struct route *r, const s2_route_spec *spec, char *err, size_t errlen);
+/* In the registry e->routes (rlock held); NULL if none. */
+struct route *route_find(struct s2_engine *e, const char *id);
 void route_unref(struct route *r);
+void route_error(struct route *r, int kind);
+int targets_build(struct targets *tg, const s2_target_spec *spec, int n, char *err, size_t errlen);
+void targets_free(struct targets *tg);
+
+/* log.c */
 /* A log line about one connection of r that failed with error kind (rate-limited, see above). */
 void s2_log_route(struct route *r, int kind, int level, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 /* Sum up r's intervals that are over (all of them when force) in one line each. */
 void route_log_flush(struct route *r, int force);
-void route_error(struct route *r, int kind);
 
 /* ---- connections ------------------------------------------------------- */
 struct conn;
@@ -224,13 +244,29 @@ struct s2_engine {
     struct log_entry logs[S2_LOG_RING];
     unsigned log_head, log_count, log_dropped;
     _Atomic int64_t dbg_fds, dbg_pipes, dbg_ssl, dbg_conns;
+    /* Lifetime: the public calls in progress and the close state (engine.c), so that
+     * s2_engine_close waits for its callers instead of tearing the engine down under
+     * them, and refuses every call after it. */
+    pthread_mutex_t ulock;
+    pthread_cond_t ucv;
+    int users;              /* public calls in progress (ulock) */
+    int state;              /* enum engine_state (ulock) */
+    _Atomic int closing;    /* set first thing by close: a waiting drain gives up */
 };
+enum engine_state { ENGINE_OPEN, ENGINE_CLOSING, ENGINE_CLOSED };
 
+/* log.c */
 void s2_log(struct s2_engine *e, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* Hand the queued lines to sink (the ring only; route summaries are the caller's). */
+void log_drain(struct s2_engine *e, s2_log_sink sink, void *ud);
+
+/* util.c */
 int64_t mono_ns(void);
 double wall_now(void);
 void format_sockaddr(const struct sockaddr *sa, char *out, size_t outlen);
+/* Write a sentence to err (if any): the message of a failed call. */
+void s2_seterr(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* worker.c */
 void *worker_main(void *arg);

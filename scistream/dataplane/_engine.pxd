@@ -10,6 +10,7 @@ cdef extern from "engine.h" nogil:
         S2_ERR_ADDR_IN_USE
         S2_ERR_INVALID
         S2_ERR_INTERNAL
+        S2_ERR_CLOSED
         S2_E_COUNT
 
     const char *s2_error_kind_names[]
@@ -96,6 +97,7 @@ cdef extern from "engine.h" nogil:
 
     void s2_tuning_defaults(s2_tuning *t)
     int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
+    void s2_engine_close(s2_engine *e)
     void s2_engine_free(s2_engine *e)
     int s2_engine_workers(const s2_engine *e)
     int s2_route_add(s2_engine *e, const s2_route_spec *spec, char *bound, size_t boundlen,

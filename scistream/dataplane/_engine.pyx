@@ -1,7 +1,12 @@
 # cython: language_level=3
 """Thin binding over csrc/engine.h: converts arguments, releases the GIL around
 every engine call, maps status codes to the api exceptions. Policy lives in
-native.py."""
+native.py.
+
+Lifetime: ``close()`` is s2_engine_close, which waits for the calls in progress
+and refuses every later one (S2_ERR_CLOSED -> EngineError); the handle's memory
+is freed only in ``__dealloc__``, when no thread can be inside a method any more
+(each call in progress holds a reference to the wrapper)."""
 
 from libc.stdlib cimport calloc, free
 from libc.string cimport strncpy
@@ -22,6 +27,7 @@ cdef dict _ERRORS = {
     S2_ERR_ADDR_IN_USE: AddressInUse,
     S2_ERR_INVALID: InvalidRoute,
     S2_ERR_INTERNAL: EngineError,
+    S2_ERR_CLOSED: EngineError,
 }
 
 cdef int _check(int rc, char *err) except -1:
@@ -38,7 +44,7 @@ cdef void _log_sink(void *ud, int level, const char *msg) noexcept with gil:
 
 
 cdef class CEngine:
-    """One C engine. Every method is thread-safe (the C side serialises)."""
+    """One C engine. Every method is thread-safe (the C side serialises), close too."""
 
     cdef s2_engine *e
 
@@ -76,28 +82,22 @@ cdef class CEngine:
                 s2_engine_free(self.e)
             self.e = NULL
 
-    cdef s2_engine *_live(self) except NULL:
-        if self.e is NULL:
-            raise EngineError("the engine is closed")
-        return self.e
-
     @property
     def workers(self):
-        return s2_engine_workers(self._live())
+        return s2_engine_workers(self.e)
 
     def close(self):
-        cdef s2_engine *e = self.e
-        self.e = NULL
-        if e is not NULL:
-            with nogil:
-                s2_engine_free(e)
+        """Cut every connection and give everything back; waits for the calls in
+        progress (a drain returns False at once). Every later call raises EngineError."""
+        with nogil:
+            s2_engine_close(self.e)
 
     def add_route(self, str route_id, str listen_host, int listen_port, int listen_fd, list targets,
                   int tls_role, int tls_mode, str psk_identity, bytes psk_key, str cert_file,
                   str key_file, str ca_file, str server_name, str ciphers,
                   unsigned long long rate_limit, int max_connections):
         """Returns the bound address "host:port"."""
-        cdef s2_engine *e = self._live()
+        cdef s2_engine *e = self.e
         cdef s2_route_spec spec
         cdef char err[256]
         cdef char bound[80]
@@ -137,7 +137,7 @@ cdef class CEngine:
             free(tv)
 
     def retarget(self, str route_id, list targets):
-        cdef s2_engine *e = self._live()
+        cdef s2_engine *e = self.e
         cdef char err[256]
         cdef int rc
         cdef int n = len(targets)
@@ -155,7 +155,7 @@ cdef class CEngine:
             free(tv)
 
     def remove_route(self, str route_id, bint drain):
-        cdef s2_engine *e = self._live()
+        cdef s2_engine *e = self.e
         cdef char err[256]
         cdef int rc
         cdef int d = drain
@@ -167,16 +167,19 @@ cdef class CEngine:
         _check(rc, err)
 
     def drain(self, double timeout):
-        """Negative timeout: wait forever. True when no connection is left."""
-        cdef s2_engine *e = self._live()
+        """Negative timeout: wait forever. True when no connection is left; False when
+        the timeout passed or the engine was closed meanwhile."""
+        cdef s2_engine *e = self.e
         cdef int rc
         with nogil:
             rc = s2_engine_drain(e, timeout)
+        if rc < 0:
+            raise EngineError("the engine is closed")
         return rc == 1
 
     def stats(self, route_id, bint connections):
         """A list of dicts, one per route (see s2_route_stats)."""
-        cdef s2_engine *e = self._live()
+        cdef s2_engine *e = self.e
         cdef s2_stats *s = NULL
         cdef char err[256]
         cdef int rc
@@ -220,13 +223,12 @@ cdef class CEngine:
 
     def resources(self):
         cdef s2_resources res
-        s2_engine_resources(self._live(), &res)
+        s2_engine_resources(self.e, &res)
         return res.fds, res.pipes, res.ssl_objects, res.connections
 
     def drain_logs(self, sink):
-        """Hand queued engine log lines to sink(level, message)."""
-        if self.e is not NULL:
-            s2_engine_drain_logs(self.e, _log_sink, <void *>sink)
+        """Hand queued engine log lines to sink(level, message); works after close too."""
+        s2_engine_drain_logs(self.e, _log_sink, <void *>sink)
 
 
 cdef s2_target_spec *_targets(list targets) except NULL:

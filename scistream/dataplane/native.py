@@ -15,7 +15,6 @@ from scistream.dataplane import _engine  # ImportError here means "not built"
 from scistream.dataplane.api import (
     ConnectionStats,
     EngineBase,
-    EngineError,
     EngineStats,
     InvalidRoute,
     ResourceCounts,
@@ -43,7 +42,12 @@ def _parse_targets(targets: Sequence[str]) -> list[tuple[str, int]]:
 
 
 class NativeEngine(EngineBase):
-    """All routes of a node over ``tuning.workers`` C worker threads."""
+    """All routes of a node over ``tuning.workers`` C worker threads.
+
+    Every method may run in any thread, ``close`` too: the core waits for the calls
+    in progress and refuses later ones with EngineError (see _engine.pyx), so no
+    call can reach a freed engine. ``_lock`` only keeps ``_routes`` in step with the
+    core; it is not held across ``stats``, ``drain`` or ``close``."""
 
     name = "native"
 
@@ -51,17 +55,10 @@ class NativeEngine(EngineBase):
         super().__init__(tuning)
         self._lock = threading.Lock()
         self._routes: dict[str, RouteInfo] = {}
-        self._core: _engine.CEngine | None = _engine.CEngine(dataclasses.asdict(self.tuning))
-
-    def _engine(self) -> _engine.CEngine:
-        if self._core is None:
-            raise EngineError("the engine is closed")
-        return self._core
+        self._core = _engine.CEngine(dataclasses.asdict(self.tuning))
 
     def _forward_logs(self) -> None:
-        core = self._core
-        if core is not None:
-            core.drain_logs(log.log)
+        self._core.drain_logs(log.log)
 
     def add_route(self, route: Route) -> RouteInfo:
         targets = _parse_targets(route.targets)
@@ -69,7 +66,7 @@ class NativeEngine(EngineBase):
         tls = route.tls
         try:
             with self._lock:
-                bound = self._engine().add_route(
+                bound = self._core.add_route(
                     route.route_id, host, port, route.listen_fd, targets,
                     _ROLE[tls.role if tls else None], _MODE[tls.mode] if tls else 0,
                     tls.psk_identity if tls else "", tls.psk_key if tls else b"",
@@ -91,7 +88,7 @@ class NativeEngine(EngineBase):
             info = self._routes.get(route_id)
             if info is None:
                 raise RouteNotFound(f"no route {route_id}")
-            self._engine().retarget(route_id, parsed)
+            self._core.retarget(route_id, parsed)
             route = dataclasses.replace(info.route, targets=tuple(targets))
             self._routes[route_id] = RouteInfo(route=route, bound=info.bound)
         self._forward_logs()
@@ -100,7 +97,7 @@ class NativeEngine(EngineBase):
         with self._lock:
             if route_id not in self._routes:
                 raise RouteNotFound(f"no route {route_id}")
-            self._engine().remove_route(route_id, drain)
+            self._core.remove_route(route_id, drain)
             del self._routes[route_id]
         self._forward_logs()
 
@@ -113,7 +110,7 @@ class NativeEngine(EngineBase):
             infos = dict(self._routes)
         if route_id is not None and route_id not in infos:
             raise RouteNotFound(f"no route {route_id}")
-        workers, raw = self._engine().stats(route_id, connections)
+        workers, raw = self._core.stats(route_id, connections)
         self._forward_logs()
         out: dict[str, RouteStats] = {}
         for r in raw:
@@ -140,21 +137,18 @@ class NativeEngine(EngineBase):
         return EngineStats(engine=self.name, workers=workers, routes=out)
 
     def drain(self, timeout: float | None = None) -> bool:
-        done = self._engine().drain(-1.0 if timeout is None else max(0.0, timeout))
+        done = self._core.drain(-1.0 if timeout is None else max(0.0, timeout))
         self._forward_logs()
         return bool(done)
 
     def close(self) -> None:
         with self._lock:
-            core, self._core = self._core, None
             self._routes.clear()
-        if core is not None:
-            core.drain_logs(log.log)
-            core.close()
+        try:
+            self._core.close()  # idempotent; waits for calls in progress, a second close for the first
+        finally:
+            self._forward_logs()  # with what the close itself logged
 
     def resource_counts(self) -> ResourceCounts:
-        core = self._core
-        if core is None:  # closed: everything was given back
-            return ResourceCounts(fds=0, pipes=0, ssl_objects=0, connections=0)
-        fds, pipes, ssl_objects, conns = core.resources()
+        fds, pipes, ssl_objects, conns = self._core.resources()  # after close: what close left behind
         return ResourceCounts(fds=fds, pipes=pipes, ssl_objects=ssl_objects, connections=conns)

@@ -200,47 +200,51 @@ class Forwarder:
         self._wake.set()
 
     def run(self) -> int:
-        info = self.engine.add_route(self.route)
-        tls = self.route.tls
-        # Handlers first: whoever reads "listening on" may signal at once, and must get a drain.
+        # Handlers first: whoever saw "listening on" may signal at once, and a signal
+        # must then drain, not kill the process with the default action.
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        started = time.monotonic()
-        prev: _Sample | None = None
-        next_stats = started + self.stats_interval
         try:
+            info = self.engine.add_route(self.route)
+            tls = self.route.tls
             self.echo(
                 f"listening on {info.bound} -> {','.join(self.route.targets)}"
                 f" ({f'tls {tls.role.value}/{tls.mode.value}' if tls else 'plain'}"
                 f"{f', {self.route.rate_limit} B/s' if self.route.rate_limit else ''})"
             )
-            while True:
-                timeout = max(0.0, next_stats - time.monotonic()) if self.stats_interval else None
-                self._wake.wait(timeout)
-                self._wake.clear()
-                if len(self._signals) >= 2:
-                    log.warning("second signal: closing every connection now")
-                    self.engine.close()
-                    return 128 + self._signals[-1]
-                if len(self._signals) == 1 and not self._draining:
-                    self._draining = True
-                    log.info(
-                        "draining: no new connections, streams in flight finish; signal again to exit now"
-                    )
-                    threading.Thread(target=self._drain, daemon=True, name="s2ds-drain").start()
-                if self._drained.is_set():
-                    if not self._drain_complete:
-                        log.warning("drain timeout passed; closing the remaining connections")
-                    self.engine.close()
-                    return 0 if self._drain_complete else 1
-                if self.stats_interval and time.monotonic() >= next_stats:
-                    line, prev = format_stats_line(
-                        self.engine.stats(self.route.route_id),
-                        self.route.route_id,
-                        time.monotonic() - started,
-                        prev,
-                    )
-                    self.echo(line)
-                    next_stats += self.stats_interval
+            return self._loop()
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+
+    def _loop(self) -> int:
+        started = time.monotonic()
+        prev: _Sample | None = None
+        next_stats = started + self.stats_interval
+        while True:
+            timeout = max(0.0, next_stats - time.monotonic()) if self.stats_interval else None
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if len(self._signals) >= 2:
+                log.warning("second signal: closing every connection now")
+                self.engine.close()
+                return 128 + self._signals[-1]
+            if len(self._signals) == 1 and not self._draining:
+                self._draining = True
+                log.info(
+                    "draining: no new connections, streams in flight finish; signal again to exit now"
+                )
+                threading.Thread(target=self._drain, daemon=True, name="s2ds-drain").start()
+            if self._drained.is_set():
+                if not self._drain_complete:
+                    log.warning("drain timeout passed; closing the remaining connections")
+                self.engine.close()
+                return 0 if self._drain_complete else 1
+            if self.stats_interval and time.monotonic() >= next_stats:
+                line, prev = format_stats_line(
+                    self.engine.stats(self.route.route_id),
+                    self.route.route_id,
+                    time.monotonic() - started,
+                    prev,
+                )
+                self.echo(line)
+                next_stats += self.stats_interval

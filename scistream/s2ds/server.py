@@ -199,6 +199,10 @@ class Daemon:
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_COMMAND_BYTES)
         try:
+            # Before anything can be seen from outside (the socket, the log line): a
+            # signal from then on drains, it never kills the process half started.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
             if self.curve is not None:
                 from zmq.auth.asyncio import AsyncioAuthenticator
 
@@ -226,9 +230,10 @@ class Daemon:
                 st = os.lstat(path)
                 if st.st_uid != os.geteuid() or st.st_mode & 0o077:
                     raise DaemonError(f"the control socket {path} is not private after binding")
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._on_signal, sig)
-            workers = (await in_daemon_thread(self.engine.stats)).workers  # what the engine really runs
+            try:
+                workers = (await in_daemon_thread(self.engine.stats)).workers  # what the engine really runs
+            except EngineError:  # a signal during start-up closed it already
+                workers = 0
             log.info(
                 "s2ds %s serving %s (engine %s, %d workers%s)",
                 __version__,
@@ -382,14 +387,20 @@ class Daemon:
     async def _shutdown(self) -> None:
         try:
             complete = await in_daemon_thread(self.engine.drain, self.drain_timeout or None)
+            if self._forced:
+                return  # a second signal closed the engine under the drain; its exit code stands
             if not complete:
                 log.warning(
                     "drain timeout (%.1f s) passed; closing the remaining connections", self.drain_timeout
                 )
             await in_daemon_thread(self.engine.close)
         except Exception as exc:
+            if self._forced:
+                return  # the forced close got there first (the drain was refused)
             log.error("shutdown failed: %s", exc)
             complete = False
+        if self._forced:
+            return
         log.info("s2ds stopped")
         self._finish(0 if complete else 1)
 

@@ -643,6 +643,107 @@ static void test_log_limit(void) {
     engine_done(e, "log_limit");
 }
 
+/* Close while other threads are inside the engine: a drain waiting for an open stream,
+ * stats with connection lists, routes added and removed. Close must wait for them (no
+ * use after free under ASan, no call left hanging), the drain must give up at once, and
+ * every call after close must be refused with S2_ERR_CLOSED. */
+struct storm {
+    s2_engine *e;
+    int kind;               /* 0: drain, 1: stats, 2: add/remove routes */
+    int target_port;
+    atomic_int *stop;
+    int drain_rc;
+    int idx;
+    int calls, refused, bad, last_bad;
+};
+
+static void quiet_log(void *ud, int level, const char *msg) {
+    (void)ud, (void)level, (void)msg;
+}
+
+static void *storm_main(void *arg) {
+    struct storm *st = arg;
+    char err[256], id[32];
+    if (st->kind == 0) {
+        st->drain_rc = s2_engine_drain(st->e, -1); /* forever, but for the close */
+        return NULL;
+    }
+    for (int i = 0; !atomic_load(st->stop); i++) {
+        int rc;
+        if (st->kind == 1) {
+            s2_stats *s = NULL;
+            rc = s2_engine_stats(st->e, NULL, 1, &s, err, sizeof err);
+            s2_stats_free(s);
+        } else {
+            snprintf(id, sizeof id, "storm-%d-%d", st->idx, i);
+            s2_target_spec t = {"127.0.0.1", st->target_port};
+            s2_route_spec r = {.route_id = id, .listen_host = "127.0.0.1", .listen_fd = -1, .targets = &t,
+                               .ntargets = 1};
+            rc = s2_route_add(st->e, &r, NULL, 0, err, sizeof err);
+            if (rc == S2_OK) rc = s2_route_remove(st->e, id, i & 1, err, sizeof err);
+            s2_engine_drain_logs(st->e, quiet_log, NULL);
+        }
+        st->calls++;
+        if (rc == S2_ERR_CLOSED)
+            st->refused++;
+        else if (rc != S2_OK)
+            st->bad++, st->last_bad = rc;
+    }
+    return NULL;
+}
+
+static void test_close_under_callers(void) {
+    struct server srv;
+    server_start(&srv, ECHO, 0);
+    s2_engine *e = engine_new(2);
+    int port;
+    CHECK(add_route(e, "busy", srv.port, S2_TLS_NONE, 0, NULL, NULL, 0, &port) == S2_OK, "add");
+    int fd = dial(port);
+    unsigned char b = 'x';
+    CHECK(fd >= 0 && write_all(fd, &b, 1) == 0 && recv(fd, &b, 1, 0) == 1, "stream open");
+    atomic_int stop = 0;
+    struct storm st[5];
+    pthread_t th[5];
+    for (int i = 0; i < 5; i++) {
+        st[i] = (struct storm){.e = e, .kind = i == 0 ? 0 : i < 3 ? 1 : 2, .target_port = srv.port,
+                               .stop = &stop, .drain_rc = 99, .idx = i};
+        if (pthread_create(&th[i], NULL, storm_main, &st[i]) != 0) exit(2);
+    }
+    sleep_ms(200);
+    double t0 = now_s();
+    s2_engine_close(e);
+    double took = now_s() - t0;
+    s2_engine_close(e); /* a second close returns at once */
+    atomic_store(&stop, 1);
+    for (int i = 0; i < 5; i++) pthread_join(th[i], NULL);
+    CHECK(took < 5, "close took %.2f s", took);
+    CHECK(st[0].drain_rc == 0, "the drain in progress gave up when the engine closed: %d", st[0].drain_rc);
+    for (int i = 1; i < 5; i++)
+        CHECK(st[i].calls > 0 && st[i].refused > 0 && st[i].bad == 0,
+              "caller %d: %d calls, %d refused, %d failed otherwise (last %d)", i, st[i].calls, st[i].refused,
+              st[i].bad, st[i].last_bad);
+    unsigned char d[32];
+    CHECK(read_all(fd, d) <= 0, "close cut the stream");
+    close(fd);
+    char err[256] = "";
+    s2_stats *s = NULL;
+    CHECK(s2_engine_stats(e, NULL, 0, &s, err, sizeof err) == S2_ERR_CLOSED && s == NULL, "stats after close");
+    CHECK(strcmp(err, "the engine is closed") == 0, "message: %s", err);
+    s2_target_spec lt = {"127.0.0.1", srv.port};
+    s2_route_spec late = {.route_id = "late", .listen_host = "127.0.0.1", .listen_fd = -1, .targets = &lt,
+                          .ntargets = 1};
+    CHECK(s2_route_add(e, &late, NULL, 0, err, sizeof err) == S2_ERR_CLOSED, "add after close");
+    CHECK(s2_route_remove(e, "busy", 0, err, sizeof err) == S2_ERR_CLOSED, "remove after close");
+    CHECK(s2_route_retarget(e, "busy", &lt, 1, err, sizeof err) == S2_ERR_CLOSED, "retarget after close");
+    CHECK(s2_engine_drain(e, 0) == -1, "drain after close");
+    s2_resources res;
+    s2_engine_resources(e, &res);
+    CHECK(!res.fds && !res.pipes && !res.ssl_objects && !res.connections,
+          "close gave back everything: fds=%lld conns=%lld", (long long)res.fds, (long long)res.connections);
+    engine_done(e, "close_under_callers");
+    server_stop(&srv);
+}
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     struct {
@@ -658,6 +759,7 @@ int main(void) {
         {"rate_limit", test_rate_limit},
         {"drain", test_drain},
         {"log_limit", test_log_limit},
+        {"close_under_callers", test_close_under_callers},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         int before = failures;

@@ -7,6 +7,7 @@ import hashlib
 import socket
 import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,8 +18,11 @@ from streams import MiB, Served, connect, pattern_block, pattern_digest, recv_st
 from scistream.dataplane import (
     ERROR_KINDS,
     AddressInUse,
+    Engine,
     EngineBase,
+    EngineError,
     InvalidRoute,
+    ResourceCounts,
     Route,
     RouteExists,
     RouteNotFound,
@@ -122,6 +126,46 @@ def test_drain(engine: EngineBase, stream_server: ServerFactory) -> None:
         gate.set()
         assert engine.drain(timeout=20) is True
         assert got.result(timeout=30) == (2 * HALF, pattern_digest(2 * HALF, 21))
+
+
+def test_close_under_a_drain_and_stats(native_impl: str, stream_server: ServerFactory) -> None:
+    """close() while other threads are inside the engine (a drain waiting for an open stream,
+    stats with connection lists): the drain gives up with False, close waits for the calls in
+    progress, and every later call says the engine is closed (never a freed engine)."""
+    server = stream_server(echo_handler)
+    engine = Engine(impl=native_impl)  # not the fixture: its teardown reads stats, which now refuse
+    try:
+        info = engine.add_route(Route("c", "127.0.0.1:0", (server.address,)))
+        stop = threading.Event()
+
+        def storm() -> int:
+            n = 0
+            while not stop.is_set():
+                try:
+                    engine.stats(connections=True)
+                except EngineError:
+                    break
+                n += 1
+            return n
+
+        with connect(info.bound, timeout=10) as c, ThreadPoolExecutor(3) as pool:
+            c.sendall(b"x")
+            assert c.recv(1) == b"x"
+            drain = pool.submit(engine.drain)  # no timeout: only the close ends it
+            storms = [pool.submit(storm) for _ in range(2)]
+            time.sleep(0.2)
+            engine.close()
+            assert drain.result(timeout=5) is False
+            stop.set()
+            assert all(f.result(timeout=5) > 0 for f in storms)
+            assert outcome(c, timeout=10) in ("eof", "reset")
+        for call in (lambda: engine.drain(0), engine.stats,
+                     lambda: engine.add_route(Route("d", "127.0.0.1:0", (server.address,)))):
+            with pytest.raises(EngineError, match="closed"):
+                call()
+        assert engine.resource_counts() == ResourceCounts(fds=0, pipes=0, ssl_objects=0, connections=0)
+    finally:
+        engine.close()
 
 
 def test_command_errors(engine: EngineBase, stream_server: ServerFactory) -> None:

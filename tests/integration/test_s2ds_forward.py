@@ -204,6 +204,19 @@ def test_forward_ctrl_c_drains_then_second_signal_exits() -> None:
             held.close()
 
 
+def test_forward_signal_right_after_listening_line_drains() -> None:
+    """The handlers are in place before "listening on" is printed: a SIGTERM sent the moment
+    the line is read drains (exit 0); it never kills the forwarder with the default action."""
+    with echo_server() as echo:
+        for _ in range(5):
+            fwd = Forward("--listen", "127.0.0.1:0", "--to", echo.address)
+            try:
+                fwd.proc.send_signal(signal.SIGTERM)
+                assert fwd.proc.wait(10) == 0
+            finally:
+                stop(fwd.proc)
+
+
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
 
 
