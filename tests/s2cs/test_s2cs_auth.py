@@ -100,13 +100,19 @@ class StandIn:
         self.httpd.server_close()
 
 
-@pytest.fixture
-def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
+def serve_standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
+    """The body of a fixture: a running StandIn that globus-sdk reaches through its own
+    service-URL setting, closed at teardown (shared by the auth, hello and token-cache tests)."""
     s = StandIn()
     monkeypatch.setenv("GLOBUS_SDK_ENVIRONMENT", "production")
     monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", s.url)
     yield s
     s.close()
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
+    yield from serve_standin(monkeypatch)
 
 
 def md(token: str | None) -> list[tuple[str, str]]:
