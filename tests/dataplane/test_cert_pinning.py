@@ -12,15 +12,14 @@ same server with the right certificate and name.
 from __future__ import annotations
 
 import contextlib
-import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dputil import ServerFactory, outcome
-from streams import Served, StreamServer, connect, wait_for
+from dputil import RecordingTlsServer, ServerFactory, outcome
+from streams import connect, wait_for
 
 from scistream.certs import make_ca_and_leaf
 from scistream.dataplane import EngineBase, Route, Tls, TlsMode, TlsRole
@@ -29,31 +28,14 @@ GREETING = b"target speaking first\n"
 APP_BYTES = b"application bytes for the real server only\n"
 
 
-class TlsTarget:
+class TlsTarget(RecordingTlsServer):
     """A TLS 1.3 server with the given certificate: greets after the handshake, records
     what it reads."""
 
     def __init__(self, stream_server: ServerFactory, cert: Path, key: Path) -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(cert), str(key))
-        self.handshakes = 0
-
-        def handler(sock: socket.socket, served: Served) -> None:
-            sock.settimeout(10)
-            served.results["got"] = b""
-            try:
-                tls = ctx.wrap_socket(sock, server_side=True)
-            except (ssl.SSLError, OSError):
-                return
-            self.handshakes += 1
-            with tls, contextlib.suppress(OSError):
-                tls.sendall(GREETING)
-                while data := tls.recv(65536):
-                    served.results["got"] += data
-                    if b"\n" in data:
-                        break
-
-        self.server: StreamServer = stream_server(handler)
+        super().__init__(stream_server, ctx, GREETING, timeout=10)
 
 
 @pytest.fixture
