@@ -64,6 +64,18 @@ def stop_s2cs(proc: subprocess.Popen[bytes]) -> None:
     stop_process(proc, timeout=15)
 
 
+@dataclass
+class PairEnv:
+    """A gateway_pair as the user's commands see it: the working directory, the control
+    channel's certificate, both s2cs and the environment."""
+
+    dir: Path
+    cert: Path
+    prod: Gateway
+    cons: Gateway
+    env: dict[str, str]
+
+
 @contextmanager
 def gateway_pair(workdir: Path, *args: str) -> Iterator[tuple[Gateway, Gateway, dict[str, str]]]:
     """A "prod" and a "cons" s2cs started with ``args``, and the environment the user's

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from s2cs_process import Gateway, gateway_pair
+from s2cs_process import PairEnv, gateway_pair
 
 from scistream.certs import make_self_signed
 from scistream.dataplane import native_available
@@ -76,12 +76,7 @@ def keys_in_s2uc_home(home: Path) -> set[bytes]:
 
 
 @dataclass
-class Env:
-    dir: Path
-    cert: Path
-    prod: Gateway
-    cons: Gateway
-    env: dict[str, str]
+class Env(PairEnv):
     texts: dict[str, str] = field(default_factory=dict)
 
     @property

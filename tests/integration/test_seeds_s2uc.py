@@ -19,11 +19,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from s2cs_process import Gateway, background, gateway_pair, run
+from s2cs_process import Gateway, PairEnv, background, gateway_pair, run
 
 from scistream.certs import make_self_signed
 
@@ -37,13 +36,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class Env:
-    dir: Path
-    cert: Path
-    prod: Gateway
-    cons: Gateway
-    env: dict[str, str]
+Env = PairEnv  # the seed tutorials need nothing beyond the pair itself
 
 
 @pytest.fixture(scope="module")
