@@ -18,9 +18,11 @@ on sys.path because tests/conftest.py lives there (pytest's default "prepend" im
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +48,24 @@ def wait_for(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def wait_bound(port: int, proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Wait until ``proc`` (a proxy such as stunnel) has taken 127.0.0.1:``port``, without
+    connecting to it (a probe connection would start a TLS session through the peer): binding
+    the port fails once it is taken."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{proc.args!r} exited early ({proc.returncode})"
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return
+                raise
+        time.sleep(0.05)
+    raise AssertionError(f"{proc.args!r} is not listening on {port} after {timeout} s")
 
 
 def connect(address: str, timeout: float = 10.0) -> socket.socket:

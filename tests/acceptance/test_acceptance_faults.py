@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from acceptance_sandbox import (
     Clone,
+    Result,
     Sandbox,
     ScenarioFailed,
     background,
@@ -49,6 +50,26 @@ def expected_sha(box: Sandbox, size: int, seed: int) -> str:
     return box.ok(box.py(f"expect --size {size} --seed {seed}"), "the expected SHA-256").out.strip()
 
 
+def start_producer(box: Sandbox, size: int, seed: int) -> str:
+    """The producer application on 127.0.0.3:5201, serving ``size`` bytes of ``seed``'s
+    stream to each connection; returns their SHA-256."""
+    sha = expected_sha(box, size, seed)
+    box.ok(
+        box.py(f"serve --bind 127.0.0.3 --port 5201 --size {size} --seed {seed}") + " > producer.log 2>&1 &",
+        "the producer application",
+    )
+    return sha
+
+
+def plain_session(box: Sandbox, why: str) -> Result:
+    """A one-connection plain session of the s2cs on 127.0.0.1:5000 to the producer application."""
+    return box.ok(
+        "s2uc inbound-request --server_cert server.crt --remote_ip 127.0.0.3 --s2cs 127.0.0.1:5000 "
+        "--receiver_ports 5201 --num_conn 1 --security plain",
+        why,
+    )
+
+
 def status_docs(out: str) -> list[dict[str, Any]]:
     try:
         doc = json.loads(out)
@@ -73,11 +94,7 @@ def test_two_default_gateways_then_s2ds_kill9_mid_stream(
     serving(box, "127.0.0.1:5000", "server.crt")
     serving(box, "127.0.0.1:6000", "server.crt")
     size, seed = 48 * MiB, 7
-    sha = expected_sha(box, size, seed)
-    box.ok(
-        box.py(f"serve --bind 127.0.0.3 --port 5201 --size {size} --seed {seed}") + " > producer.log 2>&1 &",
-        "the producer application",
-    )
+    sha = start_producer(box, size, seed)
     box.ok("iperf3 -s -B 127.0.0.3 -p 5301 > iperf-server.log 2>&1 &", "an iperf3 server")
 
     def stream(uid: str, producer: str) -> str:
@@ -157,16 +174,8 @@ def test_empty_store_refuses_to_start_and_routes_survive(
     gw = background(box, "s2cs --port 5000")
     serving(box, "127.0.0.1:5000", "server.crt")
     size, seed = 8 * MiB, 11
-    sha = expected_sha(box, size, seed)
-    box.ok(
-        box.py(f"serve --bind 127.0.0.3 --port 5201 --size {size} --seed {seed}") + " > producer.log 2>&1 &",
-        "the producer application",
-    )
-    r = box.ok(
-        "s2uc inbound-request --server_cert server.crt --remote_ip 127.0.0.3 --s2cs 127.0.0.1:5000 "
-        "--receiver_ports 5201 --num_conn 1 --security plain",
-        "a live session",
-    )
+    sha = start_producer(box, size, seed)
+    r = plain_session(box, "a live session")
     listener = listeners_of(r.out)
     assert len(listener) == 1, r.out
     sha256_through(box, listener[0], sha, "the session before the restart")
@@ -214,16 +223,8 @@ def test_clean_stop_with_no_session_leaves_no_s2ds(user_clone: Clone, sandbox: C
     gw = background(box, "s2cs --port 5000")
     serving(box, "127.0.0.1:5000", "server.crt")
     size, seed = 1 * MiB, 3
-    sha = expected_sha(box, size, seed)
-    box.ok(
-        box.py(f"serve --bind 127.0.0.3 --port 5201 --size {size} --seed {seed}") + " > producer.log 2>&1 &",
-        "the producer application",
-    )
-    r = box.ok(
-        "s2uc inbound-request --server_cert server.crt --remote_ip 127.0.0.3 --s2cs 127.0.0.1:5000 "
-        "--receiver_ports 5201 --num_conn 1 --security plain",
-        "a session",
-    )
+    sha = start_producer(box, size, seed)
+    r = plain_session(box, "a session")
     sha256_through(box, listeners_of(r.out)[0], sha, "the session")
     assert processes(box, S2DS), "the native backend started no s2ds: nothing to check"
     uid = r.out.splitlines()[1].split()[0]

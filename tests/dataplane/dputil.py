@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -185,3 +186,48 @@ class EchoLoop:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(5)
+
+
+def secret_target(stream_server: ServerFactory, secret: bytes) -> StreamServer:
+    """Speaks ``secret`` first (a leak towards the client would show) and records what it
+    receives, up to the first newline, in ``results["got"]``."""
+
+    def handler(sock: socket.socket, served: Served) -> None:
+        sock.settimeout(15)
+        served.results["got"] = b""
+        sock.sendall(secret)
+        while data := sock.recv(65536):
+            served.results["got"] += data
+            if b"\n" in data:
+                break
+
+    return stream_server(handler)
+
+
+class RecordingTlsServer:
+    """A TLS server on ``ctx`` that counts completed handshakes, then greets and records what
+    it reads in ``results["got"]``: up to the first newline when ``one_line``, else until EOF
+    or ``read_timeout`` seconds of silence. A failed handshake records nothing."""
+
+    def __init__(self, stream_server: ServerFactory, ctx: ssl.SSLContext, greeting: bytes, *,
+                 timeout: float, one_line: bool = True, read_timeout: float | None = None) -> None:
+        self.handshakes = 0
+
+        def handler(sock: socket.socket, served: Served) -> None:
+            sock.settimeout(timeout)
+            served.results["got"] = b""
+            try:
+                tls = ctx.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError):
+                return
+            self.handshakes += 1
+            with tls, contextlib.suppress(OSError):
+                tls.sendall(greeting)
+                if read_timeout is not None:
+                    tls.settimeout(read_timeout)
+                while data := tls.recv(65536):
+                    served.results["got"] += data
+                    if one_line and b"\n" in data:
+                        break
+
+        self.server: StreamServer = stream_server(handler)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dputil import ServerFactory, outcome
-from streams import Served, StreamServer, connect, wait_for
+from dputil import RecordingTlsServer, ServerFactory, outcome
+from streams import connect, wait_for
 
 from scistream.certs import make_ca_and_leaf
 from scistream.dataplane import EngineBase, Route, Tls, TlsMode, TlsRole
@@ -29,31 +29,14 @@ GREETING = b"target speaking first\n"
 APP_BYTES = b"application bytes for the real server only\n"
 
 
-class TlsTarget:
+class TlsTarget(RecordingTlsServer):
     """A TLS 1.3 server with the given certificate: greets after the handshake, records
     what it reads."""
 
     def __init__(self, stream_server: ServerFactory, cert: Path, key: Path) -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(cert), str(key))
-        self.handshakes = 0
-
-        def handler(sock: socket.socket, served: Served) -> None:
-            sock.settimeout(10)
-            served.results["got"] = b""
-            try:
-                tls = ctx.wrap_socket(sock, server_side=True)
-            except (ssl.SSLError, OSError):
-                return
-            self.handshakes += 1
-            with tls, contextlib.suppress(OSError):
-                tls.sendall(GREETING)
-                while data := tls.recv(65536):
-                    served.results["got"] += data
-                    if b"\n" in data:
-                        break
-
-        self.server: StreamServer = stream_server(handler)
+        super().__init__(stream_server, ctx, GREETING, timeout=10)
 
 
 @pytest.fixture
@@ -72,6 +55,15 @@ def impostor(tmp_path: Path) -> Any:
 def client_route(engine: EngineBase, target: str, ca: Path, server_name: str) -> str:
     tls = Tls(role=TlsRole.CLIENT, mode=TlsMode.CERT, ca_file=str(ca), server_name=server_name)
     return engine.add_route(Route("out", "127.0.0.1:0", (target,), tls=tls)).bound
+
+
+def assert_greeted(app: socket.socket) -> None:
+    """The route trusted the server: its greeting arrives whole through the route."""
+    app.settimeout(10)
+    got = b""
+    while len(got) < len(GREETING) and (data := app.recv(4096)):
+        got += data
+    assert got == GREETING
 
 
 def assert_refused(engine: EngineBase, bound: str, target: TlsTarget) -> None:
@@ -111,11 +103,7 @@ def test_client_accepts_the_pinned_ca_and_name(make_engine: Callable[..., Engine
     engine = make_engine()
     target = TlsTarget(stream_server, pinned.cert, pinned.key)
     with connect(client_route(engine, target.server.address, pinned.ca_cert, "localhost")) as app:
-        app.settimeout(10)
-        got = b""
-        while len(got) < len(GREETING) and (data := app.recv(4096)):
-            got += data
-        assert got == GREETING
+        assert_greeted(app)
         app.sendall(APP_BYTES)
         (served,) = target.server.wait_served(1, timeout=15)
     assert served.results["got"] == APP_BYTES
@@ -144,8 +132,4 @@ def test_client_without_a_server_name_accepts_a_certificate_for_the_target(
     engine = make_engine()
     target = TlsTarget(stream_server, pinned.cert, pinned.key)
     with connect(client_route(engine, target.server.address, pinned.ca_cert, "")) as app:
-        app.settimeout(10)
-        got = b""
-        while len(got) < len(GREETING) and (data := app.recv(4096)):
-            got += data
-        assert got == GREETING
+        assert_greeted(app)

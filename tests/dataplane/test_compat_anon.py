@@ -14,7 +14,6 @@ rather than silently built some other way.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import socket
 import ssl
@@ -22,8 +21,8 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from dputil import ServerFactory
-from streams import Served, StreamServer, connect, wait_for
+from dputil import RecordingTlsServer, ServerFactory, secret_target
+from streams import StreamServer, connect, wait_for
 
 from scistream.dataplane import (
     COMPAT_PSK_IDENTITY,
@@ -52,21 +51,6 @@ needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="need
 def compat(role: TlsRole, ciphers: str) -> Tls:
     return Tls(role=role, mode=TlsMode.COMPAT, psk_identity=COMPAT_PSK_IDENTITY, psk_key=KEY,
                ciphers=ciphers)
-
-
-def secret_target(stream_server: ServerFactory) -> StreamServer:
-    """Speaks first (a leak towards the client would show) and records what it receives."""
-
-    def handler(sock: socket.socket, served: Served) -> None:
-        sock.settimeout(15)
-        served.results["got"] = b""
-        sock.sendall(SECRET)
-        while data := sock.recv(65536):
-            served.results["got"] += data
-            if b"\n" in data:
-                break
-
-    return stream_server(handler)
 
 
 def anonymous_python_client(address: str) -> bytes:
@@ -111,7 +95,7 @@ def assert_nothing_crossed(engine: EngineBase, route_id: str, target: StreamServ
 def test_compat_listener_refuses_anonymous_client(make_native_engine: Callable[..., EngineBase],
                                                   stream_server: ServerFactory, ciphers: str) -> None:
     engine = make_native_engine()
-    target = secret_target(stream_server)
+    target = secret_target(stream_server, SECRET)
     tls = compat(TlsRole.SERVER, ciphers)
     info = engine.add_route(Route("in", "127.0.0.1:0", (target.address,), tls=tls))
     assert anonymous_python_client(info.bound) == b""
@@ -125,7 +109,7 @@ def test_compat_listener_refuses_anonymous_client(make_native_engine: Callable[.
     assert SECRET in ok.stdout, ok.stderr.decode(errors="replace")
 
 
-class AnonymousServer:
+class AnonymousServer(RecordingTlsServer):
     """A TLS 1.2 server with no certificate and only anonymous suites, recording what it
     reads after a handshake (the bytes a compat client would leak to an impostor)."""
 
@@ -133,24 +117,9 @@ class AnonymousServer:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_ciphers(ANON)
-        self.handshakes = 0
-
-        def handler(sock: socket.socket, served: Served) -> None:
-            sock.settimeout(15)
-            served.results["got"] = b""
-            try:
-                tls = ctx.wrap_socket(sock, server_side=True)
-            except (ssl.SSLError, OSError):
-                return
-            self.handshakes += 1
-            with tls:
-                tls.sendall(b"impostor speaking\n")  # so a client that trusted it sees a byte
-                tls.settimeout(2)
-                with contextlib.suppress(OSError):
-                    while data := tls.recv(65536):
-                        served.results["got"] += data
-
-        self.server = stream_server(handler)
+        # the greeting, so a client that trusted it sees a byte
+        super().__init__(stream_server, ctx, b"impostor speaking\n", timeout=15, one_line=False,
+                         read_timeout=2)
 
 
 @pytest.mark.parametrize("ciphers", CALLER_LISTS, ids=["default", "eNULL", "ALL"])

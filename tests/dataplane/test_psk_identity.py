@@ -12,15 +12,14 @@ and the right identity.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dputil import ServerFactory, outcome, psk_tls, tls_pair
-from streams import Served, StreamServer, connect, wait_for
+from dputil import ServerFactory, outcome, psk_tls, secret_target, tls_pair
+from streams import StreamServer, connect, wait_for
 
 from scistream.dataplane import COMPAT_PSK_IDENTITY, EngineBase, Route, TlsMode, TlsRole
 
@@ -29,21 +28,6 @@ KEY = bytes(range(32))
 IDENTITY = "session-7f3a"
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-
-
-def secret_target(stream_server: ServerFactory) -> StreamServer:
-    """Speaks first (a leak towards the client would show) and records what it receives."""
-
-    def handler(sock: socket.socket, served: Served) -> None:
-        sock.settimeout(15)
-        served.results["got"] = b""
-        sock.sendall(SECRET)
-        while data := sock.recv(65536):
-            served.results["got"] += data
-            if b"\n" in data:
-                break
-
-    return stream_server(handler)
 
 
 def s_client(address: str, mode: TlsMode, identity: str, key: bytes) -> subprocess.CompletedProcess[bytes]:
@@ -73,7 +57,7 @@ def test_listener_refuses_right_key_under_another_identity(
         make_native_engine: Callable[..., EngineBase], stream_server: ServerFactory,
         mode: TlsMode, other: str) -> None:
     engine = make_native_engine()
-    target = secret_target(stream_server)
+    target = secret_target(stream_server, SECRET)
     mine = own_identity(mode)
     # "prefix": the identity cut short by one character, so a check that compares only
     # the caller's length (strncmp, memcmp of the shorter) is caught too.
@@ -97,7 +81,7 @@ def test_listener_refuses_right_key_under_another_identity(
 def test_engine_pair_with_right_key_and_another_identity_refused(
         make_native_engine: Callable[..., EngineBase], stream_server: ServerFactory, mode: TlsMode) -> None:
     engine = make_native_engine()
-    target = secret_target(stream_server)
+    target = secret_target(stream_server, SECRET)
     bound = tls_pair(engine, target.address,
                      psk_tls(TlsRole.CLIENT, key=KEY, mode=mode, identity="someone-else"),
                      psk_tls(TlsRole.SERVER, key=KEY, mode=mode, identity=own_identity(mode)))
@@ -116,7 +100,7 @@ def test_s2ds_forward_refuses_right_key_under_another_identity(
         tmp_path: Path, native_impl: str, stream_server: ServerFactory,
         spawn: Callable[..., subprocess.Popen[str]]) -> None:
     """The same through the standalone forwarder's command line (--psk-file, --psk-identity)."""
-    target = secret_target(stream_server)
+    target = secret_target(stream_server, SECRET)
     psk = tmp_path / "psk.txt"
     psk.write_text(f"{IDENTITY}:{KEY.hex()}\n")
     psk.chmod(0o600)

@@ -15,17 +15,14 @@ two-way transfer. Half-close through our own engine is tested in test_failures.p
 
 from __future__ import annotations
 
-import errno
 import shutil
-import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dputil import ServerFactory, check_duplex, duplex_server, run_duplex_clients, size
-from streams import MiB
+from streams import MiB, wait_bound
 
 from scistream.dataplane import (
     COMPAT_PSK_IDENTITY,
@@ -46,23 +43,6 @@ pytestmark = [
 UID = "4f8583bc-a4d3-11ee-9fd6-034d1fcbd7c3"
 SECURE_IDENTITY = "scistream-test"
 SECURE_KEY = "a-pre-shared-key-of-32-characters"
-
-
-def wait_listening(port: int, proc: Any, timeout: float = 10.0) -> None:
-    """Wait until something listens on ``port`` without connecting to it (a probe connection
-    would start a TLS session through the peer): binding it fails once it is taken."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "stunnel exited early"
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return
-                raise
-        time.sleep(0.05)
-    raise AssertionError(f"stunnel is not listening on {port} after {timeout} s")
 
 
 def stunnel_conf(tmp: Path, *, client: bool, accept: int, connect: str, mode: str) -> Path:
@@ -107,7 +87,7 @@ def test_our_client_to_stunnel_server(make_native_engine: Callable[..., EngineBa
     port = free_port()
     conf = stunnel_conf(tmp_path, client=False, accept=port, connect=server.address, mode=mode)
     proc = spawn(["stunnel", str(conf)], stdout=(tmp_path / "stunnel.log").open("w"), stderr=-2)
-    wait_listening(port, proc)
+    wait_bound(port, proc)
     tls = our_tls(TlsRole.CLIENT, mode)
     info = engine.add_route(Route("out", "127.0.0.1:0", (f"127.0.0.1:{port}",), tls=tls))
     check_duplex(server, run_duplex_clients(info.bound, 2, per_conn, half_close=False), per_conn)
@@ -125,6 +105,6 @@ def test_stunnel_client_to_our_server(make_native_engine: Callable[..., EngineBa
     port = free_port()
     conf = stunnel_conf(tmp_path, client=True, accept=port, connect=info.bound, mode=mode)
     proc = spawn(["stunnel", str(conf)], stdout=(tmp_path / "stunnel.log").open("w"), stderr=-2)
-    wait_listening(port, proc)
+    wait_bound(port, proc)
     check_duplex(server, run_duplex_clients(f"127.0.0.1:{port}", 2, per_conn, half_close=False), per_conn)
     assert engine.stats("in").routes["in"].errors.get("tls_handshake", 0) == 0

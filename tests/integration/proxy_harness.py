@@ -14,17 +14,40 @@ import asyncio
 import contextlib
 import functools
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from streams import DuplexServer, MiB, duplex_transfer, pattern_digest, wait_for
 
 from scistream.certs import make_ca_and_leaf
 from scistream.s2cs.backends import create_backend
 from scistream.s2cs.backends.base import Backend, BackendOptions, RoutePlan, Security, SessionPlan
+from scistream.s2cs.backends.nginx import DEFAULT_STREAM_MODULE
+
+# The proxy kinds a test runs against, for ``@pytest.fixture(params=PROXY_KINDS)``: each is
+# skipped where its proxy is not installed (nginx also needs its stream module); the HAProxy
+# case carries the ``haproxy`` marker.
+PROXY_KINDS = [
+    pytest.param(
+        "haproxy",
+        marks=[
+            pytest.mark.haproxy,
+            pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed"),
+        ],
+    ),
+    pytest.param(
+        "nginx",
+        marks=pytest.mark.skipif(
+            shutil.which("nginx") is None or not Path(DEFAULT_STREAM_MODULE).exists(),
+            reason="nginx or its stream module (libnginx-mod-stream) is not installed",
+        ),
+    ),
+]
 
 
 def free_port() -> int:

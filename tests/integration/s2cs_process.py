@@ -1,5 +1,6 @@
 """An s2cs as a real process on loopback, as users start it: for the tests that drive it
-through its command line (seed tutorials, backend options)."""
+through its command line (seed tutorials, backend options), and the commands users type
+against it (``run``, ``background``) with a test's environment."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from scistream.demo import free_port_range
 from scistream.netns import stop_process
+from scistream.s2cs.backends.native import stop_spawned_s2ds
 
 
 @dataclass
@@ -57,3 +62,56 @@ def start_s2cs(workdir: Path, name: str, *args: str, ports: int = 12) -> Gateway
 def stop_s2cs(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM (s2cs drains and exits 0), then SIGKILL if it has not within 15 s."""
     stop_process(proc, timeout=15)
+
+
+@dataclass
+class PairEnv:
+    """A gateway_pair as the user's commands see it: the working directory, the control
+    channel's certificate, both s2cs and the environment."""
+
+    dir: Path
+    cert: Path
+    prod: Gateway
+    cons: Gateway
+    env: dict[str, str]
+
+
+@contextmanager
+def gateway_pair(workdir: Path, *args: str) -> Iterator[tuple[Gateway, Gateway, dict[str, str]]]:
+    """A "prod" and a "cons" s2cs started with ``args``, and the environment the user's
+    commands run in (a SCISTREAM_HOME of their own, no SCISTREAM_S2UC_* defaults). Both stop
+    on the way out, and with them the s2ds each left running on purpose."""
+    prod = start_s2cs(workdir, "prod", *args)
+    try:
+        cons = start_s2cs(workdir, "cons", *args)
+    except Exception:
+        stop_s2cs(prod.proc)
+        raise
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCISTREAM_S2UC_")}
+    env["SCISTREAM_HOME"] = str(workdir / "home")
+    try:
+        yield prod, cons, env
+    finally:
+        for g in (prod, cons):
+            stop_s2cs(g.proc)
+        for name in ("prod", "cons"):
+            stop_spawned_s2ds(str(workdir / f"state-{name}"))
+
+
+class CommandEnv(Protocol):
+    """Where a test's user commands run: the working directory and the environment."""
+
+    dir: Path
+    env: dict[str, str]
+
+
+def run(e: CommandEnv, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, env=e.env, cwd=e.dir, timeout=timeout, check=False
+    )
+
+
+def background(e: CommandEnv, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e.env, cwd=e.dir
+    )

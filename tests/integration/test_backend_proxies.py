@@ -8,11 +8,11 @@ proxy is not installed (nginx also needs its stream module). The HAProxy cases c
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from proxy_harness import (
+    PROXY_KINDS,
     check_duplex,
     check_kill_detected,
     check_port_in_use,
@@ -25,29 +25,10 @@ from proxy_harness import (
     running_pair,
 )
 
-from scistream.s2cs.backends.nginx import DEFAULT_STREAM_MODULE
-
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "haproxy",
-            marks=[
-                pytest.mark.haproxy,
-                pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed"),
-            ],
-        ),
-        pytest.param(
-            "nginx",
-            marks=pytest.mark.skipif(
-                shutil.which("nginx") is None or not Path(DEFAULT_STREAM_MODULE).exists(),
-                reason="nginx or its stream module (libnginx-mod-stream) is not installed",
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=PROXY_KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
     """The backend kind under test: "haproxy" or "nginx"."""
     value: str = request.param

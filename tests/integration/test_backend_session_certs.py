@@ -10,7 +10,6 @@ a failed start, and after a restart that finds them left behind.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import ssl
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from proxy_harness import (
+    PROXY_KINDS,
     check_duplex,
     check_port_in_use,
     check_removed,
@@ -28,30 +28,12 @@ from proxy_harness import (
 )
 
 from scistream.certs import SessionCredentials, mint_session_credentials
-from scistream.s2cs.backends.nginx import DEFAULT_STREAM_MODULE
 from scistream.s2cs.backends.supervisor import OWNER_FILE
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "haproxy",
-            marks=[
-                pytest.mark.haproxy,
-                pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed"),
-            ],
-        ),
-        pytest.param(
-            "nginx",
-            marks=pytest.mark.skipif(
-                shutil.which("nginx") is None or not Path(DEFAULT_STREAM_MODULE).exists(),
-                reason="nginx or its stream module (libnginx-mod-stream) is not installed",
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=PROXY_KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
     value: str = request.param
     return value

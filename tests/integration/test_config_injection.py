@@ -17,17 +17,15 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import grpc
 import pytest
+from globus_standin import IntrospectionStandIn
 from s2cs_process import Gateway, start_s2cs, stop_s2cs
 from streams import DuplexServer, duplex_transfer, pattern_digest, wait_for
 
@@ -70,7 +68,7 @@ def haproxy_payload(canary: int, legit: int, stats: int, leak: int) -> str:
     )
 
 
-class GlobusStandIn:
+class GlobusStandIn(IntrospectionStandIn):
     """Answers Globus Auth's token introspection: TOKEN is active for s2cs's scope."""
 
     def __init__(self) -> None:
@@ -82,29 +80,7 @@ class GlobusStandIn:
             "aud": [CLIENT_ID],
             "exp": int(time.time()) + 3600,
         }
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
-                token = parse_qs(body).get("token", [""])[0]
-                data = json.dumps(answer if token == TOKEN else {"active": False}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(lambda _path, token: answer if token == TOKEN else {"active": False})
 
 
 @dataclass

@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from s2cs_process import Gateway, start_s2cs, stop_s2cs
+from s2cs_process import PairEnv, gateway_pair
 
 from scistream.certs import make_self_signed
 from scistream.dataplane import native_available
-from scistream.s2cs.backends.native import stop_spawned_s2ds
 
 pytestmark = [
     pytest.mark.skipif(not native_available(), reason="TLS sessions (with keys) need the native engine"),
@@ -77,12 +76,7 @@ def keys_in_s2uc_home(home: Path) -> set[bytes]:
 
 
 @dataclass
-class Env:
-    dir: Path
-    cert: Path
-    prod: Gateway
-    cons: Gateway
-    env: dict[str, str]
+class Env(PairEnv):
     texts: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -117,21 +111,8 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("keyleaks")
     cert, key = make_self_signed(d, ["127.0.0.1"], ["localhost"])
     args = (f"--server_crt={cert}", f"--server_key={key}", "--hello-timeout", "30", "--events", "off")
-    prod = start_s2cs(d, "prod", *args)
-    try:
-        cons = start_s2cs(d, "cons", *args)
-    except Exception:
-        stop_s2cs(prod.proc)
-        raise
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCISTREAM_S2UC_")}
-    env["SCISTREAM_HOME"] = str(d / "home")
-    try:
+    with gateway_pair(d, *args) as (prod, cons, env):
         yield Env(d, cert, prod, cons, env)
-    finally:
-        for g in (prod, cons):
-            stop_s2cs(g.proc)
-        for name in ("prod", "cons"):
-            stop_spawned_s2ds(str(d / f"state-{name}"))
 
 
 def first_uid(stdout: str) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from s2cs_process import Gateway, start_s2cs, stop_s2cs
+from s2cs_process import Gateway, background, run, start_s2cs, stop_s2cs
 from test_seeds_s2uc import Producer, fetch, listeners
 
 from scistream.certs import make_self_signed
@@ -90,24 +90,14 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             assert not [m for m in SECRET_MARKERS if m in text]
 
 
-def run(e: Env, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(args), capture_output=True, text=True, env=e.env, cwd=e.dir, timeout=timeout, check=False
-    )
-
-
-def background(e: Env, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e.env, cwd=e.dir
-    )
-
-
-def prod_side(e: Env, app_port: int) -> tuple[str, str]:
-    """``s2uc prod-req --mock True`` + ``appctrl mock ... PROD``; returns (inbound listener, output)."""
-    prod_req = background(e, "s2uc", "prod-req", "--s2cs", e.prod.address, "--mock", "True")
+def prod_side(e: Env, app_port: int, prod: Gateway | None = None) -> tuple[str, str]:
+    """``s2uc prod-req --mock True`` + ``appctrl mock ... PROD`` against ``prod`` (the fixture's
+    PROD s2cs unless given); returns (inbound listener, output)."""
+    prod = prod or e.prod
+    prod_req = background(e, "s2uc", "prod-req", "--s2cs", prod.address, "--mock", "True")
     try:
         r = run(
-            e, "appctrl", "mock", MOCK_UID, e.prod.address, "INVALID_TOKEN", "PROD", "127.0.0.1",
+            e, "appctrl", "mock", MOCK_UID, prod.address, "INVALID_TOKEN", "PROD", "127.0.0.1",
             "--ports", str(app_port),
         )  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
@@ -292,17 +282,8 @@ def test_native_prod_with_haproxy_cons_is_refused_at_update_with_a_reason(vm: En
     e, app = vm, Producer(size=1024)
     prod, cons = e.cons["native"], e.cons["haproxy"]  # any s2cs takes either role
     try:
-        prod_req = background(e, "s2uc", "prod-req", "--s2cs", prod.address, "--mock", "True")
-        r = run(
-            e, "appctrl", "mock", MOCK_UID, prod.address, "INVALID_TOKEN", "PROD", "127.0.0.1",
-            "--ports", str(app.port),
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        out, err = prod_req.communicate(timeout=30)
-        assert prod_req.returncode == 0, err
-        inbound = re.search(r"^Listeners: \['([^']+)'", out, re.MULTILINE)
-        assert inbound, out
-        cons_req, _ = cons_side(e, cons, inbound.group(1))
+        inbound, _ = prod_side(e, app.port, prod)
+        cons_req, _ = cons_side(e, cons, inbound)
         _out, err = cons_req.communicate(timeout=30)
         assert cons_req.returncode != 0
         assert "pre-shared key" in err and "haproxy backend" in err, err
@@ -322,17 +303,8 @@ def test_minted_session_survives_a_prod_s2cs_restart_and_its_files_go_at_release
     )  # fmt: skip
     prod = start_s2cs(e.dir, "prod-restart", *args)
     try:
-        prod_req = background(e, "s2uc", "prod-req", "--s2cs", prod.address, "--mock", "True")
-        r = run(
-            e, "appctrl", "mock", MOCK_UID, prod.address, "INVALID_TOKEN", "PROD", "127.0.0.1",
-            "--ports", str(app.port),
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        out, err = prod_req.communicate(timeout=30)
-        assert prod_req.returncode == 0, err
-        inbound = re.search(r"^Listeners: \['([^']+)'", out, re.MULTILINE)
-        assert inbound, out
-        cons_req, _ = cons_side(e, cons, inbound.group(1))
+        inbound, _ = prod_side(e, app.port, prod)
+        cons_req, _ = cons_side(e, cons, inbound)
         out, err = cons_req.communicate(timeout=30)
         assert cons_req.returncode == 0, err
         outbound = listeners(out)[0]

@@ -15,19 +15,16 @@ import os
 import random
 import re
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from s2cs_process import Gateway, start_s2cs, stop_s2cs
+from s2cs_process import Gateway, PairEnv, background, gateway_pair, run
 
 from scistream.certs import make_self_signed
-from scistream.s2cs.backends.native import stop_spawned_s2ds
 
 pytestmark = pytest.mark.timeout(120)
 MOCK_UID = "4f8583bc-a4d3-11ee-9fd6-034d1fcbd7c3"
@@ -39,13 +36,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class Env:
-    dir: Path
-    cert: Path
-    prod: Gateway
-    cons: Gateway
-    env: dict[str, str]
+Env = PairEnv  # the seed tutorials need nothing beyond the pair itself
 
 
 @pytest.fixture(scope="module")
@@ -53,36 +44,10 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("seeds")
     cert, key = make_self_signed(d, ["127.0.0.1"], ["localhost"])
     args = (f"--server_crt={cert}", f"--server_key={key}", "--hello-timeout", "30")
-    prod = start_s2cs(d, "prod", *args)
-    try:
-        cons = start_s2cs(d, "cons", *args)
-    except Exception:
-        stop_s2cs(prod.proc)
-        raise
-    env = dict(os.environ, SCISTREAM_HOME=str(d / "home"))
-    for k in [k for k in env if k.startswith("SCISTREAM_S2UC_")]:
-        del env[k]
-    try:
+    with gateway_pair(d, *args) as (prod, cons, env):
         yield Env(d, cert, prod, cons, env)
-    finally:
-        for g in (prod, cons):
-            stop_s2cs(g.proc)
-        for name in ("prod", "cons"):  # s2cs leaves its s2ds running on purpose; stop it here
-            stop_spawned_s2ds(str(d / f"state-{name}"))
-        for g in (prod, cons):
-            assert "Traceback" not in g.log.read_text(errors="replace"), g.log.read_text()[-3000:]
-
-
-def run(e: Env, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(args), capture_output=True, text=True, env=e.env, cwd=e.dir, timeout=timeout, check=False
-    )
-
-
-def background(e: Env, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e.env, cwd=e.dir
-    )
+    for g in (prod, cons):
+        assert "Traceback" not in g.log.read_text(errors="replace"), g.log.read_text()[-3000:]
 
 
 class Producer:

@@ -19,7 +19,6 @@ Every process a test starts is stopped by pid in a ``finally``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
@@ -30,11 +29,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from s2ds_support import Forward, echo_roundtrip, echo_server, need_native, stop
-from streams import MiB, Served, StreamServer
+from streams import MiB, Served, StreamServer, wait_bound
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("stunnel") is None, reason="needs stunnel4 (Debian package stunnel4)"),
@@ -55,22 +53,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def wait_bound(port: int, proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """Wait until ``port`` is taken without connecting (a probe would start a TLS session)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{proc.args!r} exited early ({proc.returncode})"
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return
-                raise
-        time.sleep(0.05)
-    raise AssertionError(f"{proc.args!r} is not listening on {port} after {timeout} s")
 
 
 @pytest.fixture

@@ -283,6 +283,28 @@ def prod_flow(
     return resp
 
 
+def establish(prod: Any, cons: Any, uid: str, app_port: int, rate_limit: int = 0) -> tuple[Any, Any]:
+    """A one-connection session ``uid`` through two gateways (the stubs ``prod`` and ``cons``)
+    to the application on 127.0.0.1:``app_port``: req, hello and update on each side, the
+    CONS side's hello after its req (as 1.x). Returns the two req Responses."""
+    fut = prod.req.future(
+        scistream_pb2.Request(uid=uid, role="PROD", num_conn=1, rate_limit=rate_limit), timeout=30
+    )
+    prod.hello(
+        scistream_pb2.Hello(uid=uid, prod_listeners=[f"127.0.0.1:{app_port}"], role="PROD"), timeout=10
+    )
+    p = fut.result()
+    prod.update(scistream_pb2.UpdateTargets(uid=uid, remote_listeners=list(p.prod_listeners)), timeout=30)
+    fut = cons.req.future(scistream_pb2.Request(uid=uid, role="CONS", num_conn=1), timeout=30)
+    cons.hello(scistream_pb2.Hello(uid=uid, role="PROD"), timeout=10)
+    c = fut.result()
+    cons.update(
+        scistream_pb2.UpdateTargets(uid=uid, remote_listeners=list(p.listeners), session_key=p.session_key),
+        timeout=30,
+    )
+    return p, c
+
+
 #: The seed of the stream a Producer sends.
 PRODUCER_SEED = 0x9D0D
 

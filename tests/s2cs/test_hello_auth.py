@@ -16,7 +16,7 @@ import grpc
 import pytest
 from click.testing import CliRunner
 from s2cs_support import new_uid
-from test_s2cs_auth import ALICE, BOB, CLIENT_ID, EXPIRED, SECRET, StandIn, call, err, md
+from test_s2cs_auth import ALICE, BOB, CLIENT_ID, EXPIRED, SECRET, StandIn, call, err, md, serve_standin
 
 from scistream._proto import scistream_pb2 as pb
 from scistream.appctrl.cli import main as appctrl_main
@@ -29,11 +29,7 @@ BOB_SUB = "b2b2b2b2-0000-0000-0000-000000000002"
 
 @pytest.fixture
 def globus(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
-    s = StandIn()
-    monkeypatch.setenv("GLOBUS_SDK_ENVIRONMENT", "production")
-    monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", s.url)
-    yield s
-    s.close()
+    yield from serve_standin(monkeypatch)
 
 
 @pytest.fixture

@@ -6,18 +6,15 @@ The stand-in is reached through globus-sdk's own service-URL setting
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs
 
 import grpc
 import pytest
+from globus_standin import IntrospectionStandIn
 from s2cs_support import new_uid
 
 from scistream._proto import scistream_pb2 as pb
@@ -63,50 +60,33 @@ def _tokens() -> dict[str, dict[str, Any]]:
     }
 
 
-class StandIn:
+class StandIn(IntrospectionStandIn):
+    """Globus Auth as these tests see it: ``tokens`` (tests may change it) at the real
+    introspection path, nothing anywhere else."""
+
     def __init__(self) -> None:
         self.tokens = _tokens()
-        self.hits = 0
-        self.auth_headers: list[str] = []
-        outer = self
+        super().__init__(self._introspect)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                outer.hits += 1
-                outer.auth_headers.append(self.headers.get("Authorization", ""))
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
-                token = parse_qs(body).get("token", [""])[0]
-                if self.path.rstrip("/") != "/v2/oauth2/token/introspect":
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                data = json.dumps(outer.tokens.get(token, {"active": False})).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _introspect(self, path: str, token: str) -> dict[str, Any] | None:
+        if path.rstrip("/") != "/v2/oauth2/token/introspect":
+            return None
+        return self.tokens.get(token, {"active": False})
 
 
-@pytest.fixture
-def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
+def serve_standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
+    """The body of a fixture: a running StandIn that globus-sdk reaches through its own
+    service-URL setting, closed at teardown (shared by the auth, hello and token-cache tests)."""
     s = StandIn()
     monkeypatch.setenv("GLOBUS_SDK_ENVIRONMENT", "production")
     monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", s.url)
     yield s
     s.close()
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
+    yield from serve_standin(monkeypatch)
 
 
 def md(token: str | None) -> list[tuple[str, str]]:

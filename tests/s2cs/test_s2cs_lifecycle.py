@@ -31,7 +31,7 @@ import grpc
 import pytest
 import zmq
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from s2cs_support import PRODUCER_SEED, Consumer, Producer, free_range, new_uid
+from s2cs_support import PRODUCER_SEED, Consumer, Producer, establish, free_range, new_uid
 from streams import pattern_digest, wait_for
 
 from scistream._proto import scistream_pb2 as pb
@@ -119,20 +119,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
-
-
-def establish(prod: Any, cons: Any, uid: str, app_port: int, rate_limit: int = 0) -> tuple[Any, Any]:
-    fut = prod.req.future(pb.Request(uid=uid, role="PROD", num_conn=1, rate_limit=rate_limit), timeout=30)
-    prod.hello(pb.Hello(uid=uid, prod_listeners=[f"127.0.0.1:{app_port}"], role="PROD"), timeout=10)
-    p = fut.result()
-    prod.update(pb.UpdateTargets(uid=uid, remote_listeners=list(p.prod_listeners)), timeout=30)
-    fut = cons.req.future(pb.Request(uid=uid, role="CONS", num_conn=1), timeout=30)
-    cons.hello(pb.Hello(uid=uid, role="PROD"), timeout=10)
-    c = fut.result()
-    cons.update(
-        pb.UpdateTargets(uid=uid, remote_listeners=list(p.listeners), session_key=p.session_key), timeout=30
-    )
-    return p, c
 
 
 def stream_sha(endpoint: str, total: int = TOTAL) -> str:

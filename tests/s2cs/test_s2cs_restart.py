@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from s2cs_support import Consumer, Producer, free_range, new_uid
+from s2cs_support import Consumer, Producer, establish, free_range, new_uid
 
 from scistream._proto import scistream_pb2 as pb
 from scistream._proto import scistream_pb2_grpc
@@ -92,17 +92,7 @@ def test_kill9_mid_stream(tmp_path: Path) -> None:
         uid = new_uid()
         with contextlib.ExitStack() as stack:
             prod, cons = prod_gw.stub(stack), cons_gw.stub(stack)
-            fut = prod.req.future(pb.Request(uid=uid, role="PROD", num_conn=1, rate_limit=RATE), timeout=30)
-            prod.hello(pb.Hello(uid=uid, prod_listeners=[f"127.0.0.1:{app.port}"], role="PROD"), timeout=10)
-            p = fut.result()
-            prod.update(pb.UpdateTargets(uid=uid, remote_listeners=list(p.prod_listeners)), timeout=30)
-            fut = cons.req.future(pb.Request(uid=uid, role="CONS", num_conn=1), timeout=30)
-            cons.hello(pb.Hello(uid=uid, role="PROD"), timeout=10)
-            c = fut.result()
-            cons.update(
-                pb.UpdateTargets(uid=uid, remote_listeners=list(p.listeners), session_key=p.session_key),
-                timeout=30,
-            )
+            _, c = establish(prod, cons, uid, app.port, RATE)
         consumer = Consumer(c.listeners[0], timeout=120)
         deadline = time.time() + 30
         while consumer.received < (64 << 20) and time.time() < deadline:

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from test_s2cs_auth import ALICE, CLIENT_ID, SCOPE, SECRET, StandIn
+from test_s2cs_auth import ALICE, CLIENT_ID, SCOPE, SECRET, StandIn, serve_standin
 
 from scistream.s2cs.auth import GlobusAuthenticator
 from scistream.s2cs.errors import ControlError
@@ -23,11 +23,7 @@ from scistream.s2cs.errors import ControlError
 
 @pytest.fixture
 def globus(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandIn]:
-    s = StandIn()
-    monkeypatch.setenv("GLOBUS_SDK_ENVIRONMENT", "production")
-    monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", s.url)
-    yield s
-    s.close()
+    yield from serve_standin(monkeypatch)
 
 
 def _auth(**kw: Any) -> GlobusAuthenticator:
