@@ -48,7 +48,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
@@ -59,6 +59,7 @@ from scistream.dataplane import (
     Route,
     RouteExists,
     RouteNotFound,
+    RouteStats,
     Tls,
     TlsMode,
     TlsRole,
@@ -72,6 +73,7 @@ from scistream.s2cs.backends.base import (
     LiveSession,
     SessionPlan,
     SessionUsage,
+    SessionView,
 )
 from scistream.s2cs.backends.haproxy import CERT_SETTINGS, operator_certs, session_cert_files
 from scistream.s2cs.backends.proxyconf import CertFiles
@@ -173,6 +175,33 @@ def _route_index(route_id: str) -> int:
     """i of a route id ``[<instance>/]<uid>/<i>``: a session's routes in listener order."""
     tail = route_id.rsplit("/", 1)[-1]
     return int(tail) if tail.isdigit() else 0
+
+
+def _session_usage(mine: list[RouteStats]) -> SessionUsage:
+    """A session's counters: the sum over its routes."""
+    errors: dict[str, int] = {}
+    for rs in mine:
+        for kind, n in rs.errors.items():
+            errors[kind] = errors.get(kind, 0) + n
+    return SessionUsage(
+        bytes_to_target=sum(rs.bytes_to_target for rs in mine),
+        bytes_from_target=sum(rs.bytes_from_target for rs in mine),
+        connections_active=sum(rs.connections_active for rs in mine),
+        connections_total=sum(rs.connections_total for rs in mine),
+        connections=tuple(
+            ConnectionUsage(
+                listener=rs.bound,
+                peer=c.peer,
+                target=c.target,
+                bytes_to_target=c.bytes_to_target,
+                bytes_from_target=c.bytes_from_target,
+                started_at=c.started_at,
+            )
+            for rs in mine
+            for c in rs.connections
+        ),
+        errors=errors,
+    )
 
 
 # --- the daemon's lifecycle -------------------------------------------------------------
@@ -562,13 +591,6 @@ class NativeBackend(Backend):
         except EngineError as exc:
             raise BackendError(f"session {uid}: {exc}") from None
 
-    async def running_sessions(self) -> set[str]:
-        try:
-            infos = await self._reach(self.client.routes)
-        except EngineError as exc:
-            raise BackendError(str(exc)) from None
-        return {i.route.labels["uid"] for i in infos if self._mine(i.route.labels)}
-
     async def describe(self, uid: str) -> LiveSession:
         try:
             infos = await self._reach(self.client.routes)
@@ -594,37 +616,18 @@ class NativeBackend(Backend):
             owner=labels.get("owner", ""),
         )
 
-    async def usage(self, uid: str) -> SessionUsage:
+    async def observe(self, uids: Collection[str] | None = None) -> dict[str, SessionView]:
+        """One stats call for every route of this instance, grouped by session."""
         try:
             stats = await self._reach(lambda: self.client.stats(connections=True))
         except EngineError as exc:
             raise BackendError(str(exc)) from None
-        mine = [rs for rs in stats.routes.values() if self._mine(rs.labels) and rs.labels["uid"] == uid]
-        if not mine:
-            return SessionUsage()
-        errors: dict[str, int] = {}
-        for rs in mine:
-            for kind, n in rs.errors.items():
-                errors[kind] = errors.get(kind, 0) + n
-        return SessionUsage(
-            bytes_to_target=sum(rs.bytes_to_target for rs in mine),
-            bytes_from_target=sum(rs.bytes_from_target for rs in mine),
-            connections_active=sum(rs.connections_active for rs in mine),
-            connections_total=sum(rs.connections_total for rs in mine),
-            connections=tuple(
-                ConnectionUsage(
-                    listener=rs.bound,
-                    peer=c.peer,
-                    target=c.target,
-                    bytes_to_target=c.bytes_to_target,
-                    bytes_from_target=c.bytes_from_target,
-                    started_at=c.started_at,
-                )
-                for rs in mine
-                for c in rs.connections
-            ),
-            errors=errors,
-        )
+        wanted = None if uids is None else set(uids)
+        by_uid: dict[str, list[RouteStats]] = {}
+        for rs in stats.routes.values():
+            if self._mine(rs.labels) and (wanted is None or rs.labels["uid"] in wanted):
+                by_uid.setdefault(rs.labels["uid"], []).append(rs)
+        return {uid: SessionView(usage=_session_usage(mine)) for uid, mine in by_uid.items()}
 
     async def close(self) -> None:
         """Routes stay and so does their daemon: streams outlive the control server. A
