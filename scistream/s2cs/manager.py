@@ -32,9 +32,9 @@ import grpc
 
 from scistream.certs import SessionCredentials, is_credentials, mint_session_credentials
 from scistream.clienttext import excerpt
-from scistream.dataplane.api import COMPAT_PSK_IDENTITY, compat_key_from_uid
 from scistream.endpoints import format_endpoint
 from scistream.events import SessionEvent
+from scistream.keys import COMPAT_PSK_IDENTITY, compat_key
 from scistream.s2cs import validate
 from scistream.s2cs.audit import AuditLog
 from scistream.s2cs.auth import Identity
@@ -222,7 +222,7 @@ class SessionManager:
                 elif kind == "mint":
                     psk = mint_session_credentials(uid).encode()
         elif mode == "compat":
-            psk, psk_identity = compat_key_from_uid(uid), COMPAT_PSK_IDENTITY
+            psk, psk_identity = compat_key(uid), COMPAT_PSK_IDENTITY
         s = Session(
             uid=uid,
             role=role,

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scistream.certs import SessionCredentials, is_credentials
+from scistream.keys import compat_key_bytes
 from scistream.s2cs.backends.base import RoutePlan, SessionPlan, SessionUsage
 
 
@@ -216,6 +217,8 @@ class Session:
 
     @classmethod
     def from_record(cls, data: dict[str, Any], psk: bytes) -> Session:
+        if data["security"] == "compat":
+            psk = compat_key_bytes(psk)  # a row of a version that kept the 1.x key as text
         return cls(
             uid=str(data["uid"]),
             role=str(data["role"]),

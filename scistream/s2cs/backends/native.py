@@ -17,7 +17,7 @@ Rate limit: the session's cap is split evenly over its routes (each route has
 its own token bucket), so the session as a whole never exceeds the cap.
 
 1.x interop (security "compat"): a key given as hex text (the uid without
-dashes) is decoded as a 1.x stunnel decodes it (see scistream/s2ds/psk.py), so
+dashes) is decoded as a 1.x stunnel decodes it (see scistream/keys.py), so
 this gateway, a 1.x gateway and the stunnel backend all use the same 16 bytes.
 
 WAN credentials: the session's PSK (default); per-session certificates a
@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import os
 import shlex
@@ -63,8 +61,8 @@ from scistream.dataplane import (
     Tls,
     TlsMode,
     TlsRole,
-    compat_key_from_uid,
 )
+from scistream.keys import compat_key, compat_key_bytes, key_fingerprint
 from scistream.s2cs.backends.base import (
     Backend,
     BackendError,
@@ -82,7 +80,6 @@ from scistream.s2ds.client import S2dsClient, S2dsUnavailable
 from scistream.s2ds.convert import route_to_spec
 from scistream.s2ds.keys import CurveKeyError, load_keypair, load_public
 from scistream.s2ds.paths import default_control_address, ipc_path
-from scistream.s2ds.psk import as_stunnel_key
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +102,6 @@ HUNG_MISSES = 10
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def key_fingerprint(key: bytes) -> str:
-    """A label that tells whether a route's key changed without revealing it.
-
-    s2ds never echoes keys back, so apply() compares this instead. It is a
-    keyed hash of a 32-byte random secret: it cannot be turned back into the key.
-    """
-    return hmac.new(b"scistream route key fingerprint", key, hashlib.sha256).hexdigest()[:16]
-
-
 def session_routes(plan: SessionPlan, certs: CertFiles | None = None, instance: str = "") -> list[Route]:
     """The s2ds routes that realise a session plan, namespaced by the s2cs ``instance``;
     ``certs``: certificate files to use instead of a PSK (a tls plan only)."""
@@ -129,10 +117,10 @@ def session_routes(plan: SessionPlan, certs: CertFiles | None = None, instance: 
         )
     elif plan.security in ("tls", "compat"):
         compat = plan.security == "compat"
-        key = plan.psk_key or (compat_key_from_uid(plan.uid) if compat else b"")
+        key = plan.psk_key or (compat_key(plan.uid) if compat else b"")
         if compat:
-            # A 1.x stunnel peer decodes the uid-derived key text as hex; so must we.
-            key = as_stunnel_key(key)
+            # A 1.x stunnel peer decodes a key given as text as hex; so must we.
+            key = compat_key_bytes(key)
         if not key:
             raise BackendError(f"session {plan.uid} asks for TLS but has no key")
         tls = Tls(
