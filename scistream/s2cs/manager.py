@@ -495,10 +495,6 @@ class SessionManager:
             if had_routes and self.data_plane_ok:
                 await self.housekeeping.observe([s])
             usage = s.usage
-            final = self.sessions.fire(s, event)
-            s.error = "" if event is Event.RELEASE else reason
-            if s.waiter is not None and not s.waiter.done():
-                s.waiter.set_result(None)
             try:
                 await self.backend.remove(s.uid)
             except Exception as exc:
@@ -508,6 +504,11 @@ class SessionManager:
                 self.store.delete(s.uid)
             except Exception as exc:
                 log.error("session %s: cannot delete its stored row: %s", s.uid, exc)
+            # Torn down: only now does it read as its outcome (and a parked req learn of it).
+            final = self.sessions.fire(s, event)
+            s.error = "" if event is Event.RELEASE else reason
+            if s.waiter is not None and not s.waiter.done():
+                s.waiter.set_result(None)
         log.info("session %s: %s (%s)", s.uid, final.value, reason)
         self._publish(s, final.value)
         self.metrics.sessions_ended.labels(final.value).inc()
