@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from scistream import keys as _keys
 from scistream.endpoints import format_endpoint, parse_endpoint
 
 
@@ -77,30 +78,14 @@ COMPAT_TLS12_CIPHERS = (
     "ECDHE-PSK-AES128-CBC-SHA256:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:"
     "PSK-NULL-SHA256"
 )
-#: The PSK identity every SciStream 1.x stunnel config uses.
-COMPAT_PSK_IDENTITY = "client1"
+# The 1.x key rule lives in scistream.keys; re-exported here for the engines' callers.
+COMPAT_PSK_IDENTITY = _keys.COMPAT_PSK_IDENTITY
+compat_key_from_uid = _keys.compat_key
+psk_key_from_text = _keys.key_from_stunnel_text
 
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
 MAX_TIMEOUT_S = 1e9  # about 31 years; times 1e9 ns still fits an int64
-
-
-def compat_key_from_uid(uid: str) -> bytes:
-    """The key bytes a SciStream 1.x stunnel gateway uses for ``uid``.
-
-    1.x writes ``client1:<uid without dashes>`` to stunnel's PSKsecrets, and
-    stunnel 5.68 decodes a key text made only of hex digits as hex (any other
-    text is used as raw bytes). A uuid uid therefore means 16 key bytes.
-    """
-    return psk_key_from_text(uid.replace("-", ""))
-
-
-def psk_key_from_text(text: str) -> bytes:
-    """The key bytes stunnel 5.68 uses for the KEY text of a PSKsecrets line:
-    hex-decoded when the text is only hex digits (even length), else the raw text."""
-    if text and len(text) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in text):
-        return bytes.fromhex(text)
-    return text.encode("utf-8")
 
 
 @dataclass(frozen=True)

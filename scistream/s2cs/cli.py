@@ -51,6 +51,9 @@ from scistream.s2cs.config import DEFAULT_CLIENT_ID, SECURITY_MODES, ServerConfi
 
 log = logging.getLogger("scistream.s2cs")
 
+#: Option defaults come from ServerConfig (the one place they are defined); state_dir
+#: is derived from the port, so a placeholder is enough here.
+_DEFAULTS = ServerConfig(state_dir="-")
 _SECRET_FROM_ENV = "\0from-env"  # --client-secret given with no value (the VM tutorial)
 _FILE_BACKEND_OPTIONS = "scistream.s2cs.file_backend_options"  # ctx.meta: the config file's
 BACKEND_OPTION_ENV = "SCISTREAM_BACKEND_OPTION"  # KEY=VALUE words, shell-quoted
@@ -192,16 +195,18 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
-    default=5000,
+    default=_DEFAULTS.port,
     show_default=True,
     help="gRPC control port (0 = any free port).",
 )
-@click.option("--bind", default="0.0.0.0", show_default=True, help="Address the control port listens on.")
+@click.option(
+    "--bind", default=_DEFAULTS.bind, show_default=True, help="Address the control port listens on."
+)
 @click.option(
     "--listener_ip",
     "--listener-ip",
     "listener_ip",
-    default="127.0.0.1",
+    default=_DEFAULTS.listener_ip,
     show_default=True,
     help="Address data listeners bind to and advertise to peers: this gateway's address as the "
     "peer facility reaches it (0.0.0.0 and :: are refused).",
@@ -210,7 +215,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--port_range",
     "--port-range",
     "port_range",
-    default="5100-5200",
+    default="{}-{}".format(*_DEFAULTS.port_range),
     show_default=True,
     help="Data ports, LOW-HIGH inclusive.",
 )
@@ -219,7 +224,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "-t",
     "type_",
     envvar="SCISTREAM_TYPE",
-    default="native",
+    default=_DEFAULTS.backend_type,
     show_default=True,
     help=f"Data-plane backend, any case: {', '.join(backend_names())}.",
 )
@@ -280,7 +285,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--token_cache_ttl",
     "token_cache_ttl",
     type=click.FloatRange(min=0),
-    default=60.0,
+    default=_DEFAULTS.token_cache_ttl,
     show_default=True,
     help="With --client-secret: seconds a token Globus Auth found valid is trusted without "
     "asking again (never past its expiry), so a revoked token stops working within this time.",
@@ -289,7 +294,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--server_crt",
     "--server-crt",
     "server_crt",
-    default="server.crt",
+    default=_DEFAULTS.server_crt,
     show_default=True,
     help="PEM certificate of the control channel.",
 )
@@ -297,14 +302,14 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--server_key",
     "--server-key",
     "server_key",
-    default="server.key",
+    default=_DEFAULTS.server_key,
     show_default=True,
     help="PEM private key of the control channel.",
 )
 @click.option(
     "--ssl",
     type=click.BOOL,
-    default=True,
+    default=_DEFAULTS.ssl,
     show_default=True,
     help="TLS on the control channel; False = plaintext (testing only).",
 )
@@ -313,7 +318,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--handshake_timeout",
     "handshake_timeout",
     type=Seconds(0.1),
-    default=10.0,
+    default=_DEFAULTS.handshake_timeout,
     show_default=True,
     help="Seconds a control-port connection has to finish its TLS handshake and HTTP/2 "
     "setup; a stalled one is closed.",
@@ -321,7 +326,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
 @click.option(
     "--security",
     type=click.Choice(SECURITY_MODES, case_sensitive=False),
-    default="tls",
+    default=_DEFAULTS.default_security,
     show_default=True,
     help="Data-channel security of requests that do not name one.",
 )
@@ -369,7 +374,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--hello_timeout",
     "hello_timeout",
     type=Seconds(0.01),
-    default=180.0,
+    default=_DEFAULTS.hello_timeout,
     show_default=True,
     help="Seconds a req waits for its hello.",
 )
@@ -378,7 +383,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--reserved_timeout",
     "reserved_timeout",
     type=Seconds(0.0),
-    default=3600.0,
+    default=_DEFAULTS.reserved_timeout,
     show_default=True,
     help="Seconds a helloed session may wait for its update (0=never).",
 )
@@ -387,7 +392,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--idle_timeout",
     "idle_timeout",
     type=Seconds(0.0),
-    default=0.0,
+    default=_DEFAULTS.idle_timeout,
     show_default=True,
     help="Seconds without traffic before a session expires (0 = never).",
 )
@@ -401,7 +406,7 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
 )
 @click.option(
     "--events",
-    default="ipc",
+    default=_DEFAULTS.events,
     show_default=True,
     help="ZMQ PUB address for session events: 'ipc' = ipc://<state dir>/events.sock (0600, "
     "readable by this user only), ipc://PATH, tcp://HOST:PORT (only with the two "

@@ -7,39 +7,45 @@ session are serialised by that session's lock.
 
 Every way out of a session (release, hello timeout, requester gone, reserved or
 idle expiry, failure, restart reconciliation) goes through :meth:`_end`, which
-removes the routes, returns the ports, deletes the stored row and publishes an
-event.
+moves it to ``ending`` (out of the table), removes the routes, returns the ports,
+deletes the stored row, moves it to its outcome and publishes an event. Every
+state change goes through ``self.sessions.fire`` (sessions.SessionTable), so
+membership in ``self.sessions`` always follows from the state.
+
+Housekeeping (usage polling, expiry, restart reconciliation, the data-plane
+watchdog, metrics snapshots) lives in ``housekeeping.py``; this module keeps the
+RPC verbs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from scistream.certs import SessionCredentials, is_credentials, mint_session_credentials
 from scistream.clienttext import excerpt
-from scistream.dataplane.api import COMPAT_PSK_IDENTITY, compat_key_from_uid
-from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
+from scistream.endpoints import format_endpoint
 from scistream.events import SessionEvent
+from scistream.keys import COMPAT_PSK_IDENTITY, compat_key
 from scistream.s2cs import validate
 from scistream.s2cs.audit import AuditLog
 from scistream.s2cs.auth import Identity
-from scistream.s2cs.backends.base import Backend, LiveSession, RoutePlan, SessionPlan, SessionUsage
+from scistream.s2cs.backends.base import Backend
 from scistream.s2cs.config import SECURITY_MODES, ServerConfig
 from scistream.s2cs.errors import ControlError, not_found, precondition
 from scistream.s2cs.events import EventPublisher
-from scistream.s2cs.metrics import Metrics, SessionSample, Snapshot
+from scistream.s2cs.housekeeping import Housekeeping
+from scistream.s2cs.metrics import Metrics
 from scistream.s2cs.ports import PortAllocator, PortsExhausted
-from scistream.s2cs.sessions import Event, IllegalTransition, SessionMachine, State
+from scistream.s2cs.sessions import Event, IllegalTransition, Session, SessionMachine, SessionTable, State
 from scistream.s2cs.store import SessionStore
 from scistream.s2cs.targets import TargetPolicy, TargetRefused
 
@@ -49,111 +55,6 @@ KEY_BYTES = 32
 #: How long a CONS hello that came before its req waits for the req, to answer
 #: with the listeners (a PROD hello needs no listeners and is answered at once).
 EARLY_HELLO_ANSWER_WAIT = 5.0
-#: How often the data-plane process is checked (a dead s2ds is noticed within ~1 s).
-DATA_PLANE_CHECK_S = 0.5
-#: How long to wait between attempts to bring a dead data plane back.
-DATA_PLANE_RETRY_S = 1.0
-
-
-@dataclass
-class Session:
-    uid: str
-    role: str  # "PROD" | "CONS"
-    owner: str
-    owner_name: str
-    num_conn: int
-    rate: int
-    rate_limit: int
-    security: str
-    ports: list[int]
-    listeners: list[str]
-    machine: SessionMachine
-    psk: bytes = field(default=b"", repr=False)
-    psk_identity: str = ""
-    prod_listeners: list[str] = field(default_factory=list)
-    targets: list[str] = field(default_factory=list)
-    created_at: float = field(default_factory=time.time)
-    last_activity: float = field(default_factory=time.time)
-    hello_at: float = 0.0
-    error: str = ""
-    # runtime only
-    waiter: asyncio.Future[None] | None = field(default=None, repr=False)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
-    usage: SessionUsage = field(default_factory=SessionUsage, repr=False)
-    ending: bool = False
-    seen_connections: set[tuple[str, str, float]] = field(default_factory=set, repr=False)
-
-    @property
-    def state(self) -> State:
-        return self.machine.state
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "uid": self.uid,
-            "role": self.role,
-            "owner": self.owner,
-            "owner_name": self.owner_name,
-            "num_conn": self.num_conn,
-            "rate": self.rate,
-            "rate_limit": self.rate_limit,
-            "security": self.security,
-            "ports": self.ports,
-            "listeners": self.listeners,
-            "state": self.state.value,
-            "psk_identity": self.psk_identity,
-            "prod_listeners": self.prod_listeners,
-            "targets": self.targets,
-            "created_at": self.created_at,
-            "last_activity": self.last_activity,
-            "hello_at": self.hello_at,
-        }
-
-    @classmethod
-    def from_record(cls, data: dict[str, Any], psk: bytes) -> Session:
-        return cls(
-            uid=str(data["uid"]),
-            role=str(data["role"]),
-            owner=str(data.get("owner", "anonymous")),
-            owner_name=str(data.get("owner_name", "")),
-            num_conn=int(data["num_conn"]),
-            rate=int(data.get("rate", 0)),
-            rate_limit=int(data.get("rate_limit", 0)),
-            security=str(data["security"]),
-            ports=[int(p) for p in data["ports"]],
-            listeners=[str(x) for x in data["listeners"]],
-            machine=SessionMachine(State(data["state"])),
-            psk=psk,
-            psk_identity=str(data.get("psk_identity", "")),
-            prod_listeners=[str(x) for x in data.get("prod_listeners", [])],
-            targets=[str(x) for x in data.get("targets", [])],
-            created_at=float(data.get("created_at", time.time())),
-            last_activity=float(data.get("last_activity", time.time())),
-            hello_at=float(data.get("hello_at", 0.0)),
-        )
-
-    def requester_key(self) -> bytes:
-        """What the PROD requester gets as ``session_key``: the PSK, or the session's
-        certificates without the listener's key; nothing for other roles or modes."""
-        if self.role != "PROD" or self.security != "tls" or not self.psk:
-            return b""
-        if is_credentials(self.psk):
-            return SessionCredentials.decode(self.psk).for_consumer().encode()
-        return self.psk
-
-    def plan(self) -> SessionPlan:
-        routes = tuple(
-            RoutePlan(f"{self.uid}/{i}", self.listeners[i], self.targets[i]) for i in range(self.num_conn)
-        )
-        return SessionPlan(
-            uid=self.uid,
-            role="PROD" if self.role == "PROD" else "CONS",
-            routes=routes,
-            security=self.security,  # type: ignore[arg-type]
-            psk_identity=self.psk_identity,
-            psk_key=self.psk,
-            rate_limit=self.rate_limit,
-            owner=self.owner,
-        )
 
 
 @dataclass
@@ -195,15 +96,14 @@ class SessionManager:
         self.audit = audit
         self.metrics = metrics
         self.auth_enabled = auth_enabled
-        self.sessions: dict[str, Session] = {}
+        self.sessions = SessionTable()
         self.early: OrderedDict[str, EarlyHello] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._bg: asyncio.Task[None] | None = None
-        self._watchdog: asyncio.Task[None] | None = None
         self._closing = False
         self.data_plane_ok = True
         #: Told False while the data plane is gone and True once it serves again (health).
         self.on_serving: Callable[[bool], Awaitable[None]] | None = None
+        self.housekeeping = Housekeeping(self)
 
     # ------------------------------------------------------------------ helpers
 
@@ -233,8 +133,9 @@ class SessionManager:
         )
 
     def _fire(self, s: Session, event: Event) -> State:
+        """A transition an RPC asked for: one the state does not allow is the caller's error."""
         try:
-            return s.machine.fire(event)
+            return self.sessions.fire(s, event)
         except IllegalTransition as exc:
             raise precondition(f"session {s.uid}: {exc}") from None
 
@@ -322,9 +223,7 @@ class SessionManager:
                 elif kind == "mint":
                     psk = mint_session_credentials(uid).encode()
         elif mode == "compat":
-            psk, psk_identity = compat_key_from_uid(uid), COMPAT_PSK_IDENTITY
-        machine = SessionMachine()
-        machine.fire(Event.REQ)
+            psk, psk_identity = compat_key(uid), COMPAT_PSK_IDENTITY
         s = Session(
             uid=uid,
             role=role,
@@ -336,16 +235,16 @@ class SessionManager:
             security=mode,
             ports=ports,
             listeners=[format_endpoint(self.config.listener_ip, p) for p in ports],
-            machine=machine,
+            machine=SessionMachine(),
             psk=psk,
             psk_identity=psk_identity,
         )
         s.waiter = asyncio.get_running_loop().create_future()
-        self.sessions[uid] = s
+        self._fire(s, Event.REQ)
         try:
             self._persist(s)
         except Exception:
-            self.sessions.pop(uid, None)
+            self.sessions.fire(s, Event.ERROR)  # never existed for anyone: no event, no audit
             self.ports.release(ports)
             raise
         log.info("session %s: req %s num_conn=%d security=%s by %s", uid, role, num_conn, mode, identity)
@@ -590,21 +489,17 @@ class SessionManager:
         await self._end(s, Event.RELEASE, "released by its owner")
 
     async def _end(self, s: Session, event: Event, reason: str) -> None:
-        if s.ending:
+        """End ``s`` as ``event`` (release, timeout or error) says; a no-op once it is ending."""
+        if not s.state.held:
             return
-        s.ending = True
-        # Unregister first: the uid is free again as soon as release returns.
-        if self.sessions.get(s.uid) is s:
-            del self.sessions[s.uid]
+        had_routes = s.state.has_routes
+        # Out of the table first: the uid is free again as soon as release returns, and
+        # nobody sees the session as live while it is torn down.
+        self.sessions.fire(s, Event.END)
         async with s.lock:
-            usage = await self._usage(s) if s.state.has_routes and self.data_plane_ok else s.usage
-            try:
-                final = s.machine.fire(event)
-            except IllegalTransition:
-                final = s.machine.fire(Event.ERROR) if s.machine.allows(Event.ERROR) else s.state
-            s.error = "" if event is Event.RELEASE else reason
-            if s.waiter is not None and not s.waiter.done():
-                s.waiter.set_result(None)
+            if had_routes and self.data_plane_ok:
+                await self.housekeeping.observe([s])
+            usage = s.usage
             try:
                 await self.backend.remove(s.uid)
             except Exception as exc:
@@ -614,6 +509,11 @@ class SessionManager:
                 self.store.delete(s.uid)
             except Exception as exc:
                 log.error("session %s: cannot delete its stored row: %s", s.uid, exc)
+            # Torn down: only now does it read as its outcome (and a parked req learn of it).
+            final = self.sessions.fire(s, event)
+            s.error = "" if event is Event.RELEASE else reason
+            if s.waiter is not None and not s.waiter.done():
+                s.waiter.set_result(None)
         log.info("session %s: %s (%s)", s.uid, final.value, reason)
         self._publish(s, final.value)
         self.metrics.sessions_ended.labels(final.value).inc()
@@ -627,39 +527,6 @@ class SessionManager:
             bytes_from_target=usage.bytes_from_target or 0,
             connections_total=usage.connections_total or 0,
         )
-
-    async def _usage(self, s: Session) -> SessionUsage:
-        try:
-            u = await asyncio.wait_for(self.backend.usage(s.uid), 5.0)
-        except Exception as exc:
-            log.debug("session %s: usage unavailable: %s", s.uid, exc)
-            return s.usage
-        if (u.bytes_to_target or 0) + (u.bytes_from_target or 0) + (u.connections_total or 0) > (
-            (s.usage.bytes_to_target or 0)
-            + (s.usage.bytes_from_target or 0)
-            + (s.usage.connections_total or 0)
-        ):
-            s.last_activity = time.time()
-        s.usage = u
-        self._audit_connections(s, u)
-        return u
-
-    def _audit_connections(self, s: Session, u: SessionUsage) -> None:
-        """One audit record per data connection the data plane reports (seen at polling
-        time; the session-end record carries the exact connection total)."""
-        current = {(c.listener, c.peer, c.started_at) for c in u.connections}
-        for c in u.connections:
-            if (c.listener, c.peer, c.started_at) not in s.seen_connections:
-                self.audit.record(
-                    event="connection",
-                    uid=s.uid,
-                    identity=s.owner,
-                    listener=c.listener,
-                    peer=c.peer,
-                    target=c.target,
-                    started_at=c.started_at,
-                )
-        s.seen_connections = current
 
     # ------------------------------------------------------------------ status
 
@@ -675,255 +542,25 @@ class SessionManager:
                 or s.owner == identity.sub
                 or (s.state is State.ORPHANED and not s.owner)
             ]
-        for s in chosen:
-            if s.state.has_routes and self.data_plane_ok:
-                await self._usage(s)
+        routed = [s for s in chosen if s.state.has_routes]
+        if routed and self.data_plane_ok:
+            await self.housekeeping.observe(routed)
         return chosen
 
-    # ------------------------------------------------------------------ background
+    # ------------------------------------------------------------------ housekeeping
 
     def start(self) -> None:
-        self._bg = asyncio.ensure_future(self._background())
-        self._watchdog = asyncio.ensure_future(self._watch_data_plane())
-
-    def _tick(self) -> float:
-        cands = [1.0, self.config.poll_interval, self.config.reserved_timeout / 4]
-        if self.config.idle_timeout > 0:
-            cands.append(self.config.idle_timeout / 4)
-        return max(0.05, min(cands))
-
-    async def _background(self) -> None:
-        next_poll = 0.0
-        while True:
-            await asyncio.sleep(self._tick())
-            try:
-                now = time.time()
-                self._expire_early(now)
-                if now >= next_poll:
-                    next_poll = now + self.config.poll_interval
-                    await self._poll_usage()
-                await self._expire_sessions(time.time())
-                self._update_snapshot()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("session housekeeping failed; continuing")
-
-    async def _poll_usage(self) -> None:
-        if not self.data_plane_ok:
-            return  # the watchdog is bringing it back; counters would only time out
-        for s in list(self.sessions.values()):
-            if not s.state.routed or s.ending:
-                continue
-            failure = self.backend.session_error(s.uid)
-            if failure is not None:
-                # The proxy serving it died unasked: say so, and give its ports back.
-                await self._end(s, Event.ERROR, failure)
-                continue
-            u = await self._usage(s)
-            seen = (u.bytes_to_target or 0) + (u.bytes_from_target or 0) + (u.connections_total or 0) > 0
-            if seen and s.state is State.READY and self.sessions.get(s.uid) is s:
-                s.machine.fire(Event.DATA_SEEN)
-                self._persist(s)
-                self._publish(s, "active")
-
-    async def _expire_sessions(self, now: float) -> None:
-        cfg = self.config
-        for s in list(self.sessions.values()):
-            if s.ending:
-                continue
-            if s.state is State.RESERVED and cfg.reserved_timeout > 0:
-                if now - max(s.hello_at, s.last_activity) > cfg.reserved_timeout:
-                    await self._end(
-                        s, Event.TIMEOUT, f"no update arrived within {cfg.reserved_timeout:g} s of the hello"
-                    )
-            elif s.state.routed and cfg.idle_timeout > 0 and now - s.last_activity > cfg.idle_timeout:
-                await self._end(s, Event.TIMEOUT, f"idle for more than {cfg.idle_timeout:g} s")
-
-    def _update_snapshot(self) -> None:
-        by_state: dict[str, int] = {st.value: 0 for st in State if not st.terminal}
-        samples = []
-        for s in list(self.sessions.values()):
-            by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
-            samples.append(
-                SessionSample(
-                    s.uid,
-                    s.role,
-                    s.state.value,
-                    s.usage.bytes_to_target or 0,
-                    s.usage.bytes_from_target or 0,
-                    s.usage.connections_active or 0,
-                )
-            )
-        self.metrics.set_snapshot(Snapshot(by_state, tuple(samples)))
-
-    # ------------------------------------------------------------------ data-plane watchdog
-
-    async def _watch_data_plane(self) -> None:
-        """Notice a data-plane process that died (kill -9, crash) or was replaced (systemd
-        restarted it) within about a second, and bring every live session back into it."""
-        try:
-            known = await self.backend.data_plane_pid()
-        except Exception as exc:
-            log.debug("data-plane watchdog: %s", exc)
-            known = None
-        if known == 0:
-            return  # this backend has no separate data-plane process to watch
-        while True:
-            await asyncio.sleep(DATA_PLANE_CHECK_S)
-            try:
-                pid = await self.backend.data_plane_pid()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("data-plane watchdog: %s", exc)
-                continue
-            if pid is not None and (known is None or pid == known):
-                known = pid
-                continue
-            try:
-                known = await self._recover_data_plane(known, pid)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("data-plane recovery failed; trying again")
-
-    async def _recover_data_plane(self, old_pid: int | None, new_pid: int | None) -> int:
-        """The data plane ``old_pid`` is gone (``new_pid`` None) or replaced by ``new_pid``:
-        report the cut connections, get a data plane back, re-apply every live session."""
-        self.data_plane_ok = False
-        if self.on_serving is not None:
-            await self.on_serving(False)
-        when = time.strftime("%H:%M:%S")
-        gone = "stopped" if new_pid is None else "was replaced"
-        what = f"the data plane (s2ds pid {old_pid or '?'}) {gone}"
-        log.error("%s at %s; restarting it and re-applying %d session(s)", what, when, len(self.sessions))
-        broken = [s for s in list(self.sessions.values()) if s.state.has_routes and not s.ending]
-        for s in broken:
-            cut = s.usage.connections_active or 0
-            peers = ", ".join(f"{c.peer} on {c.listener}" for c in s.usage.connections[:4])
-            s.error = f"{what} at {when}: {cut} connection(s) were cut" + (f" ({peers})" if peers else "")
-            self.audit.record(event="data_plane_lost", uid=s.uid, identity=s.owner, connections_cut=cut)
-            self._publish(s, "broken")
-        while new_pid is None:
-            try:
-                await self.backend.restart_data_plane()
-                new_pid = await self.backend.data_plane_pid()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("cannot restart the data plane: %s; trying again", exc)
-            if new_pid is None:
-                await asyncio.sleep(DATA_PLANE_RETRY_S)
-        for s in broken:
-            async with s.lock:
-                if self.sessions.get(s.uid) is not s or s.ending:
-                    continue
-                # An orphan's key was never known here: its routes cannot come back.
-                lost = s.state is State.ORPHANED
-                if not lost:
-                    try:
-                        await self.backend.apply(s.plan())
-                    except Exception as exc:
-                        s.error += f"; its routes could not be re-applied: {exc}"
-                        lost = True
-            if lost:
-                if s.state is State.ORPHANED:
-                    s.error += "; the orphaned routes died with it"
-                await self._end(s, Event.ERROR, s.error)
-                continue
-            s.error += "; routes re-applied in the new data plane"
-            s.usage = SessionUsage()
-            s.seen_connections = set()
-            log.info("session %s: routes re-applied after the data plane restarted", s.uid)
-            self._publish(s, "restored")
-        self.data_plane_ok = True
-        if self.on_serving is not None and not self._closing:
-            await self.on_serving(True)
-        log.info("the data plane (s2ds pid %d) serves again", new_pid)
-        return new_pid
-
-    # ------------------------------------------------------------------ restart
+        self.housekeeping.start()
 
     async def reconcile(self) -> None:
         """Bring back stored sessions and match them with the routes the data plane has."""
-        records = self.store.load()
-        try:
-            running = await self.backend.running_sessions()
-        except Exception as exc:
-            log.error("cannot list the data plane's sessions (%s); re-applying every routed session", exc)
-            running = set()
-        for data, psk in records:
-            try:
-                s = Session.from_record(data, psk)
-            except (KeyError, ValueError, TypeError) as exc:
-                log.error("dropping an unreadable stored session: %s", exc)
-                continue
-            if s.uid in self.sessions:
-                continue
-            self.ports.claim(s.ports)
-            self.sessions[s.uid] = s
-            if s.state is State.WAITING_HELLO:
-                await self._end(s, Event.ERROR, "s2cs restarted while the session waited for its hello")
-            elif s.state.routed and s.uid not in running:
-                try:
-                    await self.backend.apply(s.plan())
-                    log.info("session %s: routes re-applied after restart", s.uid)
-                except Exception as exc:
-                    await self._end(s, Event.ERROR, f"routes could not be re-applied after restart: {exc}")
-            else:
-                log.info("session %s: restored (%s)", s.uid, s.state.value)
-        for uid in sorted(running - set(self.sessions)):
-            # No stored session: the store may have been lost, so nothing proves these
-            # routes were released. Adopt them as they are, for an operator to release.
-            await self._adopt_orphan(uid)
-        self._update_snapshot()
-
-    async def _adopt_orphan(self, uid: str) -> None:
-        try:
-            live = await self.backend.describe(uid)
-        except Exception as exc:
-            log.error("cannot describe the data-plane routes of %s (%s); adopting them as they are", uid, exc)
-            live = LiveSession(uid)
-        ports: list[int] = []
-        for ep in live.listeners:
-            with contextlib.suppress(InvalidEndpoint):
-                ports.append(parse_endpoint(ep)[1])
-        self.ports.claim(ports)
-        s = Session(
-            uid=uid,
-            role=live.role or "PROD",
-            owner=live.owner,
-            owner_name="",
-            num_conn=len(live.listeners),
-            rate=0,
-            rate_limit=0,
-            security=live.security,
-            ports=ports,
-            listeners=list(live.listeners),
-            machine=SessionMachine(State.ORPHANED),
-            targets=list(live.targets),
-            error="the data plane carries routes of this s2cs with no stored session: "
-            "left running; release the session when it is no longer needed",
-        )
-        self.sessions[uid] = s
-        log.warning(
-            "session %s: %d data-plane route(s) with no stored session; kept as orphaned (release "
-            "it to remove them)",
-            uid,
-            len(live.listeners),
-        )
-        self._publish(s, "orphaned")
+        await self.housekeeping.reconcile()
 
     async def shutdown(self) -> None:
         """Stop housekeeping; fail sessions still waiting for a hello (their callers are
         being cut off). Routed sessions stay: their routes outlive s2cs."""
         self._closing = True
-        for task in (self._bg, self._watchdog):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self.housekeeping.stop()
         for s in list(self.sessions.values()):
             if s.state is State.WAITING_HELLO:
                 await self._end(s, Event.ERROR, "s2cs stopped while the session waited for its hello")

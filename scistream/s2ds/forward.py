@@ -26,7 +26,7 @@ from scistream.dataplane import (
     TlsMode,
     TlsRole,
 )
-from scistream.s2ds.psk import compat_key, stunnel_key_bytes
+from scistream.keys import compat_key, key_from_stunnel_text
 from scistream.s2ds.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def read_psk_file(path: str | os.PathLike[str], identity: str = "") -> tuple[str
     """(identity, key) from a stunnel PSKsecrets file of ``IDENTITY:KEY`` lines.
 
     As in stunnel, the key is the text after the first colon, decoded as hex
-    when it is hex digits and used as bytes otherwise (see psk.py). The first
+    when it is hex digits and used as bytes otherwise (see scistream/keys.py). The first
     entry is used unless ``identity`` names another.
     """
     p = Path(path)
@@ -62,7 +62,7 @@ def read_psk_file(path: str | os.PathLike[str], identity: str = "") -> tuple[str
         ident, sep, key_text = line.partition(":")
         if not sep or not ident or not key_text:
             raise ForwardError(f"line {n} of PSK file {p} is not IDENTITY:KEY")
-        key = stunnel_key_bytes(key_text)
+        key = key_from_stunnel_text(key_text)
         if len(key) < MIN_PSK_BYTES:
             raise ForwardError(f"the key of {ident!r} in {p} is shorter than {MIN_PSK_BYTES} bytes")
         entries.append((ident, key))

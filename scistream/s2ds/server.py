@@ -3,8 +3,11 @@
 The socket is a ROUTER so that every command runs as its own task: a slow one
 (Drain) never stops the daemon from answering stats or ping. Clients speak to
 it like a REP socket (REQ, or DEALER with an empty delimiter frame). Engine
-calls block, so each runs in a daemon thread: a wedged engine call can never
-keep the process from exiting on a second signal.
+calls block, so commands run on a bounded pool of daemon threads
+(``COMMAND_THREADS``; a burst of commands queues instead of starting a thread
+each), and a drain, which may last as long as its streams, on a thread of its
+own so it never holds a pool thread. Daemon threads: a wedged engine call can
+never keep the process from exiting on a second signal.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import queue
 import signal
 import threading
 from collections.abc import Callable
@@ -135,8 +139,13 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-    """Run a blocking call in a daemon thread; the future resolves on the loop."""
+#: Threads that run engine commands (add, remove, stats, ...); more commands wait.
+COMMAND_THREADS = 4
+
+
+def _call_job(fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[asyncio.Future[T], Callable[[], None]]:
+    """A future on the running loop and the job that runs ``fn(*args)`` (in some thread)
+    and settles the future with its result or exception."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[T] = loop.create_future()
 
@@ -156,8 +165,39 @@ def in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody waits
             loop.call_soon_threadsafe(settle, result, exc)
 
-    threading.Thread(target=run, daemon=True, name=f"s2ds-{getattr(fn, '__name__', 'call')}").start()
+    return fut, run
+
+
+def in_daemon_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Run a blocking call in a daemon thread of its own; the future resolves on the loop."""
+    fut, job = _call_job(fn, args)
+    threading.Thread(target=job, daemon=True, name=f"s2ds-{getattr(fn, '__name__', 'call')}").start()
     return fut
+
+
+class CommandPool:
+    """A fixed number of daemon threads that run engine calls in arrival order.
+
+    concurrent.futures' pool joins its (non-daemon) threads at exit, which a wedged
+    engine call would block; these threads are daemons and are started on first use."""
+
+    def __init__(self, size: int = COMMAND_THREADS) -> None:
+        self._size = size
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        fut, job = _call_job(fn, args)
+        self._jobs.put(job)
+        if len(self._threads) < self._size:
+            t = threading.Thread(target=self._work, daemon=True, name=f"s2ds-cmd-{len(self._threads)}")
+            self._threads.append(t)
+            t.start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            self._jobs.get()()
 
 
 class Daemon:
@@ -186,6 +226,7 @@ class Daemon:
         self._forced = False
         self._exit: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pool = CommandPool()
 
     def run(self) -> int:
         return asyncio.run(self._main())
@@ -231,7 +272,7 @@ class Daemon:
                 if st.st_uid != os.geteuid() or st.st_mode & 0o077:
                     raise DaemonError(f"the control socket {path} is not private after binding")
             try:
-                workers = (await in_daemon_thread(self.engine.stats)).workers  # what the engine really runs
+                workers = (await self._pool.run(self.engine.stats)).workers  # what the engine really runs
             except EngineError:  # a signal during start-up closed it already
                 workers = 0
             log.info(
@@ -309,7 +350,7 @@ class Daemon:
             return pb.Reply(ok=True, ping=pb.PingReply(version=__version__, engine=e.name, pid=os.getpid()))
         if which == "add_route":
             route = convert.spec_to_route(cmd.add_route.route)
-            info = await in_daemon_thread(e.add_route, route)
+            info = await self._pool.run(e.add_route, route)
             log.info(
                 "route %s added: %s -> %s (%s%s)",
                 route.route_id,
@@ -321,20 +362,20 @@ class Daemon:
             return pb.Reply(ok=True, route=convert.route_info_to_pb(info))
         if which == "retarget_route":
             rt = cmd.retarget_route
-            await in_daemon_thread(e.retarget, rt.route_id, tuple(rt.targets))
+            await self._pool.run(e.retarget, rt.route_id, tuple(rt.targets))
             log.info("route %s retargeted to %s", rt.route_id, ",".join(rt.targets))
             return pb.Reply(ok=True)
         if which == "remove_route":
             rm = cmd.remove_route
-            await in_daemon_thread(lambda: e.remove_route(rm.route_id, drain=rm.drain))
+            await self._pool.run(lambda: e.remove_route(rm.route_id, drain=rm.drain))
             log.info("route %s removed%s", rm.route_id, " (draining)" if rm.drain else "")
             return pb.Reply(ok=True)
         if which == "list_routes":
-            infos = await in_daemon_thread(e.routes)
+            infos = await self._pool.run(e.routes)
             return pb.Reply(ok=True, routes=pb.RouteList(routes=[convert.route_info_to_pb(i) for i in infos]))
         if which == "get_stats":
             gs = cmd.get_stats
-            stats = await in_daemon_thread(lambda: e.stats(gs.route_id or None, connections=gs.connections))
+            stats = await self._pool.run(lambda: e.stats(gs.route_id or None, connections=gs.connections))
             return pb.Reply(ok=True, stats=convert.stats_to_pb(stats))
         if which == "drain":
             timeout = cmd.drain.timeout_s or None
@@ -352,7 +393,7 @@ class Daemon:
             await asyncio.sleep(period)
             if self._stopping or loop.time() - self._last_command < self.idle_exit or self._tasks:
                 continue
-            if await in_daemon_thread(self.engine.routes):
+            if await self._pool.run(self.engine.routes):
                 continue
             if loop.time() - self._last_command < self.idle_exit or self._stopping:
                 continue  # a command arrived while the routes were listed

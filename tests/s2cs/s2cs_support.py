@@ -18,7 +18,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -34,6 +34,7 @@ from scistream.s2cs.backends.base import (
     ConnectionUsage,
     SessionPlan,
     SessionUsage,
+    SessionView,
 )
 from scistream.s2cs.config import ServerConfig
 from scistream.s2cs.server import S2CSServer
@@ -152,23 +153,25 @@ class FakeBackend(Backend):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(route.server.wait_closed(), 2)
 
-    async def running_sessions(self) -> set[str]:
-        return set(self.plans)
-
-    def session_error(self, uid: str) -> str | None:
-        return self.failures.get(uid)
-
-    async def usage(self, uid: str) -> SessionUsage:
-        if uid not in self.plans:
-            return SessionUsage()
-        b = self.bytes.get(uid, [0, 0])
-        return SessionUsage(
-            bytes_to_target=b[0],
-            bytes_from_target=b[1],
-            connections_active=0,
-            connections_total=self.conns.get(uid, 0),
-            connections=tuple(self.conn_list.get(uid, ())),
-        )
+    async def observe(self, uids: Collection[str] | None = None) -> dict[str, SessionView]:
+        views = {}
+        for uid in set(self.plans) | set(self.failures) if uids is None else uids:
+            if uid not in self.plans and uid not in self.failures:
+                continue
+            b = self.bytes.get(uid, [0, 0])
+            usage = SessionUsage(
+                bytes_to_target=b[0],
+                bytes_from_target=b[1],
+                connections_active=0,
+                connections_total=self.conns.get(uid, 0),
+                connections=tuple(self.conn_list.get(uid, ())),
+            )
+            views[uid] = SessionView(
+                running=uid in self.plans,
+                usage=usage if uid in self.plans else SessionUsage(),
+                error=self.failures.get(uid),
+            )
+        return views
 
     async def close(self) -> None:
         if not self.keep_on_close:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from scistream.s2cs.sessions import TRANSITIONS, Event, IllegalTransition, SessionMachine, State, next_state
+from scistream.s2cs.sessions import (
+    TRANSITIONS,
+    Event,
+    IllegalTransition,
+    Session,
+    SessionMachine,
+    SessionTable,
+    State,
+    next_state,
+)
 
 
 def test_normal_life_prod() -> None:
@@ -64,3 +73,48 @@ def test_restored_machine_continues() -> None:
     assert m.state.routed
     assert m.allows(Event.DATA_SEEN) and not m.allows(Event.HELLO)
     assert m.fire(Event.DATA_SEEN) is State.ACTIVE
+
+
+def _session(uid: str = "u1") -> Session:
+    return Session(
+        uid=uid,
+        role="PROD",
+        owner="",
+        owner_name="",
+        num_conn=1,
+        rate=0,
+        rate_limit=0,
+        security="plain",
+        ports=[],
+        listeners=[],
+        machine=SessionMachine(),
+    )
+
+
+def test_table_membership_follows_the_state() -> None:
+    table = SessionTable()
+    s = _session()
+    assert table.fire(s, Event.REQ) is State.WAITING_HELLO and table["u1"] is s
+    table.fire(s, Event.HELLO)
+    table.fire(s, Event.UPDATE)
+    assert table.fire(s, Event.END) is State.ENDING
+    assert "u1" not in table and not s.state.held  # the uid is free while it is torn down
+    with pytest.raises(IllegalTransition):
+        table.fire(s, Event.END)  # ending once is all
+    with pytest.raises(IllegalTransition):
+        table.fire(s, Event.UPDATE)  # an ending session never reads ready again
+    assert table.fire(s, Event.TIMEOUT) is State.EXPIRED and "u1" not in table
+
+
+@pytest.mark.parametrize(
+    "start", [State.WAITING_HELLO, State.RESERVED, State.READY, State.ACTIVE, State.ORPHANED]
+)
+def test_every_held_state_ends_through_ending(start: State) -> None:
+    for outcome, final in ((Event.RELEASE, State.RELEASED), (Event.ERROR, State.FAILED)):
+        table = SessionTable()
+        s = _session()
+        s.machine = SessionMachine(start)
+        table.track(s)
+        assert table["u1"] is s
+        assert table.fire(s, Event.END) is State.ENDING and len(table) == 0
+        assert table.fire(s, outcome) is final and final.terminal

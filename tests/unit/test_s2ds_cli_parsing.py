@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scistream.dataplane import InvalidRoute, TlsMode, TlsRole, Tuning
+from scistream.keys import compat_key_bytes, key_from_stunnel_text
 from scistream.s2ds.forward import ForwardError, build_tls, read_psk_file
 from scistream.s2ds.knobs import KNOBS, tuning_from_options, tuning_options
 from scistream.s2ds.paths import default_control_address
-from scistream.s2ds.psk import as_stunnel_key, stunnel_key_bytes
 from scistream.s2ds.units import parse_rate, parse_size
 
 
@@ -159,6 +159,6 @@ def test_default_control_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ],
 )
 def test_stunnel_key_bytes(text: str, key: bytes) -> None:
-    assert stunnel_key_bytes(text) == key
-    assert as_stunnel_key(text.encode()) == key
-    assert as_stunnel_key(b"\xff\xfe raw bytes") == b"\xff\xfe raw bytes"
+    assert key_from_stunnel_text(text) == key
+    assert compat_key_bytes(text.encode()) == key
+    assert compat_key_bytes(b"\xff\xfe raw bytes") == b"\xff\xfe raw bytes"

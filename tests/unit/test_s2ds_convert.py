@@ -20,8 +20,9 @@ from scistream.dataplane import (
     compat_key_from_uid,
 )
 from scistream.endpoints import InvalidEndpoint
+from scistream.keys import key_fingerprint
 from scistream.s2cs.backends.base import RoutePlan, SessionPlan
-from scistream.s2cs.backends.native import key_fingerprint, session_routes
+from scistream.s2cs.backends.native import session_routes
 from scistream.s2ds import convert
 
 KEY = bytes(range(32))

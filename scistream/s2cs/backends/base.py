@@ -9,13 +9,15 @@ consumer application connects), targets the PROD gateway's listeners over TLS
 
 The session layer calls ``apply`` after update (and again on reconcile after a
 restart); ``apply`` is idempotent for the same plan. ``remove`` must give back
-every port, process and file of the session on every path.
+every port, process and file of the session on every path. Everything the session
+layer learns from the data plane comes from one bulk call, ``observe``: a view of
+every session it carries (or of those asked for), never one question per session.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -78,6 +80,15 @@ class SessionUsage:
 
 
 @dataclass(frozen=True)
+class SessionView:
+    """One session as the data plane sees it at one moment (``Backend.observe``)."""
+
+    running: bool = True  # its routes are live now
+    usage: SessionUsage = field(default_factory=SessionUsage)
+    error: str | None = None  # why its data plane died on its own (one sentence); None while it runs
+
+
+@dataclass(frozen=True)
 class BackendOptions:
     """What every backend constructor receives from s2cs."""
 
@@ -125,12 +136,19 @@ class Backend(abc.ABC):
         """Tear the session's routes down; no error if it has none."""
 
     @abc.abstractmethod
-    async def running_sessions(self) -> set[str]:
-        """Uids whose routes are live now (for reconciliation after a restart)."""
+    async def observe(self, uids: Collection[str] | None = None) -> dict[str, SessionView]:
+        """One look at the data plane: a view of every session it carries or that died on
+        its own (``uids``: of those sessions only), in as few round trips as the
+        backend allows. A session it knows nothing of is absent."""
 
-    @abc.abstractmethod
+    async def running_sessions(self) -> set[str]:
+        """Uids whose routes are live now."""
+        return {uid for uid, view in (await self.observe()).items() if view.running}
+
     async def usage(self, uid: str) -> SessionUsage:
         """Counters of one session (empty SessionUsage if the backend has none)."""
+        view = (await self.observe((uid,))).get(uid)
+        return view.usage if view is not None else SessionUsage()
 
     def prod_credentials(self) -> Literal["psk", "mint", "operator"]:
         """How a PROD ``tls`` session of this backend is secured: "psk" (s2cs makes a random
@@ -157,12 +175,6 @@ class Backend(abc.ABC):
         are then re-applied by the session layer); BackendError if it cannot. Backends
         with no such process (data_plane_pid() is 0) are never asked."""
         raise BackendError(f"the {self.name} backend has no data-plane process to restart")
-
-    def session_error(self, uid: str) -> str | None:
-        """Why the session's data plane died on its own (one sentence), or None while it
-        runs. Backends whose data plane heals itself (native re-applies routes into a
-        restarted s2ds) keep the default."""
-        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

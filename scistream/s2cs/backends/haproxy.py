@@ -188,7 +188,7 @@ class HaproxyBackend(CertModeBackend, SubprocessBackend):
         )
         return [self.binary, "-db", "-f", str(conf)]
 
-    async def usage(self, uid: str) -> SessionUsage:
+    async def _session_usage(self, uid: str) -> SessionUsage:
         errors = self._base_errors(uid)
         session = self._sessions.get(uid)
         if session is None or not session.child.alive:

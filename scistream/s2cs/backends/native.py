@@ -17,7 +17,7 @@ Rate limit: the session's cap is split evenly over its routes (each route has
 its own token bucket), so the session as a whole never exceeds the cap.
 
 1.x interop (security "compat"): a key given as hex text (the uid without
-dashes) is decoded as a 1.x stunnel decodes it (see scistream/s2ds/psk.py), so
+dashes) is decoded as a 1.x stunnel decodes it (see scistream/keys.py), so
 this gateway, a 1.x gateway and the stunnel backend all use the same 16 bytes.
 
 WAN credentials: the session's PSK (default); per-session certificates a
@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import math
 import os
@@ -49,7 +47,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
@@ -60,11 +58,12 @@ from scistream.dataplane import (
     Route,
     RouteExists,
     RouteNotFound,
+    RouteStats,
     Tls,
     TlsMode,
     TlsRole,
-    compat_key_from_uid,
 )
+from scistream.keys import compat_key, compat_key_bytes, key_fingerprint
 from scistream.s2cs.backends.base import (
     Backend,
     BackendError,
@@ -73,6 +72,7 @@ from scistream.s2cs.backends.base import (
     LiveSession,
     SessionPlan,
     SessionUsage,
+    SessionView,
 )
 from scistream.s2cs.backends.haproxy import CERT_SETTINGS, operator_certs, session_cert_files
 from scistream.s2cs.backends.proxyconf import CertFiles
@@ -81,7 +81,6 @@ from scistream.s2ds.client import S2dsClient, S2dsUnavailable
 from scistream.s2ds.convert import route_to_spec
 from scistream.s2ds.keys import CurveKeyError, load_keypair, load_public
 from scistream.s2ds.paths import default_control_address, ipc_path
-from scistream.s2ds.psk import as_stunnel_key
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +103,6 @@ HUNG_MISSES = 10
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def key_fingerprint(key: bytes) -> str:
-    """A label that tells whether a route's key changed without revealing it.
-
-    s2ds never echoes keys back, so apply() compares this instead. It is a
-    keyed hash of a 32-byte random secret: it cannot be turned back into the key.
-    """
-    return hmac.new(b"scistream route key fingerprint", key, hashlib.sha256).hexdigest()[:16]
-
-
 def session_routes(plan: SessionPlan, certs: CertFiles | None = None, instance: str = "") -> list[Route]:
     """The s2ds routes that realise a session plan, namespaced by the s2cs ``instance``;
     ``certs``: certificate files to use instead of a PSK (a tls plan only)."""
@@ -128,10 +118,10 @@ def session_routes(plan: SessionPlan, certs: CertFiles | None = None, instance: 
         )
     elif plan.security in ("tls", "compat"):
         compat = plan.security == "compat"
-        key = plan.psk_key or (compat_key_from_uid(plan.uid) if compat else b"")
+        key = plan.psk_key or (compat_key(plan.uid) if compat else b"")
         if compat:
-            # A 1.x stunnel peer decodes the uid-derived key text as hex; so must we.
-            key = as_stunnel_key(key)
+            # A 1.x stunnel peer decodes a key given as text as hex; so must we.
+            key = compat_key_bytes(key)
         if not key:
             raise BackendError(f"session {plan.uid} asks for TLS but has no key")
         tls = Tls(
@@ -174,6 +164,33 @@ def _route_index(route_id: str) -> int:
     """i of a route id ``[<instance>/]<uid>/<i>``: a session's routes in listener order."""
     tail = route_id.rsplit("/", 1)[-1]
     return int(tail) if tail.isdigit() else 0
+
+
+def _session_usage(mine: list[RouteStats]) -> SessionUsage:
+    """A session's counters: the sum over its routes."""
+    errors: dict[str, int] = {}
+    for rs in mine:
+        for kind, n in rs.errors.items():
+            errors[kind] = errors.get(kind, 0) + n
+    return SessionUsage(
+        bytes_to_target=sum(rs.bytes_to_target for rs in mine),
+        bytes_from_target=sum(rs.bytes_from_target for rs in mine),
+        connections_active=sum(rs.connections_active for rs in mine),
+        connections_total=sum(rs.connections_total for rs in mine),
+        connections=tuple(
+            ConnectionUsage(
+                listener=rs.bound,
+                peer=c.peer,
+                target=c.target,
+                bytes_to_target=c.bytes_to_target,
+                bytes_from_target=c.bytes_from_target,
+                started_at=c.started_at,
+            )
+            for rs in mine
+            for c in rs.connections
+        ),
+        errors=errors,
+    )
 
 
 # --- the daemon's lifecycle -------------------------------------------------------------
@@ -571,13 +588,6 @@ class NativeBackend(Backend):
         except EngineError as exc:
             raise BackendError(f"session {uid}: {exc}") from None
 
-    async def running_sessions(self) -> set[str]:
-        try:
-            infos = await self._reach(self.client.routes)
-        except EngineError as exc:
-            raise BackendError(str(exc)) from None
-        return {i.route.labels["uid"] for i in infos if self._mine(i.route.labels)}
-
     async def describe(self, uid: str) -> LiveSession:
         try:
             infos = await self._reach(self.client.routes)
@@ -603,37 +613,18 @@ class NativeBackend(Backend):
             owner=labels.get("owner", ""),
         )
 
-    async def usage(self, uid: str) -> SessionUsage:
+    async def observe(self, uids: Collection[str] | None = None) -> dict[str, SessionView]:
+        """One stats call for every route of this instance, grouped by session."""
         try:
             stats = await self._reach(lambda: self.client.stats(connections=True))
         except EngineError as exc:
             raise BackendError(str(exc)) from None
-        mine = [rs for rs in stats.routes.values() if self._mine(rs.labels) and rs.labels["uid"] == uid]
-        if not mine:
-            return SessionUsage()
-        errors: dict[str, int] = {}
-        for rs in mine:
-            for kind, n in rs.errors.items():
-                errors[kind] = errors.get(kind, 0) + n
-        return SessionUsage(
-            bytes_to_target=sum(rs.bytes_to_target for rs in mine),
-            bytes_from_target=sum(rs.bytes_from_target for rs in mine),
-            connections_active=sum(rs.connections_active for rs in mine),
-            connections_total=sum(rs.connections_total for rs in mine),
-            connections=tuple(
-                ConnectionUsage(
-                    listener=rs.bound,
-                    peer=c.peer,
-                    target=c.target,
-                    bytes_to_target=c.bytes_to_target,
-                    bytes_from_target=c.bytes_from_target,
-                    started_at=c.started_at,
-                )
-                for rs in mine
-                for c in rs.connections
-            ),
-            errors=errors,
-        )
+        wanted = None if uids is None else set(uids)
+        by_uid: dict[str, list[RouteStats]] = {}
+        for rs in stats.routes.values():
+            if self._mine(rs.labels) and (wanted is None or rs.labels["uid"] in wanted):
+                by_uid.setdefault(rs.labels["uid"], []).append(rs)
+        return {uid: SessionView(usage=_session_usage(mine)) for uid, mine in by_uid.items()}
 
     async def close(self) -> None:
         """Routes stay and so does their daemon: streams outlive the control server. A

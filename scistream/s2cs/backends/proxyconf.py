@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from scistream.clienttext import excerpt
 from scistream.dataplane.api import COMPAT_TLS12_CIPHERS
 from scistream.endpoints import Endpoint, InvalidEndpoint, parse, parse_host_name
+from scistream.keys import compat_key_bytes, stunnel_key_text
 from scistream.s2cs.backends.base import BackendError, SessionPlan
 
 #: Seconds of silence after which a proxy may close a stream (effectively never).
@@ -177,24 +178,15 @@ def _haproxy_address(ep: Endpoint) -> str:
     return f"{prefix}{_host_port(ep)}"
 
 
-def _is_hex_text(key: bytes) -> bool:
-    return len(key) % 2 == 0 and all(c in b"0123456789abcdefABCDEF" for c in key)
-
-
 def render_psk_key(key: bytes, *, compat: bool = False) -> str:
     """The key text of stunnel's ``identity:key`` line for the key bytes ``key``.
 
-    stunnel 5.68 decodes a key text made only of hex digits as hex (it uses
-    any other text as raw bytes). So the text is ``key.hex()``: stunnel then
-    uses exactly ``key``, the bytes the native engine and the peer gateway use.
-
-    1.x interop (``compat``): a 1.x gateway writes ``client1:<uid without
-    dashes>`` and stunnel decodes those 32 hex digits to 16 key bytes. A compat
-    key given in that hex-text form is written verbatim, so it means what it
-    means to a 1.x stunnel; raw key bytes are hex-encoded as above.
+    The text makes stunnel use exactly ``key``, the bytes the native engine and the
+    peer gateway use (scistream.keys). 1.x interop (``compat``): a compat key given
+    as a 1.x gateway's key text (the uid without dashes) means the bytes stunnel
+    decodes from it, as it does for a 1.x gateway.
     """
-    verbatim = compat and bool(key) and _is_hex_text(key)
-    text = key.decode("ascii") if verbatim else key.hex()
+    text = stunnel_key_text(compat_key_bytes(key) if compat else key)
     if len(text) // 2 < STUNNEL_MIN_PSK_BYTES:
         raise BackendError(f"stunnel needs a pre-shared key of at least {STUNNEL_MIN_PSK_BYTES} bytes")
     return text

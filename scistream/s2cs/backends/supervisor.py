@@ -31,12 +31,19 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 from scistream.clienttext import escape
-from scistream.s2cs.backends.base import Backend, BackendError, BackendOptions, SessionPlan, SessionUsage
+from scistream.s2cs.backends.base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    SessionPlan,
+    SessionUsage,
+    SessionView,
+)
 from scistream.s2cs.backends.proxyconf import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -540,8 +547,20 @@ class SubprocessBackend(Backend):
             self._failures.pop(uid, None)
         self._locks.pop(uid, None)
 
-    async def running_sessions(self) -> set[str]:
-        return {uid for uid, s in self._sessions.items() if s.child.alive}
+    async def observe(self, uids: Collection[str] | None = None) -> dict[str, SessionView]:
+        """One proxy process per session: each live one is asked for its counters, all at once."""
+        wanted = [
+            uid
+            for uid in (self._sessions.keys() | self._failures.keys() if uids is None else uids)
+            if uid in self._sessions or uid in self._failures
+        ]
+        usages = await asyncio.gather(*(self._session_usage(uid) for uid in wanted))
+        views = {}
+        for uid, usage in zip(wanted, usages, strict=True):
+            session = self._sessions.get(uid)
+            running = session is not None and session.child.alive
+            views[uid] = SessionView(running=running, usage=usage, error=self._failures.get(uid))
+        return views
 
     def session_error(self, uid: str) -> str | None:
         """Why the session's proxy is gone, if it died without being asked to (one sentence)."""
@@ -560,7 +579,8 @@ class SubprocessBackend(Backend):
             errors["rate_limit_not_enforced"] = 1
         return errors
 
-    async def usage(self, uid: str) -> SessionUsage:
+    async def _session_usage(self, uid: str) -> SessionUsage:
+        """Counters of one session's proxy; this base knows none, only errors."""
         return SessionUsage(errors=self._base_errors(uid))
 
     async def close(self) -> None:
