@@ -173,7 +173,7 @@ class Housekeeping:
             by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
             samples.append(
                 SessionSample(
-                    s.uid,
+                    self.m.metrics.uid_label(s.uid, s.security),
                     s.role,
                     s.state.value,
                     s.usage.bytes_to_target or 0,

@@ -7,7 +7,10 @@ thread never touches live session objects).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +96,16 @@ class Metrics:
         self.registry.register(_SessionCollector(lambda: self._snapshot))
         self._server: Any = None
         self.url = ""
+        self._label_secret = secrets.token_bytes(16)
+
+    def uid_label(self, uid: str, security: str) -> str:
+        """The ``uid`` label of a session's series. In the 1.x compat mode the uid is the
+        data key, and the metrics port needs no credentials: such a session is labelled
+        with a keyed hash that this process alone can compute (stable while it runs)."""
+        if security != "compat":
+            return uid
+        digest = hmac.new(self._label_secret, uid.encode(), hashlib.sha256).hexdigest()[:16]
+        return f"compat-{digest}"
 
     def set_snapshot(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot  # one reference swap: safe for the scrape thread

@@ -131,3 +131,22 @@ def test_events_metrics_audit_and_secrets(s2cs_factory: Any, stub_for: Any, capl
             data = f.read()
         assert not any(k in data for k in forms), name  # released: the stored key is gone
     assert not any(k.decode("latin-1") in caplog.text for k in forms)
+
+
+def test_metrics_never_show_a_compat_uid(s2cs_factory: Any, stub_for: Any) -> None:
+    """In the 1.x compat mode the uid is the data key, and the metrics port asks for no
+    credentials: a compat session's series carry a keyed label, never the uid."""
+    st = s2cs_factory(metrics_port=0, default_security="compat", compat_allowed=True)
+    stub = stub_for(st)
+    info = stub.server_info(pb.ServerInfoRequest(), timeout=5)
+    uid = new_uid()
+    prod_flow(stub, uid, ["127.0.0.1:5074"], num_conn=1)
+    deadline = time.time() + 10
+    text = ""
+    while time.time() < deadline and "scistream_session_connections{" not in text:
+        with urllib.request.urlopen(info.metrics, timeout=5) as r:
+            text = r.read().decode()
+        time.sleep(0.2)
+    assert 'uid="compat-' in text, text
+    assert uid not in text and uid.replace("-", "") not in text
+    stub.release(pb.Release(uid=uid), timeout=5)
