@@ -105,8 +105,14 @@ def test_demo_keep_then_ctrl_c_cleans_up() -> None:
         out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            # Ctrl-C first: the demo stops its gateways (own sessions, so a kill of the demo
+            # alone would leave them running); kill only what does not stop.
+            os.kill(proc.pid, signal.SIGINT)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     report = json.loads(out)
     assert proc.returncode == 0, report["error"]
     assert_verified(report, 2)
