@@ -275,7 +275,6 @@ class _Leg(asyncio.Protocol):
 
     def _app_data(self, data: bytes) -> None:
         conn = self.conn
-        conn.add_bytes(self.side, len(data))
         bucket = conn.route.bucket
         if bucket is not None:
             loop = conn.engine.loop
@@ -283,9 +282,12 @@ class _Leg(asyncio.Protocol):
             if delay > 0:
                 self._rate_pause(loop, delay)
         if self.peer is None:
+            # Counted once sent: a target that never comes up got none of it. (Debian's
+            # Python 3.11.2 reads once despite pause_reading() in connection_made.)
             self.pending.append(data)
             self.pause("link")
         else:
+            conn.add_bytes(self.side, len(data))
             self.peer.send(data)
 
     def _rate_pause(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
@@ -441,6 +443,7 @@ class _Conn:
         client.peer, target.peer = target, client
         for src, dst in ((client, target), (target, client)):
             for data in src.pending:
+                self.add_bytes(src.side, len(data))
                 dst.send(data)
             src.pending.clear()
             if src.eof_in:
