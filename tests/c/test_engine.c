@@ -278,26 +278,37 @@ static s2_engine *engine_new(int workers) {
     return e;
 }
 
-static int add_route(s2_engine *e, const char *id, int target_port, int role, int mode, const char *ident,
-                     const char *key, uint64_t rate, int *bound_port) {
-    s2_target_spec t = {"127.0.0.1", target_port};
+/* A route on 127.0.0.1 (ephemeral port) to one target on 127.0.0.1; the caller adds keys. */
+static s2_route_spec loopback_spec(const char *id, const s2_target_spec *t, int role, int mode) {
     s2_route_spec r = {0};
     r.route_id = id;
     r.listen_host = "127.0.0.1";
     r.listen_fd = -1;
-    r.targets = &t;
+    r.targets = t;
     r.ntargets = 1;
     r.tls_role = role;
     r.tls_mode = mode;
+    return r;
+}
+
+/* s2_route_add, saying why on failure; *bound_port: the port it listens on, or -1. */
+static int submit_route(s2_engine *e, const s2_route_spec *r, int *bound_port) {
+    char bound[80] = "", err[256] = "";
+    int rc = s2_route_add(e, r, bound, sizeof bound, err, sizeof err);
+    if (rc != S2_OK) fprintf(stderr, "  route %s: %s\n", r->route_id, err);
+    if (bound_port) *bound_port = rc == S2_OK ? port_of(bound) : -1;
+    return rc;
+}
+
+static int add_route(s2_engine *e, const char *id, int target_port, int role, int mode, const char *ident,
+                     const char *key, uint64_t rate, int *bound_port) {
+    s2_target_spec t = {"127.0.0.1", target_port};
+    s2_route_spec r = loopback_spec(id, &t, role, mode);
     r.psk_identity = ident;
     r.psk_key = (const unsigned char *)key;
     r.psk_key_len = key ? strlen(key) : 0;
     r.rate_limit = rate;
-    char bound[80] = "", err[256] = "";
-    int rc = s2_route_add(e, &r, bound, sizeof bound, err, sizeof err);
-    if (rc != S2_OK) fprintf(stderr, "  add_route %s: %s\n", id, err);
-    if (bound_port) *bound_port = rc == S2_OK ? port_of(bound) : -1;
-    return rc;
+    return submit_route(e, &r, bound_port);
 }
 
 static s2_route_stats route_stats(s2_engine *e, const char *id) {
@@ -503,22 +514,11 @@ static int add_cert_route(s2_engine *e, const char *id, int target_port, int rol
     snprintf(key, sizeof key, "%s/%s.key", dir, who);
     snprintf(ca, sizeof ca, "%s/gateway-ca.crt", dir);
     s2_target_spec t = {"127.0.0.1", target_port};
-    s2_route_spec r = {0};
-    r.route_id = id;
-    r.listen_host = "127.0.0.1";
-    r.listen_fd = -1;
-    r.targets = &t;
-    r.ntargets = 1;
-    r.tls_role = role;
-    r.tls_mode = S2_TLS_CERT;
+    s2_route_spec r = loopback_spec(id, &t, role, S2_TLS_CERT);
     r.cert_file = *who ? cert : NULL;
     r.key_file = *who ? key : NULL;
     r.ca_file = ca;
-    char bound[80] = "", err[256] = "";
-    int rc = s2_route_add(e, &r, bound, sizeof bound, err, sizeof err);
-    if (rc != S2_OK) fprintf(stderr, "  add_cert_route %s: %s\n", id, err);
-    if (bound_port) *bound_port = rc == S2_OK ? port_of(bound) : -1;
-    return rc;
+    return submit_route(e, &r, bound_port);
 }
 
 static void test_tls_mutual_cert(const char *dir) {
