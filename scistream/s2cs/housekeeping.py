@@ -220,8 +220,8 @@ class Housekeeping:
         report the cut connections, get a data plane back, re-apply every live session."""
         m = self.m
         m.data_plane_ok = False
-        if m.on_serving is not None:
-            await m.on_serving(False)
+        if m.on_data_plane_change is not None:
+            await m.on_data_plane_change()
         when = time.strftime("%H:%M:%S")
         gone = "stopped" if new_pid is None else "was replaced"
         what = f"the data plane (s2ds pid {old_pid or '?'}) {gone}"
@@ -266,8 +266,8 @@ class Housekeeping:
             log.info("session %s: routes re-applied after the data plane restarted", s.uid)
             m._publish(s, "restored")
         m.data_plane_ok = True
-        if m.on_serving is not None and not m._closing:
-            await m.on_serving(True)
+        if m.on_data_plane_change is not None and not m._closing:
+            await m.on_data_plane_change()
         log.info("the data plane (s2ds pid %d) serves again", new_pid)
         return new_pid
 

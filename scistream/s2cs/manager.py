@@ -101,8 +101,8 @@ class SessionManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self.data_plane_ok = True
-        #: Told False while the data plane is gone and True once it serves again (health).
-        self.on_serving: Callable[[bool], Awaitable[None]] | None = None
+        #: Called when data_plane_ok changes (the server derives its health from it).
+        self.on_data_plane_change: Callable[[], Awaitable[None]] | None = None
         self.housekeeping = Housekeeping(self)
 
     # ------------------------------------------------------------------ helpers

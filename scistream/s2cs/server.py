@@ -195,7 +195,7 @@ class S2CSServer:
             auth_enabled=auth.enabled,
         )
         self.manager = manager
-        manager.on_serving = self._data_plane_serving
+        manager.on_data_plane_change = self._refresh_health
         await manager.reconcile()
 
         server = grpc.aio.server(
@@ -268,7 +268,8 @@ class S2CSServer:
         ok = manager_ok and store_ok
         return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
 
-    async def _data_plane_serving(self, _serving: bool) -> None:
+    async def _refresh_health(self) -> None:
+        """Publish what _serving_status derives (called when either of its inputs changes)."""
         if self._server is not None and not self._stopped.is_set():
             await self._set_health(self._serving_status())
 
@@ -276,7 +277,7 @@ class S2CSServer:
         """The session store cannot be written (or can again): health says so at once."""
         if self._server is None or self._stopped.is_set():
             return
-        asyncio.get_running_loop().create_task(self._set_health(self._serving_status()))
+        asyncio.get_running_loop().create_task(self._refresh_health())
 
     async def _watch_store(self) -> None:
         """While the store cannot be written, try the state directory every 2 s, so health
