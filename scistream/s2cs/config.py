@@ -13,6 +13,7 @@ from pathlib import Path
 
 DEFAULT_CLIENT_ID = "c42c0dac-0a52-408e-a04f-5d31bfe0aef8"
 SECURITY_MODES = ("tls", "plain", "compat")
+PLACEMENTS = ("spread", "pack", "load")
 
 
 def default_state_dir(port: int | None = None) -> str:
@@ -90,6 +91,13 @@ class ServerConfig:
     metrics_port: int | None = None  # None = off; 0 = ephemeral
     audit_log: str = ""  # "" = <state_dir>/audit.log
     log_file: str = ""
+    # multi-node gateway (issue 12): empty etcd = one node with its embedded SQLite store
+    etcd: list[str] = field(default_factory=list)  # "http://HOST:PORT" endpoints of one cluster
+    node_name: str = ""  # this node's name in the cluster ("" = the host name)
+    node_ttl: float = 10.0  # s; the node's etcd lease: how long a dead node counts as alive
+    etcd_key_file: str = ""  # 32-byte key that encrypts session keys at rest in etcd
+    etcd_prefix: str = "/scistream/v1/"  # every key of this facility's gateway lives under it
+    placement: str = "spread"  # how a session's connections go over the nodes: spread|pack|load
 
     def __post_init__(self) -> None:
         if not self.state_dir:
@@ -104,6 +112,10 @@ class ServerConfig:
         if text.lower() == "ipc":
             return f"ipc://{Path(self.state_dir).absolute() / 'events.sock'}"
         return "" if text.lower() in ("off", "none", "no", "false") else text
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.etcd)
 
     def db_path(self) -> str:
         return os.path.join(self.state_dir, "s2cs.db")
