@@ -344,3 +344,126 @@ def wait_for_listen(wrap: Callable[[Sequence[str]], list[str]], port: int,
             return
         time.sleep(0.05)
     raise NetnsError(f"nothing listens on port {port} after {timeout:.0f} s")
+
+
+# --------------------------------------------------------------------------- multi-node facilities
+#: The three segments of a facility topology and their /24s. The WAN is shared by
+#: both facilities' gateways; each LAN by one facility's gateways and its host.
+SEGMENTS: Mapping[str, str] = {"plan": "192.168.10", "wan": "192.168.20", "clan": "192.168.30"}
+MAX_NODES = 5
+
+
+class FacilityTopology:
+    """Two facilities of ``nodes`` gateway namespaces each, as network namespaces.
+
+    ::
+
+        producer .10 ─ plan 192.168.10/24 ─ p1..pN .11-.15 ─ wan 192.168.20/24 (p .11-.15, c .21-.25)
+            ─ c1..cN .11-.15 ─ clan 192.168.30/24 ─ consumer .10
+
+    Each segment is a bridge in a namespace of its own (``sw``), so no interface
+    ever appears in the root namespace. As in :class:`Topology` the gateways do not
+    forward IP: producer and consumer meet only through a proxy on a gateway. Hosts
+    are ``producer``, ``consumer``, ``p1``..``pN`` (the producer facility's gateway
+    nodes) and ``c1``..``cN`` (the consumer's).
+    """
+
+    def __init__(self, nodes: int, prefix: str = DEFAULT_PREFIX) -> None:
+        if not 1 <= nodes <= MAX_NODES:
+            raise NetnsError(f"a facility has 1 to {MAX_NODES} gateway nodes, not {nodes}")
+        self.nodes = nodes
+        self.prefix = prefix
+        self.tag = f"{prefix}{os.getpid()}-{secrets.token_hex(3)}"
+        self.gateways: dict[str, list[str]] = {
+            "producer": [f"p{i}" for i in range(1, nodes + 1)],
+            "consumer": [f"c{i}" for i in range(1, nodes + 1)],
+        }
+        self.hosts = ["producer", "consumer", *self.gateways["producer"], *self.gateways["consumer"]]
+        self.ns: dict[str, str] = {h: f"{self.tag}-{h}" for h in [*self.hosts, "sw"]}
+        # (host, segment) -> address; a host's interface on a segment is named after it.
+        self.addrs: dict[tuple[str, str], str] = {
+            ("producer", "plan"): f"{SEGMENTS['plan']}.10",
+            ("consumer", "clan"): f"{SEGMENTS['clan']}.10",
+        }
+        for i in range(1, nodes + 1):
+            self.addrs[(f"p{i}", "plan")] = f"{SEGMENTS['plan']}.{10 + i}"
+            self.addrs[(f"p{i}", "wan")] = f"{SEGMENTS['wan']}.{10 + i}"
+            self.addrs[(f"c{i}", "wan")] = f"{SEGMENTS['wan']}.{20 + i}"
+            self.addrs[(f"c{i}", "clan")] = f"{SEGMENTS['clan']}.{10 + i}"
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._created: list[str] = []
+
+    def addr(self, host: str, segment: str = "") -> str:
+        """``host``'s address on ``segment`` (default: its only one, or its LAN)."""
+        if not segment:
+            segment = "plan" if host == "producer" or host.startswith("p") else "clan"
+        try:
+            return self.addrs[(host, segment)]
+        except KeyError:
+            raise NetnsError(f"{host} has no address on {segment}") from None
+
+    # -- lifecycle -----------------------------------------------------------
+    def __enter__(self) -> FacilityTopology:
+        require_root()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        for host in ["sw", *self.hosts]:
+            _ip("netns", "add", self.ns[host])
+            self._created.append(self.ns[host])
+            self.sh(host, "ip", "link", "set", "lo", "up")
+            self.sh(host, "sysctl", "-qw", "net.ipv4.ip_forward=0")  # proxies, not routers
+        for segment in SEGMENTS:
+            self.sh("sw", "ip", "link", "add", f"br-{segment}", "type", "bridge")
+            self.sh("sw", "ip", "link", "set", f"br-{segment}", "up")
+        for (host, segment), addr in self.addrs.items():
+            port = f"{host}-{segment}"  # the switch side: unique in the sw namespace
+            _ip("link", "add", segment, "netns", self.ns[host], "type", "veth",
+                "peer", "name", port, "netns", self.ns["sw"])
+            self.sh("sw", "ip", "link", "set", port, "master", f"br-{segment}", "up")
+            self.sh(host, "ip", "addr", "add", f"{addr}/24", "dev", segment)
+            self.sh(host, "ip", "link", "set", segment, "up")
+        # Routes that would join producer and consumer if a gateway forwarded IP,
+        # so that "the gateways do not forward" stays the only barrier.
+        self.sh("producer", "ip", "route", "add", "default", "via", self.addr("p1", "plan"))
+        self.sh("consumer", "ip", "route", "add", "default", "via", self.addr("c1", "clan"))
+        for p in self.gateways["producer"]:
+            self.sh(p, "ip", "route", "add", f"{SEGMENTS['clan']}.0/24", "via", self.addr("c1", "wan"))
+        for c in self.gateways["consumer"]:
+            self.sh(c, "ip", "route", "add", f"{SEGMENTS['plan']}.0/24", "via", self.addr("p1", "wan"))
+        log.debug("facility topology %s up (%d nodes each)", self.tag, self.nodes)
+
+    def close(self) -> None:
+        """Stop the processes started with :meth:`popen`, then delete the namespaces."""
+        for proc in reversed(self._procs):
+            stop_process(proc)
+        self._procs.clear()
+        for name in reversed(self._created):
+            proc = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True,
+                                  check=False)
+            if proc.returncode != 0 and name in list_namespaces(self.prefix):
+                log.warning("could not delete namespace %s: %s", name, proc.stderr.strip())
+        self._created.clear()
+
+    # -- running things ------------------------------------------------------
+    def argv(self, host: str, argv: Sequence[str]) -> list[str]:
+        return ns_argv(self.ns[host], argv)
+
+    def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` in ``host``; stopped by :meth:`close` if still running."""
+        proc = subprocess.Popen(self.argv(host, argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def sh(self, host: str, *argv: str) -> str:
+        """Run a set-up command in ``host``; NetnsError with its stderr on failure."""
+        return _check(self.argv(host, argv))
