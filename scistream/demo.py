@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import click
 
@@ -148,14 +148,15 @@ class Options:
     timeout: float
     corrupt_at: int = -1  # tests: the producer flips the byte at this offset
     s2ds_args: tuple[str, ...] = ()  # tests: extra `s2ds serve` options (e.g. --tcp-user-timeout)
+    nodes: int = 1  # gateway nodes per facility; more than 1: etcd clusters in namespaces
 
 
 @dataclass
 class Facility:
     """One side's gateway node: its s2ds (native backend) and s2cs."""
 
-    name: str  # "producer" / "consumer"
-    host: netns.Host | None  # the gateway namespace with --netns
+    name: str  # "producer" / "consumer" (with --nodes: "producer-p1", ...)
+    host: str | None  # the gateway namespace with --netns / --nodes
     state_dir: Path
     control: str  # host:port s2uc reaches the s2cs at
     hello_control: str  # host:port the application's controller reaches it at
@@ -164,6 +165,7 @@ class Facility:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     children_seen: set[int] = field(default_factory=set)
     s2cs_argv: list[str] = field(default_factory=list)
+    s2cs_extra: list[str] = field(default_factory=list)  # e.g. a cluster node's etcd options
 
     def cpu_seconds(self) -> float:
         return sum(tree_cpu_seconds(p.pid) for p in self.procs)
@@ -195,6 +197,9 @@ class Report:
     ports_still_bound: list[str] = field(default_factory=list)
     processes_left: list[int] = field(default_factory=list)
     listeners: dict[str, list[str]] = field(default_factory=dict)
+    nodes: int = 1
+    placement: list[dict[str, Any]] = field(default_factory=list)  # --nodes: connection -> nodes
+    workdir: str = ""
     error: str = ""
 
 
@@ -206,6 +211,8 @@ def _combine(digests: Sequence[str]) -> str:
 class Demo:
     """Runs the demo once; ``close`` undoes everything it started, in reverse."""
 
+    gateways_step = "starting two gateways (s2cs + s2ds each)"
+
     def __init__(self, opts: Options, echo: Callable[[str], None]) -> None:
         self.opts = opts
         self.echo = echo
@@ -214,7 +221,8 @@ class Demo:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="scistream-demo-"))
         self.report = Report(size=opts.size, num_conn=opts.num_conn, security=opts.security,
-                             backend=opts.backend, netns=opts.use_netns)
+                             backend=opts.backend, netns=opts.use_netns, nodes=opts.nodes,
+                             workdir=str(self.workdir))
         self.env = {**os.environ, "SCISTREAM_HOME": str(self.workdir / "s2uc"),
                     "PYTHONUNBUFFERED": "1"}
         if opts.engine:
@@ -227,7 +235,24 @@ class Demo:
         self._expected_thread: threading.Thread | None = None
 
     # -- process plumbing ----------------------------------------------------
-    def popen(self, host: netns.Host | None, argv: Sequence[str], log_name: str,
+    @property
+    def namespaced(self) -> bool:
+        return self.topo is not None
+
+    def wrap(self, host: str | None, argv: Sequence[str]) -> list[str]:
+        """``argv`` run in ``host``'s namespace (as is on loopback, or for no host)."""
+        if self.topo is not None and host:
+            return self.topo.argv(cast(netns.Host, host), argv)
+        return list(argv)
+
+    def app_host(self, role: str) -> str | None:
+        """Where the ``role`` ("producer"/"consumer") application runs (None: here)."""
+        return role if self.namespaced else None
+
+    def app_addr(self, role: str) -> str:
+        return netns.ADDR[role] if self.namespaced else "127.0.0.1"
+
+    def popen(self, host: str | None, argv: Sequence[str], log_name: str,
               stdout: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
         """Start ``argv`` (in ``host``'s namespace with --netns), logging to the work dir.
 
@@ -235,17 +260,15 @@ class Demo:
         stops its children in order instead of them all dying at once."""
         logf = open(self.workdir / f"{log_name}.log", "ab")  # noqa: SIM115 - closed below
         self.stack.callback(logf.close)
-        full = self.topo.argv(host, argv) if self.topo and host else list(argv)
-        proc = subprocess.Popen(full, stdout=stdout if stdout is not None else logf, stderr=logf,
-                                env=self.env, cwd=self.workdir, start_new_session=True)
+        proc = subprocess.Popen(self.wrap(host, argv), stdout=stdout if stdout is not None else logf,
+                                stderr=logf, env=self.env, cwd=self.workdir, start_new_session=True)
         self.procs.append(proc)
         return proc
 
-    def run_cmd(self, host: netns.Host | None, argv: Sequence[str], timeout: float
+    def run_cmd(self, host: str | None, argv: Sequence[str], timeout: float
                 ) -> subprocess.CompletedProcess[str]:
-        full = self.topo.argv(host, argv) if self.topo and host else list(argv)
-        return subprocess.run(full, capture_output=True, text=True, env=self.env, cwd=self.workdir,
-                              timeout=timeout, check=False)
+        return subprocess.run(self.wrap(host, argv), capture_output=True, text=True, env=self.env,
+                              cwd=self.workdir, timeout=timeout, check=False)
 
     def log_tail(self, name: str, lines: int = 5) -> str:
         path = self.workdir / f"{name}.log"
@@ -304,7 +327,7 @@ class Demo:
                 argv += list(self.opts.s2ds_args)
                 fac.procs.append(self.popen(fac.host, argv, f"{fac.name}-s2ds"))
             host, port = parse_endpoint(fac.control)
-            argv = [*tool_argv("s2cs"), "--port", str(port), "--bind", "0.0.0.0" if self.topo else host,
+            argv = [*tool_argv("s2cs"), "--port", str(port), "--bind", "0.0.0.0" if self.namespaced else host,
                     "--listener-ip", fac.listener_ip,
                     "--port-range", f"{fac.port_range[0]}-{fac.port_range[1]}",
                     "--type", self.opts.backend, "--state-dir", str(fac.state_dir),
@@ -312,6 +335,7 @@ class Demo:
                     "--security", self.opts.security, "--events", "off"]
             if self.opts.backend == "native":
                 argv += ["--s2ds", control_sock]
+            argv += fac.s2cs_extra
             fac.s2cs_argv = argv
             fac.procs.append(self.popen(fac.host, argv, f"{fac.name}-s2cs"))
         for fac in self.facilities.values():
@@ -331,8 +355,7 @@ class Demo:
     def _wait_listening(self, fac: Facility) -> None:
         _, port = parse_endpoint(fac.control)
         deadline = time.monotonic() + 20
-        wrap: Callable[[Sequence[str]], list[str]] = (
-            functools.partial(self.topo.argv, fac.host) if self.topo and fac.host else list)
+        wrap: Callable[[Sequence[str]], list[str]] = functools.partial(self.wrap, fac.host)
         while time.monotonic() < deadline:
             for p in fac.procs:
                 if p.poll() is not None:
@@ -346,12 +369,11 @@ class Demo:
         raise DemoError(f"the {fac.name} s2cs did not listen on {fac.control} within 20 s")
 
     def start_producer(self) -> None:
-        host: netns.Host | None = "producer" if self.topo else None
-        listen = format_endpoint(netns.ADDR["producer"] if self.topo else "127.0.0.1", 0)
-        proc = self.popen(host, [sys.executable, "-m", "scistream.demo_apps", "producer", "--listen",
-                                 listen, "--seed", str(self.opts.seed),
-                                 "--corrupt-at", str(self.opts.corrupt_at)], "producer-app",
-                          stdout=subprocess.PIPE)
+        listen = format_endpoint(self.app_addr("producer"), 0)
+        proc = self.popen(self.app_host("producer"), [
+            sys.executable, "-m", "scistream.demo_apps", "producer", "--listen", listen,
+            "--seed", str(self.opts.seed), "--corrupt-at", str(self.opts.corrupt_at)],
+            "producer-app", stdout=subprocess.PIPE)
         self.producer_proc = proc
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -361,33 +383,49 @@ class Demo:
             why = self.log_tail("producer-app")
             raise DemoError(f"the producer application did not start: {why}") from None
 
+    def control_address(self, side: str) -> str:
+        """Where s2uc reaches ``side``'s s2cs (HOST:PORT, or a list of them)."""
+        return self.facilities[side].control
+
+    def hello_address(self, side: str) -> str:
+        """Where ``side``'s application controller says hello."""
+        return self.facilities[side].hello_control
+
+    def listener_hosts(self) -> list[tuple[str | None, list[str]]]:
+        """The session's listeners grouped by the host (namespace) they live in."""
+        return [(self.facilities[side].host, self.report.listeners.get(side, []))
+                for side in ("producer", "consumer")]
+
+    def s2uc_host(self) -> str | None:
+        """Where s2uc runs: the consumer's gateway, as in the tutorial."""
+        return "cons_gw" if self.namespaced else None
+
     def s2uc(self, args: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        host: netns.Host | None = "cons_gw" if self.topo else None
-        return self.run_cmd(host, [*tool_argv("s2uc"), *args], timeout)
+        return self.run_cmd(self.s2uc_host(), [*tool_argv("s2uc"), *args], timeout)
 
     def setup_stream(self) -> list[str]:
         """The two-sided set-up as users type it: ``s2uc stream --appctrl`` on the
         consumer's gateway while each application's controller says hello to its
         own gateway (``appctrl mock``, as in the tutorial). Returns where the
         consumer connects."""
-        prod, cons = self.facilities["producer"], self.facilities["consumer"]
         uid = str(uuid.uuid1())
         self.report.uid = uid
-        s2uc_host: netns.Host | None = "cons_gw" if self.topo else None
         t0 = time.monotonic()
-        s2uc = self.popen(s2uc_host, [
-            *tool_argv("s2uc"), "stream", "--prod-s2cs", prod.control, "--cons-s2cs", cons.control,
+        s2uc = self.popen(self.s2uc_host(), [
+            *tool_argv("s2uc"), "stream", "--prod-s2cs", self.control_address("producer"),
+            "--cons-s2cs", self.control_address("consumer"),
             "--server_cert", str(self.cert), "--num_conn", str(self.opts.num_conn),
             "--security", self.opts.security, "--uid", uid, "--appctrl", "--json"],
             "s2uc", stdout=subprocess.PIPE)
         app_host, app_port = parse_endpoint(self.producer_endpoint)
         hellos = [
-            self.popen("producer" if self.topo else None, [
-                *tool_argv("appctrl"), "mock", uid, prod.hello_control, "INVALID_TOKEN", "PROD", app_host,
+            self.popen(self.app_host("producer"), [
+                *tool_argv("appctrl"), "mock", uid, self.hello_address("producer"), "INVALID_TOKEN",
+                "PROD", app_host,
                 "--ports", str(app_port), "--server_cert", str(self.cert)], "appctrl-producer"),
-            self.popen("consumer" if self.topo else None, [
-                *tool_argv("appctrl"), "mock", uid, cons.hello_control, "INVALID_TOKEN", "CONS",
-                netns.ADDR["consumer"] if self.topo else "127.0.0.1", "--ports", "5074",
+            self.popen(self.app_host("consumer"), [
+                *tool_argv("appctrl"), "mock", uid, self.hello_address("consumer"), "INVALID_TOKEN",
+                "CONS", self.app_addr("consumer"), "--ports", "5074",
                 "--server_cert", str(self.cert)], "appctrl-consumer"),
         ]
         try:
@@ -422,13 +460,12 @@ class Demo:
         if self._expected_thread is not None:
             self._expected_thread.join()
         expected = self._expected
-        host: netns.Host | None = "consumer" if self.topo else None
         cpu0 = {n: f.cpu_seconds() for n, f in self.facilities.items()}
         t0 = time.monotonic()
-        proc = self.popen(host, [sys.executable, "-m", "scistream.demo_apps", "consumer", "--connect",
-                                 ",".join(connect), "--size", str(self.opts.size),
-                                 "--timeout", str(self.opts.timeout)], "consumer-app",
-                          stdout=subprocess.PIPE)
+        proc = self.popen(self.app_host("consumer"), [
+            sys.executable, "-m", "scistream.demo_apps", "consumer", "--connect", ",".join(connect),
+            "--size", str(self.opts.size), "--timeout", str(self.opts.timeout)],
+            "consumer-app", stdout=subprocess.PIPE)
         assert proc.stdout is not None
         result: dict[str, Any] | None = None
         for raw in proc.stdout:
@@ -456,10 +493,10 @@ class Demo:
         r.expected_digest = _combine(expected)
 
     def release(self) -> None:
-        prod, cons = self.facilities["producer"], self.facilities["consumer"]
         for fac in self.facilities.values():
             fac.snapshot_children()
-        res = self.s2uc(["release", "--s2cs", prod.control, "--s2cs", cons.control,
+        res = self.s2uc(["release", "--s2cs", self.control_address("producer"),
+                         "--s2cs", self.control_address("consumer"),
                          "--server_cert", str(self.cert), self.report.uid])
         self.report.released = res.returncode == 0
         if not self.report.released:
@@ -467,10 +504,9 @@ class Demo:
         # Ports must be bindable again at once: try each listener where it lives.
         still: list[str] = []
         deadline = time.monotonic() + 3
-        for side, fac in self.facilities.items():
-            eps = self.report.listeners.get(side, [])
+        for host, eps in self.listener_hosts():
             while eps:
-                out = self.run_cmd(fac.host, [sys.executable, "-c", BIND_CHECK, *eps], timeout=30)
+                out = self.run_cmd(host, [sys.executable, "-c", BIND_CHECK, *eps], timeout=30)
                 bad = [e for e in out.stdout.strip().split(",") if e]
                 if not bad or time.monotonic() > deadline:
                     still += bad
@@ -531,7 +567,11 @@ def _render(report: Report, console: Any) -> None:
     table.add_column(style="bold")
     table.add_column()
     mark = {True: "[green]yes[/]", False: "[red]NO[/]"}
-    table.add_row("topology", "4 network namespaces (VM tutorial)" if report.netns else "loopback")
+    if report.nodes > 1:
+        table.add_row("topology", f"2 facilities x {report.nodes} gateway nodes, a 3-member etcd "
+                                  "cluster each, in network namespaces")
+    else:
+        table.add_row("topology", "4 network namespaces (VM tutorial)" if report.netns else "loopback")
     table.add_row("data channel", f"{report.security}, backend {report.backend}, "
                                   f"{report.num_conn} connection(s)")
     table.add_row("session", report.uid or "-")
@@ -550,12 +590,29 @@ def _render(report: Report, console: Any) -> None:
     table.add_row("processes left", mark[not report.processes_left].replace("yes", "none")
                   .replace("NO", f"{len(report.processes_left)}"))
     console.print(table)
+    if report.placement:
+        _render_placement(report, console)
     for s in report.slices:
         if not s.get("ok"):
             console.print(f"[red]connection via {s['endpoint']}: "
                           f"{s['error'] or 'SHA-256 differs from the expected'}[/]")
     if report.error:
         console.print(f"[red]{report.error}[/]")
+
+
+def _render_placement(report: Report, console: Any) -> None:
+    """--nodes: which gateway node carried each connection, on both sides."""
+    from rich.table import Table
+
+    table = Table(title="connections over the gateway nodes", title_style="bold")
+    for col in ("#", "consumer node", "consumer listener", "producer node", "producer listener",
+                "bytes", "SHA-256"):
+        table.add_column(col)
+    for row in report.placement:
+        table.add_row(str(row["connection"]), row["consumer_node"], row["consumer_listener"],
+                      row["producer_node"], row["producer_listener"] or "-", str(row["bytes"]),
+                      "[green]ok[/]" if row["ok"] else "[red]differs[/]")
+    console.print(table)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -584,7 +641,15 @@ def run_demo(opts: Options, console: Any, show_progress: bool) -> Report:
         TransferSpeedColumn,
     )
 
-    demo = Demo(opts, lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
+    def echo(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    if opts.nodes > 1:
+        from scistream.demo_nodes import NodesDemo
+
+        demo: Demo = NodesDemo(opts, echo)
+    else:
+        demo = Demo(opts, echo)
     report = demo.report
     try:
         with _signals():
@@ -592,7 +657,7 @@ def run_demo(opts: Options, console: Any, show_progress: bool) -> Report:
                 status = console.status if show_progress else (lambda _m: contextlib.nullcontext())
                 with status("building the hosts and certificates"):
                     demo.build_hosts()
-                with status("starting two gateways (s2cs + s2ds each)"):
+                with status(demo.gateways_step):
                     demo.start_gateways()
                     demo.start_producer()
                 demo.start_expected()
@@ -636,14 +701,17 @@ def _parse_size(text: str) -> int:
 @click.command("demo")
 @click.option("--size", default="1GiB", show_default=True,
               help="Bytes the producer streams (K, M, G suffixes, binary).")
-@click.option("--num-conn", "--num_conn", "num_conn", type=click.IntRange(1, 64), default=4,
-              show_default=True, help="Parallel connections through the gateways.")
+@click.option("--num-conn", "--num_conn", "num_conn", type=click.IntRange(1, 64), default=None,
+              help="Parallel connections through the gateways [4; with --nodes N: 2N].")
 @click.option("--security", type=click.Choice(["tls", "plain"]), default="tls", show_default=True,
               help="Data channel between the gateways: TLS 1.3 with a per-session key, or plain TCP.")
 @click.option("--backend", type=click.Choice(["native", "stunnel", "haproxy"]), default="native",
               show_default=True, help="How the gateways move bytes (s2cs --type).")
 @click.option("--netns", "use_netns", is_flag=True,
               help="Root: run the VM tutorial's four hosts as network namespaces.")
+@click.option("--nodes", type=click.IntRange(1, netns.MAX_NODES), default=1, show_default=True,
+              help="Root: gateway nodes per facility; above 1, each facility is N s2cs nodes on a "
+                   "3-member etcd cluster in network namespaces and the session spreads over them.")
 @click.option("--keep", is_flag=True, help="Leave it running and print commands to poke at it; Ctrl-C ends.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None,
               help="Seed of the producer's data [random].")  # packed as a uint64
@@ -654,21 +722,28 @@ def _parse_size(text: str) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 @click.option("--corrupt-at", type=int, default=-1, hidden=True,
               help="Self-test: the producer flips the byte at this offset; the demo must fail.")
-def demo(*, size: str, num_conn: int, security: str, backend: str, use_netns: bool, keep: bool,
-         seed: int | None, engine: str | None, timeout: float, as_json: bool, corrupt_at: int) -> None:
+def demo(*, size: str, num_conn: int | None, security: str, backend: str, use_netns: bool,
+         nodes: int, keep: bool, seed: int | None, engine: str | None, timeout: float, as_json: bool,
+         corrupt_at: int) -> None:
     """Two gateways, a producer, a consumer, real TLS: stream and verify every byte.
 
     Certificates, two s2cs (each with its s2ds), a producer application and the
     two-sided `s2uc stream` set-up; a consumer reads the stream through both
     gateways and its SHA-256 is checked; `s2uc release` gives everything back.
+    With --nodes N each facility is N gateway nodes sharing a 3-member etcd
+    cluster, and the session's connections spread over the nodes.
     Exits 1 if any byte differs or anything is left behind.
     """
     from rich.console import Console
 
     if use_netns and os.geteuid() != 0:
         raise click.ClickException("--netns needs root (network namespaces)")
+    if nodes > 1 and os.geteuid() != 0:
+        raise click.UsageError("--nodes needs root: the gateway nodes run in network namespaces")
+    if num_conn is None:
+        num_conn = 2 * nodes if nodes > 1 else 4  # every node carries connections
     opts = Options(size=_parse_size(size), num_conn=num_conn, security=security, backend=backend,
-                   use_netns=use_netns, keep=keep,
+                   use_netns=use_netns or nodes > 1, keep=keep, nodes=nodes,
                    seed=seed if seed is not None else secrets.randbelow(2**31),
                    engine=engine or "", timeout=timeout, corrupt_at=corrupt_at)
     console = Console(stderr=as_json)
