@@ -188,6 +188,17 @@ def test_demo_seed_out_of_range_is_a_usage_error(seed: str) -> None:
     assert "Invalid value for '--seed'" in r.output and "Traceback" not in r.output
 
 
+def test_demo_nodes_without_root_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scistream.cli import main as scistream_main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    r = CliRunner().invoke(scistream_main, ["demo", "--nodes", "3"])
+    assert r.exit_code == ExitCode.USAGE, r.output
+    assert "--nodes needs root" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(scistream_main, ["demo", "--nodes", "6"])  # 1..5
+    assert r.exit_code == ExitCode.USAGE and "Invalid value for '--nodes'" in r.output
+
+
 class _Rpc(Exception):
     def __init__(self, code: object, details: str) -> None:
         self._code, self._details = code, details

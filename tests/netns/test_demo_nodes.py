@@ -1,0 +1,138 @@
+"""`scistream demo --nodes 3` as a user types it: two facilities of three gateway nodes on
+a 3-member etcd cluster each, one session spread over the nodes, bytes verified, and nothing
+left behind (issue 12)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from scistream import netns
+
+pytestmark = pytest.mark.timeout(150)
+
+DEMO = [sys.executable, "-c", "from scistream.cli import main; main()", "demo"]
+SIZE = 24 << 20
+NODES = 3
+
+
+def own_processes(workdir: str) -> list[str]:
+    """Live processes whose command line names the demo's work directory: every s2cs,
+    s2ds and etcd member it starts has its state or data directory there."""
+    left = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if workdir in cmdline and state != "Z":
+            left.append(f"{entry}: {cmdline[:200]}")
+    return left
+
+
+def assert_nothing_left(pid: int, report: dict[str, Any]) -> None:
+    assert report["released"], report["error"]
+    assert report["ports_rebindable"], report["ports_still_bound"]
+    assert report["processes_left"] == []
+    assert netns.list_namespaces(f"ssdemo{pid}-") == []
+    assert report["workdir"] and own_processes(report["workdir"]) == []
+
+
+def assert_spread_and_verified(report: dict[str, Any]) -> None:
+    num_conn = 2 * NODES
+    assert report["ok"], report["error"]
+    assert report["nodes"] == NODES and report["num_conn"] == num_conn
+    assert len(report["slices"]) == num_conn
+    assert sum(s["received"] for s in report["slices"]) == SIZE
+    for s in report["slices"]:
+        assert s["sha256"] == s["expected_sha256"] and not s["error"]
+    assert report["stream_digest"] == report["expected_digest"]
+    # Every node of both facilities carries connections (placement "spread"), and each
+    # connection's row names the nodes whose listeners carried it.
+    rows = report["placement"]
+    assert [r["connection"] for r in rows] == list(range(num_conn))
+    assert {r["consumer_node"] for r in rows} == {f"c{i}" for i in range(1, NODES + 1)}
+    assert {r["producer_node"] for r in rows} == {f"p{i}" for i in range(1, NODES + 1)}
+    assert all(r["ok"] and r["producer_listener"] for r in rows)
+    # The listeners are the nodes' own addresses, not one gateway's.
+    assert len({ep.rsplit(":", 1)[0] for ep in report["listeners"]["producer"]}) == NODES
+    assert len({ep.rsplit(":", 1)[0] for ep in report["listeners"]["consumer"]}) == NODES
+    assert set(report["gateway_cpu"]) == {f"{side}-{side[0]}{i}" for side in ("producer", "consumer")
+                                          for i in range(1, NODES + 1)}
+
+
+def run_demo(*args: str) -> tuple[subprocess.Popen[str], dict[str, Any], str]:
+    """The demo as typed, bounded in time; a run past it gets Ctrl-C, which stops what it
+    started (its children are in sessions of their own: a kill would orphan them)."""
+    proc = subprocess.Popen([*DEMO, "--nodes", str(NODES), "--size", str(SIZE), "--json", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+    try:
+        return proc, json.loads(out), err
+    except ValueError:
+        pytest.fail(f"demo printed no JSON report (rc {proc.returncode}): {err[-2000:]}")
+
+
+def test_demo_three_nodes_spread_tls_verified_and_nothing_left() -> None:
+    proc, report, err = run_demo()
+    assert proc.returncode == 0, report["error"] or err[-2000:]
+    assert report["security"] == "tls" and report["netns"]
+    assert_spread_and_verified(report)
+    assert_nothing_left(proc.pid, report)
+
+
+def test_demo_three_nodes_keep_then_ctrl_c_cleans_up() -> None:
+    proc = subprocess.Popen([*DEMO, "--nodes", str(NODES), "--size", str(SIZE), "--json", "--keep"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "Ctrl-C" not in seen:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+        assert "etcdctl" in seen and "check-status" in seen, seen[-2000:]
+        # While it is kept: the namespaces and the etcd members are there.
+        assert netns.list_namespaces(f"ssdemo{proc.pid}-")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    report = json.loads(out)
+    assert proc.returncode == 0, report["error"]
+    assert_spread_and_verified(report)
+    assert_nothing_left(proc.pid, report)
+
+
+def test_demo_three_nodes_failure_still_cleans_up() -> None:
+    """A byte flipped by the producer: exit 1, the bad connection named, nothing left."""
+    proc, report, err = run_demo("--security", "plain", "--corrupt-at", str(SIZE // 2))
+    assert proc.returncode == 1 and not report["ok"], err[-2000:]
+    assert report["slices_ok"] == 2 * NODES - 1
+    assert [r["ok"] for r in report["placement"]].count(False) == 1
+    assert_nothing_left(proc.pid, report)
