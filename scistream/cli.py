@@ -1,4 +1,4 @@
-"""``scistream``: the umbrella command (demo, certificates)."""
+"""``scistream``: the umbrella command (demo, certificates, the cluster key)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def _register() -> None:
     except ImportError as exc:  # pragma: no cover - only while a part is missing
         logging.getLogger(__name__).debug("demo unavailable: %s", exc)
     from scistream.healthcheck import health
+    from scistream.s2cs.clusterkey import cluster_key
+
+    main.add_command(cluster_key)
 
     main.add_command(health)
     try:

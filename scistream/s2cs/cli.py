@@ -45,15 +45,24 @@ import click
 from scistream import __version__
 from scistream.clienttext import EscapingFormatter
 from scistream.cliutil import Seconds
-from scistream.endpoints import InvalidEndpoint, parse_port_range
+from scistream.endpoints import InvalidEndpoint, parse_endpoint, parse_port_range
 from scistream.s2cs.backends import BACKENDS, backend_names
-from scistream.s2cs.config import DEFAULT_CLIENT_ID, SECURITY_MODES, ServerConfig, default_state_dir
+from scistream.s2cs.config import (
+    DEFAULT_CLIENT_ID,
+    NODE_NAME,
+    PLACEMENTS,
+    SECURITY_MODES,
+    ServerConfig,
+    default_node_name,
+    default_state_dir,
+)
 
 log = logging.getLogger("scistream.s2cs")
 
 #: Option defaults come from ServerConfig (the one place they are defined); state_dir
 #: is derived from the port, so a placeholder is enough here.
 _DEFAULTS = ServerConfig(state_dir="-")
+MIN_NODE_TTL, MAX_NODE_TTL = 2.0, 300.0  # s: below 2 a busy node loses its lease to GC pauses
 _SECRET_FROM_ENV = "\0from-env"  # --client-secret given with no value (the VM tutorial)
 _FILE_BACKEND_OPTIONS = "scistream.s2cs.file_backend_options"  # ctx.meta: the config file's
 BACKEND_OPTION_ENV = "SCISTREAM_BACKEND_OPTION"  # KEY=VALUE words, shell-quoted
@@ -130,7 +139,8 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
             name = "type_"
         if name not in known:
             raise click.BadParameter(f"{value}: unknown setting {key!r}")
-        defaults[name] = val
+        # etcd = "http://a:2379,http://b:2379" as well as a list
+        defaults[name] = [val] if name == "etcd" and isinstance(val, str) else val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -431,6 +441,63 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     "--audit-log", "--audit_log", "audit_log", default="", help="Audit log (default <state dir>/audit.log)."
 )
 @click.option("--log-file", "--log_file", "log_file", default="", help="Also log to this file (0600).")
+@click.option(
+    "--etcd",
+    "etcd",
+    multiple=True,
+    metavar="URL[,URL...]",
+    help="Join the facility's gateway of several nodes: the etcd cluster's client URLs, "
+    "http://HOST:PORT, comma-separated or repeated. The nodes share in etcd their membership, "
+    "the sessions and their owners, port reservations and session keys (encrypted with "
+    "--etcd-key-file); each node keeps its own --port, --listener-ip, --port-range, state "
+    "directory and s2ds. Without --etcd this s2cs is a gateway alone, with its SQLite store.",
+)
+@click.option(
+    "--node-name",
+    "--node_name",
+    "node_name",
+    default=_DEFAULTS.node_name,
+    help="With --etcd: this node's name in the cluster, unique among the facility's nodes "
+    "(1 to 63 letters, digits, '_', '.', '-') [default: the host name].",
+)
+@click.option(
+    "--node-ttl",
+    "--node_ttl",
+    "node_ttl",
+    type=Seconds(MIN_NODE_TTL, MAX_NODE_TTL),
+    default=_DEFAULTS.node_ttl,
+    show_default=True,
+    help="With --etcd: seconds of this node's etcd lease: a node silent this long is "
+    "dead to the others, its connections reported failed and its listeners placed anew; a node "
+    "cut off from etcd this long stops taking new sessions.",
+)
+@click.option(
+    "--etcd-key-file",
+    "--etcd_key_file",
+    "etcd_key_file",
+    default=_DEFAULTS.etcd_key_file,
+    help="With --etcd (required): the cluster key (from `scistream cluster-key FILE`, mode 0600) "
+    "that encrypts session keys before they are written to etcd; every node of the facility "
+    "needs the same file.",
+)
+@click.option(
+    "--etcd-prefix",
+    "--etcd_prefix",
+    "etcd_prefix",
+    default=_DEFAULTS.etcd_prefix,
+    show_default=True,
+    help="With --etcd: the key prefix all of this gateway's state lives under, starting and "
+    "ending with '/'; every node of the facility needs the same one (another prefix is another "
+    "gateway, even on the same etcd).",
+)
+@click.option(
+    "--placement",
+    type=click.Choice(PLACEMENTS, case_sensitive=False),
+    default=_DEFAULTS.placement,
+    show_default=True,
+    help="With --etcd: how a session's connections go over the live nodes: spread (over as many nodes "
+    "as it can), pack (on as few as it can) or load (by each node's load).",
+)
 @click.option("--v", "--verbose", "-v", "verbose", is_flag=True, help="Debug logging.")
 def main(**opts: Any) -> None:
     """SciStream control server (s2cs): gRPC control of data-plane sessions."""
@@ -462,6 +529,65 @@ def backend_options(opts: dict[str, Any], file_options: Mapping[str, str]) -> di
         key, value = parse_backend_option(str(text), "--backend-option")
         merged[key] = value
     return merged
+
+
+def etcd_endpoints(values: Any) -> list[str]:
+    """--etcd (repeated and/or comma-separated) -> the endpoint URLs, each checked."""
+    items = [values] if isinstance(values, str) else list(values or ())
+    urls = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        if sep and scheme.lower() == "https":
+            raise click.UsageError(
+                f"--etcd {url}: TLS to etcd is not supported yet; give the etcd members' "
+                "plaintext client URLs, http://HOST:PORT, on a network only the gateway nodes reach"
+            )
+        try:
+            if not sep or scheme.lower() != "http" or "/" in rest:
+                raise InvalidEndpoint("not http://HOST:PORT")
+            parse_endpoint(rest)
+        except InvalidEndpoint:
+            raise click.UsageError(
+                f"--etcd {url!r} is not an etcd client URL http://HOST:PORT (e.g. http://10.0.0.5:2379)"
+            ) from None
+    return list(dict.fromkeys(urls))
+
+
+def cluster_settings(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The multi-node settings, checked: ServerConfig keyword arguments (UsageError = exit 2)."""
+    etcd = etcd_endpoints(opts.get("etcd"))
+    name = str(opts.get("node_name") or "").strip()
+    if name and not NODE_NAME.match(name):
+        raise click.UsageError(
+            f"--node-name {name[:80]!r} is not a node name: 1 to 63 letters, digits, '_', '.' or '-'"
+        )
+    ttl = float(opts.get("node_ttl", _DEFAULTS.node_ttl))
+    if not MIN_NODE_TTL <= ttl <= MAX_NODE_TTL:
+        raise click.UsageError(
+            f"--node-ttl {ttl:g} is not between {MIN_NODE_TTL:g} and {MAX_NODE_TTL:g} seconds"
+        )
+    prefix = str(opts.get("etcd_prefix") or "")
+    if not (len(prefix) >= 2 and prefix.startswith("/") and prefix.endswith("/")):
+        raise click.UsageError(
+            f"--etcd-prefix {prefix!r} must start and end with '/' (e.g. {_DEFAULTS.etcd_prefix})"
+        )
+    placement = str(opts.get("placement") or _DEFAULTS.placement).lower()
+    if placement not in PLACEMENTS:
+        raise click.UsageError(f"--placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    key_file = str(opts.get("etcd_key_file") or "")
+    if etcd and not key_file:
+        raise click.UsageError(
+            "--etcd needs --etcd-key-file: the cluster key that encrypts session keys in etcd "
+            "(make one with `scistream cluster-key FILE` and copy it to every node)"
+        )
+    return {
+        "etcd": etcd,
+        "node_name": name or default_node_name(),
+        "node_ttl": ttl,
+        "etcd_key_file": key_file,
+        "etcd_prefix": prefix,
+        "placement": placement,
+    }
 
 
 def build_config(
@@ -498,6 +624,7 @@ def build_config(
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise click.UsageError(f"--allow-target {cidr!r} is not a network (e.g. 10.0.0.0/8)") from None
+    cluster = cluster_settings(opts)
     return ServerConfig(
         port=int(opts["port"]),
         bind=str(opts["bind"]),
@@ -530,6 +657,7 @@ def build_config(
         metrics_port=opts["metrics_port"],
         audit_log=str(opts["audit_log"] or ""),
         log_file=str(opts["log_file"] or ""),
+        **cluster,
     )
 
 

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_CLIENT_ID = "c42c0dac-0a52-408e-a04f-5d31bfe0aef8"
 SECURITY_MODES = ("tls", "plain", "compat")
 PLACEMENTS = ("spread", "pack", "load")
+#: A node's name in the cluster: it is part of etcd keys (nodes/<name>, ports/<name>/...).
+NODE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+
+
+def default_node_name() -> str:
+    """This host's name made a valid node name: other characters become '-', cut to 63."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63].strip("-")
+    return name or "node"
 
 
 def default_state_dir(port: int | None = None) -> str:

@@ -2,7 +2,7 @@
 its true cause instead of failing every later request (or gRPC's vague "cannot
 listen"): the listener address must be one of this host's, the control port free
 on a local address, the control-channel certificate and key readable, PEM, and a
-pair.
+pair; with --etcd, the cluster key a private file holding a key.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from scistream.endpoints import InvalidEndpoint, format_endpoint, parse_endpoint
+from scistream.s2cs.clusterkey import ClusterKeyError, load_cluster_key
 from scistream.s2cs.config import ServerConfig, listener_ip_problem
 
 
@@ -128,9 +129,24 @@ def check_tls_files(cert_path: str, key_path: str) -> None:
         )
 
 
+def check_cluster_key(path: str) -> None:
+    """--etcd-key-file: a regular file only this user may read, holding a 32-byte key."""
+    if not path:
+        raise PreflightError(
+            "--etcd needs --etcd-key-file: the cluster key that encrypts session keys in etcd "
+            "(make one with `scistream cluster-key FILE` and copy it to every node)"
+        )
+    try:
+        load_cluster_key(path)
+    except ClusterKeyError as exc:
+        raise PreflightError(f"--etcd-key-file: {exc}") from None
+
+
 def check(config: ServerConfig) -> None:
     """Every check, in the order an operator would fix them; raises PreflightError."""
     check_listener_ip(config.listener_ip)
     check_control_port(config.bind, config.port)
     if config.ssl:
         check_tls_files(config.server_crt, config.server_key)
+    if config.clustered:
+        check_cluster_key(config.etcd_key_file)
