@@ -4,6 +4,7 @@ left behind (issue 12)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.timeout(150)
 DEMO = [sys.executable, "-c", "from scistream.cli import main; main()", "demo"]
 SIZE = 24 << 20
 NODES = 3
+PREFIX = "sstt"  # tests/netns/conftest.py checks that none of these is left
 
 
 def own_processes(workdir: str) -> list[str]:
@@ -71,6 +73,41 @@ def assert_spread_and_verified(report: dict[str, Any]) -> None:
     assert len({ep.rsplit(":", 1)[0] for ep in report["listeners"]["consumer"]}) == NODES
     assert set(report["gateway_cpu"]) == {f"{side}-{side[0]}{i}" for side in ("producer", "consumer")
                                           for i in range(1, NODES + 1)}
+
+
+# A tiny TCP client: exit 0 if it connects (run inside a namespace).
+CONNECT = (
+    "import socket,sys\n"
+    "try: socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=0.5).close()\n"
+    "except OSError: sys.exit(1)\n"
+)
+
+
+def test_facility_topology_nodes_meet_only_through_gateways() -> None:
+    """Every node reaches its LAN and the WAN; producer and consumer never meet directly;
+    the namespaces are gone after exit."""
+    with netns.FacilityTopology(2, prefix=PREFIX) as topo:
+        for host, addr in ((h, a) for (h, _), a in topo.addrs.items()):
+            topo.popen(host, ["socat", f"TCP-LISTEN:7000,bind={addr},reuseaddr,fork", "SYSTEM:true"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for host in topo.hosts:
+            netns.wait_for_listen(functools.partial(topo.argv, host), 7000)
+
+        def connects(src: str, dst: str, segment: str = "") -> bool:
+            res = subprocess.run(topo.argv(src, [sys.executable, "-c", CONNECT,
+                                                 topo.addr(dst, segment), "7000"]), check=False)
+            return res.returncode == 0
+
+        for i in (1, 2):
+            assert connects("producer", f"p{i}") and connects("consumer", f"c{i}")
+            assert connects(f"c{i}", "p2", "wan") and connects(f"p{i}", "c1", "wan")
+            assert connects(f"p{i}", "p1") and connects(f"c{i}", "c2")  # the etcd LANs
+        assert not connects("producer", "consumer") and not connects("consumer", "producer")
+        assert not connects("producer", "c1", "wan") and not connects("consumer", "p1", "wan")
+        assert not connects("c1", "producer")  # gateways reach only their own facility's LAN
+        tag = topo.tag
+        assert len(netns.list_namespaces(tag)) == 2 * 2 + 3
+    assert netns.list_namespaces(tag) == []
 
 
 def run_demo(*args: str) -> tuple[subprocess.Popen[str], dict[str, Any], str]:
