@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from scistream.s2cs.cluster.manager import ClusterManager
 from scistream.s2cs.cluster.membership import Membership, MembershipError
 from scistream.s2cs.cluster.view import ClusterView
 from scistream.s2cs.clusterkey import ClusterKeyError, load_cluster_key
-from scistream.s2cs.config import ServerConfig
+from scistream.s2cs.config import ServerConfig, default_node_name
 from scistream.s2cs.store import Instance, write_marker
 
 #: Deadline of every etcd call (s): a request fails within it when etcd has no quorum.
@@ -32,11 +31,6 @@ ETCD_TIMEOUT_S = 1.5
 
 class ClusterStartError(Exception):
     """This node cannot join its cluster; one sentence for the operator."""
-
-
-def default_node_name() -> str:
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63]
-    return name or "node"
 
 
 class ClusterNode:
