@@ -50,8 +50,18 @@ class EtcdClusterError(Exception):
 
 
 class EtcdCluster:
-    def __init__(self, size: int = 3, *, etcd: str = ETCD, parent: Path | None = None) -> None:
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        etcd: str = ETCD,
+        parent: Path | None = None,
+        also_listen: tuple[str, ...] = (),
+    ) -> None:
         self.size = size
+        #: More addresses the members take clients on (a test's veth address, for a node in
+        #: a network namespace), besides 127.0.0.1.
+        self.also_listen = also_listen
         self.etcd = etcd
         self.dir = Path(tempfile.mkdtemp(prefix="etcd-cluster-", dir=parent))
         ports = _free_ports(2 * size)
@@ -65,7 +75,10 @@ class EtcdCluster:
     # -- addresses -----------------------------------------------------------------------
     @property
     def endpoints(self) -> list[str]:
-        return [f"http://{HOST}:{p}" for p in self.client_ports]
+        return self.endpoints_on(HOST)
+
+    def endpoints_on(self, host: str) -> list[str]:
+        return [f"http://{host}:{p}" for p in self.client_ports]
 
     def log_path(self, i: int) -> Path:
         return self.dir / f"{self.names[i]}.log"
@@ -82,7 +95,7 @@ class EtcdCluster:
             self.etcd,
             "--name", self.names[i],
             "--data-dir", str(self.data_dir(i)),
-            "--listen-client-urls", client,
+            "--listen-client-urls", ",".join([client, *(f"http://{h}:{self.client_ports[i]}" for h in self.also_listen)]),
             "--advertise-client-urls", client,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,

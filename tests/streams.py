@@ -342,11 +342,12 @@ class Producer(StreamServer):
     """A producer application: a TCP server that sends ``total`` bytes of the seeded stream to
     each client, then a FIN; a connection's ``results["sent"]`` is the SHA-256 it sent."""
 
-    def __init__(self, total: int, seed: int = PRODUCER_SEED, *, pace: float = 0.0) -> None:
+    def __init__(self, total: int, seed: int = PRODUCER_SEED, *, pace: float = 0.0,
+                 host: str = "127.0.0.1") -> None:
         self.total = total
         self.seed = seed
         self.pace = pace  # s slept after each 1 MiB write: a stream that stays in flight
-        super().__init__(self._send)
+        super().__init__(self._send, host)
         self.port = int(self.sock.getsockname()[1])
 
     def _send(self, sock: socket.socket, served: Served) -> None:

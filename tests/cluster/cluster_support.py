@@ -36,6 +36,7 @@ class Node:
     state_dir: Path
     log: Path
     args: list[str]
+    wrap: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]
     proc: subprocess.Popen[bytes] | None = None
     address: str = ""
     channel: grpc.Channel | None = field(default=None, repr=False)
@@ -113,14 +114,18 @@ class GatewayCluster:
         env = dict(os.environ, SCISTREAM_STATE_DIR=str(node.state_dir))
         with open(node.log, "ab") as out:
             node.proc = subprocess.Popen(
-                ["s2cs", *node.args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
+                [*node.wrap, "s2cs", *node.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = node.log.read_bytes()[mark:].decode(errors="replace")
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+            m = re.search(r"listening on ([0-9.]+):(\d+)", text)
             if m:
-                node.address = f"127.0.0.1:{m.group(1)}"
+                node.address = f"{m.group(1)}:{m.group(2)}"
                 node.channel = grpc.insecure_channel(node.address)
                 return node
             if node.proc.poll() is not None:
