@@ -322,15 +322,28 @@ class ClusterManager(SessionManager):
             )
         except TimeoutError:
             await self._end_uid(
-                uid, Event.TIMEOUT, f"no hello arrived within {self.config.hello_timeout:g} s"
+                uid,
+                Event.TIMEOUT,
+                f"no hello arrived within {self.config.hello_timeout:g} s",
+                only_in=State.WAITING_HELLO,
             )
+            last = await self._read(uid)
+            if last is not None and last.session.state.helloed:
+                return last.session  # the hello came at the last moment
             raise ControlError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no hello for session {uid!r} arrived within {self.config.hello_timeout:g} s; "
                 "its ports were released",
             ) from None
         except asyncio.CancelledError:
-            self._spawn(self._end_uid(uid, Event.RELEASE, "the requester went away before the hello"))
+            self._spawn(
+                self._end_uid(
+                    uid,
+                    Event.RELEASE,
+                    "the requester went away before the hello",
+                    only_in=State.WAITING_HELLO,
+                )
+            )
             raise
         if rec2 is None:
             raise precondition(f"session {uid!r} ended before its hello arrived")
@@ -514,12 +527,16 @@ class ClusterManager(SessionManager):
         if not await self._end_record(rec, Event.RELEASE, "released by its owner"):
             raise not_found(uid)
 
-    async def _end_uid(self, uid: str, event: Event, reason: str) -> None:
-        """End the session ``uid`` if it still exists (timeouts, a requester gone)."""
+    async def _end_uid(self, uid: str, event: Event, reason: str, *, only_in: State | None = None) -> None:
+        """End the session ``uid`` if it still exists (timeouts, a requester gone), and,
+        with ``only_in``, only while it is still in that state (a hello that came at the
+        last moment wins over the timeout)."""
         for _ in range(WRITE_TRIES):
             try:
                 rec = await self._read(uid)
-                if rec is None or await self._end_record(rec, event, reason):
+                if rec is None or (only_in is not None and rec.session.state is not only_in):
+                    return
+                if await self._end_record(rec, event, reason):
                     return
             except ControlError as exc:
                 log.warning("session %s: cannot end it now: %s", uid, exc.message)
@@ -638,7 +655,9 @@ class ClusterManager(SessionManager):
                 continue
             s = new.session
             before = old.session.state if old is not None else None
-            if old is None and not change.resync:
+            if old is None and change.resync:
+                continue  # read again after a break, not created: nothing to tell
+            if old is None:
                 self._publish(s, "created")
             if before is not s.state:
                 kind = {State.RESERVED: "hello", State.READY: "ready", State.ACTIVE: "active"}.get(s.state)

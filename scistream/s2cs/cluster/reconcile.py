@@ -30,10 +30,11 @@ import time
 from typing import TYPE_CHECKING
 
 from scistream.etcd import Compare, EtcdError, Op
-from scistream.s2cs.backends.base import RoutePlan, SessionPlan
+from scistream.s2cs.backends.base import RoutePlan, SessionPlan, SessionView
 from scistream.s2cs.cluster.layout import ApplyAck, ClusterRecord, Placement
 from scistream.s2cs.cluster.view import Change
 from scistream.s2cs.errors import ControlError
+from scistream.s2cs.metrics import SessionSample, Snapshot
 from scistream.s2cs.sessions import Event, State
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 DATA_PLANE_CHECK_S = 0.5
 KEEPER_TICK_S = 1.0
-#: Grace for a session whose coordinating node died while it waited for its hello (s).
+#: Grace past hello_timeout before the keeper ends a session still waiting for its hello (s).
 ORPHAN_HELLO_GRACE_S = 5.0
 
 
@@ -87,6 +88,7 @@ class NodeReconciler:
         self._applied: dict[str, str] = {}  # uid -> fingerprint of what this node's data plane has
         self._tasks: list[asyncio.Task[None]] = []
         self._last_usage = b""
+        self._seen: dict[str, set[tuple[str, str, float]]] = {}  # uid -> connections audited
         self._traffic: dict[str, tuple[int, float]] = {}  # keeper: uid -> (traffic, when it grew)
         manager.view.listeners.append(self._on_change)
 
@@ -236,9 +238,57 @@ class NodeReconciler:
 
     # ------------------------------------------------------------------ count
 
+    def _audit_connections(self, views: dict[str, SessionView]) -> None:
+        """One audit record per data connection this node's data plane reports (as the
+        single node does; seen at polling time)."""
+        for uid, view in views.items():
+            rec = self.m.view.sessions.get(uid)
+            seen = self._seen.get(uid, set())
+            now = {(c.listener, c.peer, c.started_at) for c in view.usage.connections}
+            for c in view.usage.connections:
+                if (c.listener, c.peer, c.started_at) not in seen:
+                    self.m.audit.record(
+                        event="connection",
+                        uid=uid,
+                        identity=rec.session.owner if rec is not None else "",
+                        listener=c.listener,
+                        peer=c.peer,
+                        target=c.target,
+                        started_at=c.started_at,
+                        node=self.node,
+                    )
+            self._seen[uid] = now
+        for uid in [u for u in self._seen if u not in views]:
+            del self._seen[uid]
+
+    def snapshot(self) -> None:
+        """The metrics of this node: every session of the cluster by state, and the
+        counters of the sessions this node carries."""
+        m = self.m
+        by_state: dict[str, int] = {st.value: 0 for st in State if st.held}
+        samples = []
+        mine = json.loads(self._last_usage or b"{}")
+        for uid, rec in m.view.sessions.items():
+            s = rec.session
+            by_state[s.state.value] = by_state.get(s.state.value, 0) + 1
+            u = mine.get(uid)
+            if u is not None:
+                samples.append(
+                    SessionSample(
+                        m.metrics.uid_label(uid, s.security),
+                        s.role,
+                        s.state.value,
+                        int(u["b2t"]),
+                        int(u["bft"]),
+                        int(u["act"]),
+                    )
+                )
+        m.metrics.set_snapshot(Snapshot(by_state, tuple(samples)))
+
     async def _count(self) -> None:
         while True:
             await asyncio.sleep(self.m.config.poll_interval)
+            self.snapshot()
             if not self._may_act() or not self._applied:
                 continue
             try:
@@ -261,6 +311,7 @@ class NodeReconciler:
                         for c in u.connections[:64]
                     ],
                 }
+            self._audit_connections(views)
             body = json.dumps(report, separators=(",", ":"), sort_keys=True).encode()
             if body != self._last_usage and await self._write(
                 [Op.put(self.m.keys.usage(self.node), body, lease=self.m.membership.lease)]
@@ -343,7 +394,9 @@ class NodeReconciler:
                 if current is not None:
                     await self._replace(current)
                 continue
-            if s.state is State.WAITING_HELLO and rec.coordinator not in m.view.nodes:
+            if s.state is State.WAITING_HELLO:
+                # Its coordinator ends it at hello_timeout; this catches the one that died
+                # meanwhile, or whose req write reached etcd without it knowing.
                 if now - s.created_at > cfg.hello_timeout + ORPHAN_HELLO_GRACE_S:
                     await m._end_uid(uid, Event.TIMEOUT, f"no hello arrived within {cfg.hello_timeout:g} s")
             elif s.state is State.RESERVED and cfg.reserved_timeout > 0:
