@@ -17,6 +17,7 @@ from scistream.etcd import (
     Compare,
     EtcdClient,
     EtcdCompacted,
+    EtcdError,
     EtcdUnavailable,
     KeyValue,
     Op,
@@ -310,5 +311,28 @@ def test_quorum_loss_fails_fast_and_recovers_with_the_same_client(etcd_cluster: 
             assert (await c.get(b"/q"))[0][0].value == b"3"
         finally:
             await c.close()
+
+    asyncio.run(main())
+
+
+def test_close_ends_a_running_watch_with_etcd_error(etcd_cluster: EtcdCluster) -> None:
+    async def main() -> None:
+        c = EtcdClient(etcd_cluster.endpoints)
+        rev = await c.put(b"/c", b"1")
+        got: list[list[WatchEvent]] = []
+
+        async def consume() -> None:
+            async for batch in c.watch(b"/c", rev):
+                got.append(batch)
+
+        task = asyncio.create_task(consume())
+        while not got:
+            await asyncio.sleep(0.05)
+        await c.close()
+        # Not a CancelledError out of a task nobody cancelled: an EtcdError saying why.
+        with pytest.raises(EtcdError, match="closed"):
+            await asyncio.wait_for(task, 5)
+        with pytest.raises(EtcdError, match="is closed"):
+            await c.get(b"/c")
 
     asyncio.run(main())
