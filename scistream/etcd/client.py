@@ -14,6 +14,9 @@ happen. The whole call is bounded by ``timeout`` and then fails with EtcdUnavail
 Writes that are not idempotent (txn) are only retried on another member when the first
 certainly did not apply them (no connection, or refused for want of a leader); otherwise the
 caller gets EtcdUnavailable and must re-read, since a lost reply may hide an applied txn.
+
+A client's channels are made on its first call and belong to that event loop; close() ends
+the calls and watches in flight with an EtcdError.
 """
 
 from __future__ import annotations
