@@ -2,6 +2,10 @@
 
     python tools/etcd_protos.py --tag v3.4.23 --source "..." RPC_PROTO KV_PROTO AUTH_PROTO
 
+(proto/etcd/PINNED was made from Debian's golang-etcd-server-dev 3.4.23-4, which ships the
+upstream tree: ``apt-get download golang-etcd-server-dev``, ``dpkg-deb -x`` it, and pass the
+three files under usr/share/gocode/src/go.etcd.io/etcd/.)
+
 RPC_PROTO, KV_PROTO and AUTH_PROTO are upstream's etcdserver/etcdserverpb/rpc.proto,
 mvcc/mvccpb/kv.proto and auth/authpb/auth.proto. The derivation only removes code-generation
 hints that change nothing on the wire and renames imports:
@@ -52,6 +56,9 @@ _API_IMPORT = re.compile(r'^(?:// for grpc-gateway\n)?import "google/api/annotat
 _HTTP_RPC_BODY = re.compile(r"\{\s*option \(google\.api\.http\) = \{(?:[^{}]|\{[^{}]*\})*\};\s*\}")
 
 
+NO_COMMIT = "not recorded (taken from a release source tree; the sha256 below identify the files)"
+
+
 class DeriveError(Exception):
     """Upstream text is not what this tool knows how to strip (a new upstream layout)."""
 
@@ -77,10 +84,13 @@ def derive(name: str, upstream: str) -> str:
     return text
 
 
-def pinned_record(tag: str, source: str, upstream: dict[str, bytes], pinned: dict[str, bytes]) -> str:
+def pinned_record(
+    tag: str, commit: str, source: str, upstream: dict[str, bytes], pinned: dict[str, bytes]
+) -> str:
     lines = [
         "# etcd v3 API protos used by scistream/etcd, pinned (re-derive: tools/etcd_protos.py).",
         f"upstream-tag: {tag}",
+        f"upstream-commit: {commit or NO_COMMIT}",
         f"source: {source}",
         *(f"stripped: {s}" for s in STRIPPED),
         "# file <pinned name> <upstream path> <upstream sha256> <pinned sha256>",
@@ -103,6 +113,7 @@ def parse_pinned(text: str) -> dict[str, tuple[str, str, str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tag", required=True, help="upstream tag the files come from, e.g. v3.4.23")
+    ap.add_argument("--commit", default="", help="upstream commit of the tag, when known")
     ap.add_argument("--source", required=True, help="where the upstream files were taken from")
     ap.add_argument("--out", type=Path, default=PINNED_DIR, help="default: proto/etcd/")
     ap.add_argument("rpc", type=Path, help="upstream etcdserver/etcdserverpb/rpc.proto")
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, data in pinned.items():
         (args.out / name).write_bytes(data)
-    (args.out / "PINNED").write_text(pinned_record(args.tag, args.source, upstream, pinned))
+    (args.out / "PINNED").write_text(pinned_record(args.tag, args.commit, args.source, upstream, pinned))
     return 0
 
 

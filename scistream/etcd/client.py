@@ -14,6 +14,9 @@ happen. The whole call is bounded by ``timeout`` and then fails with EtcdUnavail
 Writes that are not idempotent (txn) are only retried on another member when the first
 certainly did not apply them (no connection, or refused for want of a leader); otherwise the
 caller gets EtcdUnavailable and must re-read, since a lost reply may hide an applied txn.
+
+A client's channels are made on its first call and belong to that event loop; close() ends
+the calls and watches in flight with an EtcdError.
 """
 
 from __future__ import annotations
@@ -147,6 +150,13 @@ class EtcdClient:
             self._members = members
         return self._members[i]
 
+    def _raise_if_closed(self) -> None:
+        """close() cancels the calls in flight: tell their callers the client is closed, rather
+        than let a CancelledError out of a task that nobody cancelled."""
+        task = asyncio.current_task()
+        if self._closed and (task is None or task.cancelling() == 0):
+            raise EtcdError(f"the etcd client for {self._names()} was closed during the call") from None
+
     def _failed(self, i: int) -> None:
         # Move on only if no concurrent call has already moved on from this member.
         if self._current == i:
@@ -196,6 +206,9 @@ class EtcdClient:
             left = deadline - loop.time()
             try:
                 return await attempt(m, min(left, share) if idempotent else left)
+            except asyncio.CancelledError:
+                self._raise_if_closed()
+                raise
             except grpc.aio.AioRpcError as exc:
                 detail = exc.details() or exc.code().name
                 if exc.code() not in _FAILOVER_CODES:
@@ -345,6 +358,9 @@ class EtcdClient:
             while True:
                 try:
                     resp = await call.read()
+                except asyncio.CancelledError:
+                    self._raise_if_closed()
+                    raise
                 except grpc.aio.AioRpcError as exc:
                     raise EtcdUnavailable(
                         f"etcd watch on {m.name} (of {self._names()}) broke:"

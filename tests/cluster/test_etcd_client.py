@@ -17,6 +17,7 @@ from scistream.etcd import (
     Compare,
     EtcdClient,
     EtcdCompacted,
+    EtcdError,
     EtcdUnavailable,
     KeyValue,
     Op,
@@ -274,10 +275,17 @@ def test_quorum_loss_fails_fast_and_recovers_with_the_same_client(etcd_cluster: 
     async def main() -> None:
         c = EtcdClient(etcd_cluster.endpoints)
         try:
-            await c.put(b"/q", b"1")
-            down = [i for i in range(3) if i != etcd_cluster.leader()]  # keep the leader: worst case
+            rev = await c.put(b"/q", b"1")
+            leader = etcd_cluster.leader()
+            down = [i for i in range(3) if i != leader]  # keep the leader: the worst case
+            # A watch on the survivor: it must end once the member knows it has no leader.
+            survivor = EtcdClient([etcd_cluster.endpoints[leader]])
+            w = survivor.watch(b"/q", rev + 1)
+            first = asyncio.ensure_future(w.__anext__())
+            await asyncio.sleep(0.2)
             for i in down:
                 etcd_cluster.stop(i)
+            t_stop = time.monotonic()
             for _ in range(2):  # at once, and once the survivor has noticed it has no quorum
                 t0 = time.monotonic()
                 with pytest.raises(EtcdUnavailable, match="no quorum or cannot be reached"):
@@ -285,6 +293,12 @@ def test_quorum_loss_fails_fast_and_recovers_with_the_same_client(etcd_cluster: 
                 assert time.monotonic() - t0 < 2.5
             with pytest.raises(EtcdUnavailable):
                 await c.get(b"/q")
+            # etcd cancels "hasleader" watches after 3 election timeouts without a leader.
+            with pytest.raises(EtcdUnavailable):
+                await asyncio.wait_for(first, 10)
+            assert time.monotonic() - t_stop < 10
+            await w.aclose()
+            await survivor.close()
             for i in down:
                 etcd_cluster.start(i)
             t0 = time.monotonic()
@@ -297,5 +311,28 @@ def test_quorum_loss_fails_fast_and_recovers_with_the_same_client(etcd_cluster: 
             assert (await c.get(b"/q"))[0][0].value == b"3"
         finally:
             await c.close()
+
+    asyncio.run(main())
+
+
+def test_close_ends_a_running_watch_with_etcd_error(etcd_cluster: EtcdCluster) -> None:
+    async def main() -> None:
+        c = EtcdClient(etcd_cluster.endpoints)
+        rev = await c.put(b"/c", b"1")
+        got: list[list[WatchEvent]] = []
+
+        async def consume() -> None:
+            async for batch in c.watch(b"/c", rev):
+                got.append(batch)
+
+        task = asyncio.create_task(consume())
+        while not got:
+            await asyncio.sleep(0.05)
+        await c.close()
+        # Not a CancelledError out of a task nobody cancelled: an EtcdError saying why.
+        with pytest.raises(EtcdError, match="closed"):
+            await asyncio.wait_for(task, 5)
+        with pytest.raises(EtcdError, match="is closed"):
+            await c.get(b"/c")
 
     asyncio.run(main())
