@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
+import socket
+import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +25,12 @@ from scistream._proto import scistream_pb2
 from scistream.etcd import EtcdClient
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _uid() -> str:
@@ -138,3 +147,37 @@ def test_six_connections_spread_over_three_nodes_carry_exact_bytes(
             10,
             what="every node's status to count every byte of every node",
         )
+
+
+def test_s2uc_given_every_node_reads_through_a_dead_one(tmp_path: Path, etcd_cluster: EtcdCluster) -> None:
+    with GatewayCluster(tmp_path, etcd_cluster.endpoints) as gw:
+        uid = _uid()
+        req_with_hello(gw.nodes[0].stub, uid, "PROD", 3, ["127.0.0.1:9"])
+        dead = f"127.0.0.1:{free_port()}"  # nothing listens there: s2uc goes on to the next node
+        out = subprocess.run(
+            ["s2uc", "check-status", "--no-ssl", "--s2cs", f"{dead},{gw.nodes[1].address}", uid],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        for node in ("n0", "n1", "n2"):
+            assert f"({node})" in out.stdout, out.stdout
+
+
+def test_a_second_node_with_a_live_nodes_name_is_refused(tmp_path: Path, etcd_cluster: EtcdCluster) -> None:
+    with GatewayCluster(tmp_path, etcd_cluster.endpoints, size=2) as gw:
+        namesake = dataclasses.replace(
+            gw.nodes[1],
+            state_dir=tmp_path / "state-namesake",
+            log=tmp_path / "namesake.log",
+            proc=None,
+            channel=None,
+        )
+        gw.nodes.append(namesake)
+        with pytest.raises(RuntimeError, match="did not start"):
+            gw.start(2, timeout=15)
+        assert "the node name 'n1' is in use by a live node" in namesake.log.read_text()
+        assert namesake.proc is not None and namesake.proc.returncode == 1
+        assert status_of(gw.nodes[1].stub) == []  # the live n1 is untouched
