@@ -5,6 +5,7 @@ with every byte intact."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import secrets
@@ -35,6 +36,18 @@ def free_port() -> int:
 
 def _uid() -> str:
     return "c" + secrets.token_hex(6)
+
+
+def _values(etcd: EtcdCluster) -> list[bytes]:
+    async def read() -> list[bytes]:
+        client = EtcdClient(etcd.endpoints)
+        try:
+            kvs, _ = await client.get(b"/", prefix=True)
+            return [kv.value for kv in kvs]
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
 
 
 def _ports_held(etcd: EtcdCluster, prefix: str = "/scistream/v1/") -> list[bytes]:
@@ -130,12 +143,18 @@ def test_six_connections_spread_over_three_nodes_carry_exact_bytes(
         contextlib.closing(Producer(total)) as producer,
     ):
         uid = _uid()
-        _p, c = _stream_through(gw, cons_gw.stub, uid, 6, producer)
+        p, c = _stream_through(gw, cons_gw.stub, uid, 6, producer)
         st = status_of(gw.nodes[1].stub, uid)[0]
         assert Counter(st.listener_nodes) == Counter({"n0": 2, "n1": 2, "n2": 2})
         assert [ep.rsplit(":", 1)[0] for ep in st.listeners] == [
             f"127.0.0.{int(n[1]) + 1}" for n in st.listener_nodes
         ]
+        # The session key is in etcd only sealed: no value holds it raw, as hex or base64.
+        key = p.session_key
+        assert len(key) == 32
+        for value in _values(etcd_cluster):
+            for form in (key, key.hex().encode(), base64.b64encode(key)):
+                assert form not in value
         consumers = [Consumer(ep) for ep in c.listeners]
         for cons in consumers:
             cons.join(60)
