@@ -31,24 +31,27 @@ if DEBUG:
 
 
 def generate_protos() -> None:
-    """proto/*.proto -> scistream/_proto/*_pb2.py, *_pb2_grpc.py, *.pyi."""
+    """proto/*.proto -> scistream/_proto/*_pb2.py, *_pb2_grpc.py, *.pyi, and the pinned etcd
+    protos proto/etcd/*.proto -> scistream/_proto/etcd/ (the etcd client's stubs)."""
     from grpc_tools import protoc  # build requirement
 
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     out = HERE
-    protos = sorted(glob.glob(os.path.join(HERE, "proto", "*.proto")))
-    for proto in protos:
-        args = [
-            "grpc_tools.protoc",
-            f"-I{include}",
-            f"-Iscistream/_proto={os.path.join(HERE, 'proto')}",
-            f"--python_out={out}",
-            f"--pyi_out={out}",
-            f"--grpc_python_out={out}",
-            f"scistream/_proto/{os.path.basename(proto)}",
-        ]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {proto}")
+    trees = [("scistream/_proto", os.path.join(HERE, "proto")),
+             ("scistream/_proto/etcd", os.path.join(HERE, "proto", "etcd"))]
+    for package_dir, src in trees:
+        for proto in sorted(glob.glob(os.path.join(src, "*.proto"))):
+            args = [
+                "grpc_tools.protoc",
+                f"-I{include}",
+                f"-I{package_dir}={src}",
+                f"--python_out={out}",
+                f"--pyi_out={out}",
+                f"--grpc_python_out={out}",
+                f"{package_dir}/{os.path.basename(proto)}",
+            ]
+            if protoc.main(args) != 0:
+                raise RuntimeError(f"protoc failed on {proto}")
 
 
 class BuildPyWithProtos(build_py):

@@ -42,12 +42,34 @@ class ExitCode(enum.IntEnum):
 
 
 class ControlError(Exception):
-    """A failure to report to the user as one line."""
+    """A failure to report to the user as one line.
 
-    def __init__(self, message: str, exit_code: int = ExitCode.FAILURE) -> None:
+    One made from a gRPC failure (:func:`describe_rpc_error`) also says which s2cs
+    ``address`` answered what ``status``, and whether gRPC's ``transport`` made the
+    status up itself (the s2cs was not reached, or went away mid-call): a client with
+    several addresses of one gateway decides from these whether to try the next one."""
+
+    def __init__(
+        self,
+        message: str,
+        exit_code: int = ExitCode.FAILURE,
+        *,
+        address: str = "",
+        status: grpc.StatusCode | None = None,
+        transport: bool = False,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.exit_code = int(exit_code)
+        self.address = address
+        self.status = status
+        self.transport = transport
+
+    @property
+    def unavailable(self) -> bool:
+        """The s2cs could not serve the call (unreachable, or its own UNAVAILABLE): another
+        node of the same gateway may."""
+        return self.status == grpc.StatusCode.UNAVAILABLE
 
     def __str__(self) -> str:
         return self.message
@@ -75,6 +97,15 @@ def check_address(address: str) -> str:
     except InvalidEndpoint as exc:
         raise ControlError(f"s2cs address: {exc}", ExitCode.USAGE) from None
     return address
+
+
+def check_addresses(text: str) -> list[str]:
+    """``HOST:PORT[,HOST:PORT...]``: the addresses of one gateway's s2cs nodes, in the
+    order they are tried, each validated (one address: exactly :func:`check_address`)."""
+    parts = split_csv(text)
+    if len(parts) <= 1:
+        return [check_address(text)]
+    return [check_address(part) for part in dict.fromkeys(parts)]
 
 
 def _read_cert(server_cert: str | os.PathLike[str]) -> bytes:
@@ -186,11 +217,29 @@ def describe_rpc_error(
     err: grpc.RpcError, address: str, method: str, *, timeout: float | None = None, ssl: bool = True
 ) -> ControlError:
     """Turn a gRPC failure into one sentence a user can act on."""
+    out = _describe(err, address, method, timeout=timeout, ssl=ssl)
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    out.address, out.status = address, code if isinstance(code, grpc.StatusCode) else None
+    out.transport = code == grpc.StatusCode.UNAVAILABLE and _from_transport(
+        err.details() if hasattr(err, "details") else str(err)
+    )
+    return out
+
+
+def _from_transport(details: str | None) -> bool:
+    """An UNAVAILABLE gRPC's transport made up (no answer came from the s2cs)."""
+    low = (details or "").lower()
+    return not _first_line(details) or low.strip().startswith(_TRANSPORT_PREFIXES)
+
+
+def _describe(
+    err: grpc.RpcError, address: str, method: str, *, timeout: float | None, ssl: bool
+) -> ControlError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     detail = _first_line(details)
     low = (details or "").lower()
-    if code == grpc.StatusCode.UNAVAILABLE and detail and not low.strip().startswith(_TRANSPORT_PREFIXES):
+    if code == grpc.StatusCode.UNAVAILABLE and not _from_transport(details):
         return ControlError(f"s2cs at {address} cannot serve {method} now: {detail}", ExitCode.FAILURE)
     if code == grpc.StatusCode.UNAVAILABLE:
         if ssl and any(h in low for h in _TLS_HINTS):
@@ -242,6 +291,39 @@ def describe_rpc_error(
         return ControlError(f"{method} to s2cs at {address} was cancelled", ExitCode.FAILURE)
     label = code.name.lower().replace("_", " ") if isinstance(code, grpc.StatusCode) else "error"
     return ControlError(f"s2cs at {address} failed {method} ({label}): {detail or 'no details'}")
+
+
+def failover_error(
+    method: str, tried: Sequence[ControlError], final: ControlError, *, uid: str = ""
+) -> ControlError:
+    """The one error of a call tried on several s2cs nodes of a gateway, naming what each
+    answered: ``tried`` answered UNAVAILABLE (in order), ``final`` is the last answer."""
+    if not tried:
+        return final
+    every = [*tried, final]
+    if final.unavailable:
+        codes = {e.exit_code for e in every}
+        return ControlError(
+            f"no s2cs of {', '.join(e.address for e in every)} could serve {method}: "
+            + "; ".join(e.message for e in every),
+            codes.pop() if len(codes) == 1 else ExitCode.FAILURE,
+            address=final.address,
+            status=final.status,
+            transport=final.transport,
+        )
+    before = "; ".join(e.message for e in tried)
+    lost = [e.address for e in tried if e.transport]
+    if method == "req" and final.status == grpc.StatusCode.ALREADY_EXISTS and lost:
+        message = (
+            f"{final.message}: the same req went to {', '.join(lost)} first, which may have created "
+            f"this session before the connection was lost ({before}); see it with `s2uc check-status "
+            f"{uid or 'UID'}`, and release it with `s2uc release {uid or 'UID'}` before trying again"
+        )
+    else:
+        message = f"{final.message} (after {before})"
+    return ControlError(
+        message, final.exit_code, address=final.address, status=final.status, transport=final.transport
+    )
 
 
 def is_unimplemented(err: BaseException) -> bool:

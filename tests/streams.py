@@ -332,3 +332,51 @@ def duplex_transfer(address: str, *, send_bytes: int, seed: int, expect: int | N
             if check_send:
                 raise
             return "", got
+
+
+#: The seed of the stream a Producer sends.
+PRODUCER_SEED = 0x9D0D
+
+
+class Producer(StreamServer):
+    """A producer application: a TCP server that sends ``total`` bytes of the seeded stream to
+    each client, then a FIN; a connection's ``results["sent"]`` is the SHA-256 it sent."""
+
+    def __init__(self, total: int, seed: int = PRODUCER_SEED, *, pace: float = 0.0,
+                 host: str = "127.0.0.1") -> None:
+        self.total = total
+        self.seed = seed
+        self.pace = pace  # s slept after each 1 MiB write: a stream that stays in flight
+        super().__init__(self._send, host)
+        self.port = int(self.sock.getsockname()[1])
+
+    def _send(self, sock: socket.socket, served: Served) -> None:
+        served.results["sent"] = send_stream(sock, self.total, self.seed, pace=self.pace)
+
+
+class Consumer:
+    """A consumer application: connects and reads to EOF, hashing, in a thread.
+
+    ``received`` grows as bytes arrive (a test watches the transfer in flight); ``sha`` is
+    the SHA-256 (hex) of what was read, once the read ended."""
+
+    def __init__(self, endpoint: str, timeout: float = 60.0) -> None:
+        self.sock = connect(endpoint, timeout)
+        self.sha = ""
+        self.received = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _progress(self, got: int) -> None:
+        self.received = got
+
+    def _run(self) -> None:
+        try:
+            with self.sock:
+                self.received, self.sha = recv_stream(self.sock, progress=self._progress)
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)

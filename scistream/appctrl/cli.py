@@ -233,7 +233,10 @@ def mock(
     ports: str,
     link: S2csLink,
 ) -> None:
-    """Send the hello for UID to S2CS: the application listens at IP:--ports."""
+    """Send the hello for UID to S2CS: the application listens at IP:--ports.
+
+    S2CS is host:port, or the nodes of one gateway host:port,host:port (tried in order
+    while one answers UNAVAILABLE)."""
     role = _role(role)
     check_uid(uid)
     listeners = _endpoints(ip, port_list(ports, "--ports"))
@@ -443,7 +446,12 @@ async def _run(
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--uid", required=True, help="The session id (from s2uc).")
-@click.option("--s2cs", required=True, help="The s2cs of this facility, host:port.")
+@click.option(
+    "--s2cs",
+    required=True,
+    help="The s2cs of this facility, host:port; the nodes of a gateway of several as "
+    "host:port,host:port, tried in order while one answers UNAVAILABLE.",
+)
 @click.option("--role", default="PROD", show_default=True, help="PROD (producer side) or CONS.")
 @click.option("--listen", default="", help="The application's own endpoint(s) HOST:PORT[,...] for the hello.")
 @click.option("--token", default=None, envvar=[ENV_PREFIX + "TOKEN"], help="Access token for the s2cs.")

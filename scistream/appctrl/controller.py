@@ -13,6 +13,10 @@ events socket is an ipc socket that only the s2cs user may open, and a tcp://
 one needs CURVE keys (``events_curve``: the server's public key and this
 controller's key pair). Against a SciStream 1.x s2cs (neither RPC) ``wait_ready``
 returns what the hello answered, which is all 1.x can say.
+
+``s2cs`` may name the nodes of one gateway (``"gw1:5000,gw2:5000"``): every call
+goes to the current node (the first that answered server_info, whose events are
+read) and, while one answers UNAVAILABLE, to the next.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from scistream.grpcutil import (
     ControlError,
     ExitCode,
     auth_metadata,
+    check_addresses,
     describe_rpc_error,
+    failover_error,
     open_aio_channel,
 )
 
@@ -101,7 +107,9 @@ class AppController:
         timeout: float = CALL_DEADLINE_S,
         events_curve: tuple[bytes, tuple[bytes, bytes]] | None = None,
     ) -> None:
-        self.s2cs = s2cs
+        self.s2cs = s2cs  # as given: HOST:PORT, or the nodes of one gateway HOST:PORT,HOST:PORT
+        self.addresses: list[str] = []  # checked on entering
+        self._index = 0
         self.events_curve = events_curve  # (server public key, (our public, our secret))
         self.uid = uid
         self.role = role
@@ -112,22 +120,27 @@ class AppController:
         self.info: pb.ServerInfo | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
+        self._tried: list[ControlError] = []  # the addresses the last call failed over from
         self._zctx: zmq.asyncio.Context | None = None
         self._sub: Any = None
         self._hello_reply: pb.AppResponse | None = None
 
+    @property
+    def address(self) -> str:
+        """The s2cs address calls go to now."""
+        return self.addresses[self._index] if self.addresses else self.s2cs
+
     # ------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> AppController:
-        self._channel = open_aio_channel(self.s2cs, server_cert=self.server_cert, ssl=self.ssl)
-        self._stub = pb_grpc.ControlStub(self._channel)
+        self.addresses = check_addresses(self.s2cs)
+        self._connect()
         try:
-            self.info = await self._stub.server_info(
-                pb.ServerInfoRequest(), timeout=self.timeout, metadata=auth_metadata(self.token)
-            )
+            # The first node that answers server_info is the one whose events we read.
+            self.info = await self._rpc("server_info", pb.ServerInfoRequest())
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                 await self.close()
-                raise self._error(err, "server_info") from None
+                raise self._failure(err, "server_info") from None
             self.info = None  # SciStream 1.x
         if self.info is not None and self.info.events:
             # Subscribe before the hello so the session's ready event cannot slip by.
@@ -135,7 +148,7 @@ class AppController:
             self._sub = self._zctx.socket(zmq.SUB)
             self._sub.setsockopt(zmq.LINGER, 0)
             self._sub.setsockopt(zmq.SUBSCRIBE, topic_for(self.uid))
-            address = events_address(self.info.events, self.s2cs)
+            address = events_address(self.info.events, self.address)
             if address.startswith("tcp://") and self.events_curve is not None:
                 server_public, (public, secret) = self.events_curve
                 self._sub.curve_serverkey = server_public
@@ -160,13 +173,41 @@ class AppController:
             await self._channel.close()
             self._channel = None
 
+    def _connect(self) -> None:
+        self._channel = open_aio_channel(self.address, server_cert=self.server_cert, ssl=self.ssl)
+        self._stub = pb_grpc.ControlStub(self._channel)
+
     @property
     def legacy(self) -> bool:
         """True against a SciStream 1.x s2cs (no server_info)."""
         return self.info is None
 
     def _error(self, err: grpc.RpcError, method: str) -> ControlError:
-        return describe_rpc_error(err, self.s2cs, method, timeout=self.timeout, ssl=self.ssl)
+        return describe_rpc_error(err, self.address, method, timeout=self.timeout, ssl=self.ssl)
+
+    def _failure(self, err: grpc.RpcError, method: str) -> ControlError:
+        """The error of the last call (after :meth:`_rpc`), naming every address it tried."""
+        return failover_error(method, self._tried, self._error(err, method), uid=self.uid)
+
+    async def _rpc(self, method: str, request: Any) -> Any:
+        """One RPC on the current address, made again on the next ones while it is answered
+        UNAVAILABLE (the next stays the current one); raises the last grpc.RpcError."""
+        self._tried = []
+        while True:
+            try:
+                return await getattr(self._stub, method)(
+                    request, timeout=self.timeout, metadata=auth_metadata(self.token)
+                )
+            except grpc.RpcError as err:
+                exc = self._error(err, method)
+                if not exc.unavailable or self._index + 1 >= len(self.addresses):
+                    raise
+                self._tried.append(exc)
+                if self._channel is not None:
+                    await self._channel.close()
+                self._index += 1
+                log.info("%s; trying the next s2cs, %s", exc.message, self.address)
+                self._connect()
 
     # ------------------------------------------------------------ RPCs
     async def hello(self, prod_listeners: Sequence[str] = (), *, retry_for: float = 10.0) -> list[str]:
@@ -175,14 +216,12 @@ class AppController:
         deadline = time.monotonic() + retry_for
         while True:
             try:
-                self._hello_reply = await self._stub.hello(
-                    request, timeout=self.timeout, metadata=auth_metadata(self.token)
-                )
+                self._hello_reply = await self._rpc("hello", request)
                 return list(self._hello_reply.listeners)
             except grpc.RpcError as err:
                 # A 1.x s2cs refuses a hello that beats its req: retry a while.
                 if err.code() not in _RETRYABLE_HELLO or time.monotonic() > deadline:
-                    raise self._error(err, "hello") from None
+                    raise self._failure(err, "hello") from None
                 log.debug("hello refused (%s), retrying", err.code())
                 await asyncio.sleep(0.2)
 
@@ -191,22 +230,18 @@ class AppController:
         if self.legacy or "status" not in list(self.info.extensions if self.info else []):
             return None
         try:
-            reply = await self._stub.status(
-                pb.StatusRequest(uid=self.uid), timeout=self.timeout, metadata=auth_metadata(self.token)
-            )
+            reply = await self._rpc("status", pb.StatusRequest(uid=self.uid))
         except grpc.RpcError as err:
             if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
                 return None
-            raise self._error(err, "status") from None
+            raise self._failure(err, "status") from None
         return reply.sessions[0] if reply.sessions else None
 
     async def release(self) -> None:
         try:
-            await self._stub.release(
-                pb.Release(uid=self.uid), timeout=self.timeout, metadata=auth_metadata(self.token)
-            )
+            await self._rpc("release", pb.Release(uid=self.uid))
         except grpc.RpcError as err:
-            raise self._error(err, "release") from None
+            raise self._failure(err, "release") from None
 
     # ------------------------------------------------------------ waiting
     def _from_hello(self) -> ReadySession:

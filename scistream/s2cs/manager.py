@@ -66,6 +66,16 @@ class EarlyHello:
     owner: str = "anonymous"  # the hello's identity: the req must come from the same one
 
 
+@dataclass(frozen=True)
+class ReqArgs:
+    uid: str
+    role: str
+    num_conn: int
+    rate: int
+    rate_limit: int
+    security: str
+
+
 def _fail_early(early: EarlyHello, exc: ControlError) -> None:
     """Answer a parked early hello with an error (if it is still waiting)."""
     if not early.answered.done():
@@ -183,34 +193,27 @@ class SessionManager:
 
     # ------------------------------------------------------------------ req
 
-    async def req(
-        self,
-        identity: Identity,
-        uid: str,
-        *,
-        role: str,
-        num_conn: int,
-        rate: int,
-        security: str = "",
-        rate_limit: int = 0,
-    ) -> Session:
-        uid = validate.uid(uid)
-        role = validate.role(role)
-        num_conn = validate.num_conn(num_conn, self.max_num_conn())
-        rate = validate.non_negative("rate", rate)
-        rate_limit = validate.non_negative("rate_limit", rate_limit)
-        mode = self._security(security)
+    def _req_args(
+        self, uid: str, role: str, *, num_conn: int, rate: int, security: str, rate_limit: int
+    ) -> ReqArgs:
+        """A req's arguments, checked (INVALID_ARGUMENT / FAILED_PRECONDITION otherwise)."""
+        args = ReqArgs(
+            uid=validate.uid(uid),
+            role=validate.role(role),
+            num_conn=validate.num_conn(num_conn, self.max_num_conn()),
+            rate=validate.non_negative("rate", rate),
+            rate_limit=validate.non_negative("rate_limit", rate_limit),
+            security=self._security(security),
+        )
         if self._closing:
             raise ControlError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
-        self.store.check_writable()
-        if uid in self.sessions:
-            raise ControlError(grpc.StatusCode.ALREADY_EXISTS, f"a session with uid {uid!r} already exists")
-        self._refuse_foreign_early_hello(identity, uid)
-        try:
-            ports = self.ports.allocate(num_conn)
-        except PortsExhausted as exc:
-            raise ControlError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        effective_rate = rate_limit or (rate * 1000 if self.config.enforce_rate else 0)
+        return args
+
+    def _new_session(
+        self, identity: Identity, args: ReqArgs, ports: list[int], listeners: list[str]
+    ) -> Session:
+        """The session a req creates (not yet in any table), with its data-channel key."""
+        uid, role, mode = args.uid, args.role, args.security
         psk, psk_identity = b"", ""
         if mode == "tls":
             psk_identity = uid
@@ -224,21 +227,47 @@ class SessionManager:
                     psk = mint_session_credentials(uid).encode()
         elif mode == "compat":
             psk, psk_identity = compat_key(uid), COMPAT_PSK_IDENTITY
-        s = Session(
+        return Session(
             uid=uid,
             role=role,
             owner=identity.sub,
             owner_name=identity.username,
-            num_conn=num_conn,
-            rate=rate,
-            rate_limit=effective_rate,
+            num_conn=args.num_conn,
+            rate=args.rate,
+            rate_limit=args.rate_limit or (args.rate * 1000 if self.config.enforce_rate else 0),
             security=mode,
             ports=ports,
-            listeners=[format_endpoint(self.config.listener_ip, p) for p in ports],
+            listeners=listeners,
             machine=SessionMachine(),
             psk=psk,
             psk_identity=psk_identity,
         )
+
+    async def req(
+        self,
+        identity: Identity,
+        uid: str,
+        *,
+        role: str,
+        num_conn: int,
+        rate: int,
+        security: str = "",
+        rate_limit: int = 0,
+    ) -> Session:
+        args = self._req_args(
+            uid, role, num_conn=num_conn, rate=rate, security=security, rate_limit=rate_limit
+        )
+        uid = args.uid
+        self.store.check_writable()
+        if uid in self.sessions:
+            raise ControlError(grpc.StatusCode.ALREADY_EXISTS, f"a session with uid {uid!r} already exists")
+        self._refuse_foreign_early_hello(identity, uid)
+        try:
+            ports = self.ports.allocate(args.num_conn)
+        except PortsExhausted as exc:
+            raise ControlError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        listeners = [format_endpoint(self.config.listener_ip, p) for p in ports]
+        s = self._new_session(identity, args, ports, listeners)
         s.waiter = asyncio.get_running_loop().create_future()
         self._fire(s, Event.REQ)
         try:
@@ -247,7 +276,9 @@ class SessionManager:
             self.sessions.fire(s, Event.ERROR)  # never existed for anyone: no event, no audit
             self.ports.release(ports)
             raise
-        log.info("session %s: req %s num_conn=%d security=%s by %s", uid, role, num_conn, mode, identity)
+        log.info(
+            "session %s: req %s num_conn=%d security=%s by %s", uid, s.role, s.num_conn, s.security, identity
+        )
         self._publish(s, "created")
         early = self.early.pop(uid, None)
         if early is not None:
@@ -402,35 +433,14 @@ class SessionManager:
     ) -> Session:
         uid = validate.uid(uid)
         s = self._owned(identity, uid)
-        targets = validate.endpoints("remote_listeners", list(remote_listeners), required=True)
-        if role.strip() and role.strip().upper() not in ("PROD", "CONS"):
-            raise validate.invalid(f"role {excerpt(role, 40)} is not PROD or CONS")
-        if s.state is State.WAITING_HELLO:
-            raise precondition(
-                f"session {uid!r} has not received its hello yet; update it after the req returns"
-            )
-        if not s.state.helloed:
-            raise precondition(f"session {uid!r} is {s.state.value}")
+        targets = self._update_targets(s, remote_listeners, role)
         if not self.data_plane_ok:
             raise ControlError(
                 grpc.StatusCode.UNAVAILABLE,
                 "the data plane (s2ds) stopped and is being restarted; retry in a few seconds",
             )
         self.store.check_writable()
-        psk = s.psk
-        if s.security == "tls" and s.role == "CONS":
-            if session_key:
-                psk = self._consumer_key(bytes(session_key))
-            elif not psk and not self.backend.cons_operator_certs():
-                raise precondition(
-                    "this gateway encrypts the data channel (security tls) and the update carries "
-                    "no session key: give this side the key the producer's s2cs issued (s2uc "
-                    "stream does it, or inbound-request --key-file FILE then outbound-request "
-                    "--key-file FILE); a SciStream 1.x s2uc never carries one, so with it ask both "
-                    "operators for gateway certificates (scistream certs --gateway), which need no "
-                    "key, or, with a 1.x gateway, for the 1.x compatibility mode "
-                    "(s2cs --scistream1-compat)"
-                )
+        psk = self._update_key(s, session_key)
         await self._check_targets(targets)
         expanded = [targets[i % len(targets)] for i in range(s.num_conn)]
         async with s.lock:
@@ -455,6 +465,37 @@ class SessionManager:
             self._publish(s, "ready")
         log.info("session %s: routes to %s", uid, ", ".join(expanded))
         return s
+
+    def _update_targets(self, s: Session, remote_listeners: list[str], role: str) -> list[str]:
+        """An update's targets, checked, and whether the session's state allows one."""
+        targets = validate.endpoints("remote_listeners", list(remote_listeners), required=True)
+        if role.strip() and role.strip().upper() not in ("PROD", "CONS"):
+            raise validate.invalid(f"role {excerpt(role, 40)} is not PROD or CONS")
+        if s.state is State.WAITING_HELLO:
+            raise precondition(
+                f"session {s.uid!r} has not received its hello yet; update it after the req returns"
+            )
+        if not s.state.helloed:
+            raise precondition(f"session {s.uid!r} is {s.state.value}")
+        return targets
+
+    def _update_key(self, s: Session, session_key: bytes) -> bytes:
+        """The key the session's routes use after an update that carried ``session_key``."""
+        psk = s.psk
+        if s.security == "tls" and s.role == "CONS":
+            if session_key:
+                psk = self._consumer_key(bytes(session_key))
+            elif not psk and not self.backend.cons_operator_certs():
+                raise precondition(
+                    "this gateway encrypts the data channel (security tls) and the update carries "
+                    "no session key: give this side the key the producer's s2cs issued (s2uc "
+                    "stream does it, or inbound-request --key-file FILE then outbound-request "
+                    "--key-file FILE); a SciStream 1.x s2uc never carries one, so with it ask both "
+                    "operators for gateway certificates (scistream certs --gateway), which need no "
+                    "key, or, with a 1.x gateway, for the 1.x compatibility mode "
+                    "(s2cs --scistream1-compat)"
+                )
+        return psk
 
     def _consumer_key(self, key: bytes) -> bytes:
         """Check the key an update carries for a CONS session against what the backend can use."""

@@ -28,6 +28,7 @@ from scistream.s2cs.audit import AuditLog
 from scistream.s2cs.auth import Authenticator, make_authenticator
 from scistream.s2cs.backends import UnknownBackendSetting, create_backend
 from scistream.s2cs.backends.base import Backend, BackendOptions
+from scistream.s2cs.cluster.node import ClusterNode, ClusterStartError
 from scistream.s2cs.config import ServerConfig, listener_ip_problem
 from scistream.s2cs.events import EventPublisher, EventsConfigError, EventsCurve
 from scistream.s2cs.manager import SessionManager
@@ -35,6 +36,7 @@ from scistream.s2cs.metrics import Metrics
 from scistream.s2cs.ports import PortAllocator
 from scistream.s2cs.servicer import ControlServicer, add_to_server
 from scistream.s2cs.store import (
+    Instance,
     SessionStore,
     StateDirLock,
     StateError,
@@ -71,6 +73,7 @@ class S2CSServer:
         self._closers: list[Any] = []
         self._state_lock: StateDirLock | None = None
         self._store: SessionStore | None = None
+        self._cluster: ClusterNode | None = None
         self._store_watch: asyncio.Future[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -136,15 +139,19 @@ class S2CSServer:
             cache_ttl=cfg.token_cache_ttl,
         )
         creds = self._credentials() if cfg.ssl else None  # fail before anything starts
-        try:
-            store = open_store(cfg.state_dir, instance, fresh=cfg.fresh_state)
-        except StateError as exc:
-            raise StartupError(str(exc)) from None
-        except (OSError, sqlite3.Error) as exc:
-            raise StartupError(f"cannot open the session store {cfg.db_path()}: {exc}") from None
-        self._closers.append(store.close)
-        self._store = store
-        store.on_problem = self._store_problem
+        store: SessionStore | None = None
+        if cfg.clustered:
+            self._cluster = await self._join_cluster(instance)
+        else:
+            try:
+                store = open_store(cfg.state_dir, instance, fresh=cfg.fresh_state)
+            except StateError as exc:
+                raise StartupError(str(exc)) from None
+            except (OSError, sqlite3.Error) as exc:
+                raise StartupError(f"cannot open the session store {cfg.db_path()}: {exc}") from None
+            self._closers.append(store.close)
+            self._store = store
+            store.on_problem = self._store_problem
         try:
             audit = AuditLog(cfg.audit_path())
         except OSError as exc:
@@ -183,17 +190,31 @@ class S2CSServer:
         except Exception as exc:
             raise StartupError(f"the {backend.name} data plane could not start: {exc}") from None
         self._closers.insert(0, backend.close)
-        manager = SessionManager(
-            cfg,
-            backend=backend,
-            ports=ports,
-            policy=policy,
-            store=store,
-            events=events,
-            audit=audit,
-            metrics=metrics,
-            auth_enabled=auth.enabled,
-        )
+        manager: SessionManager
+        if self._cluster is not None:
+            manager = self._cluster.manager(
+                cfg,
+                backend=backend,
+                ports=ports,
+                policy=policy,
+                events=events,
+                audit=audit,
+                metrics=metrics,
+                auth_enabled=auth.enabled,
+            )
+        else:
+            assert store is not None
+            manager = SessionManager(
+                cfg,
+                backend=backend,
+                ports=ports,
+                policy=policy,
+                store=store,
+                events=events,
+                audit=audit,
+                metrics=metrics,
+                auth_enabled=auth.enabled,
+            )
         self.manager = manager
         manager.on_data_plane_change = self._refresh_health
         await manager.reconcile()
@@ -231,6 +252,8 @@ class S2CSServer:
         await server.start()
         self._server = server
         manager.start()
+        if self._cluster is not None:
+            self._cluster.start(self._on_membership_change)
         self._store_watch = asyncio.ensure_future(self._watch_store())
         self._closers.insert(0, self._store_watch.cancel)
         await self._set_health(self._serving_status())
@@ -261,11 +284,28 @@ class S2CSServer:
             ) from None
         return grpc.ssl_server_credentials([(key, crt)])
 
+    async def _join_cluster(self, instance: Instance) -> ClusterNode:
+        cfg = self.config
+        try:
+            node = ClusterNode(cfg, instance)
+            self._closers.append(node.close)
+            await node.join()
+        except ClusterStartError as exc:
+            raise StartupError(str(exc)) from None
+        return node
+
+    def _on_membership_change(self, _valid: bool) -> None:
+        if self._server is None or self._stopped.is_set():
+            return
+        asyncio.get_running_loop().create_task(self._refresh_health())
+
     def _serving_status(self) -> int:
-        """SERVING only while both the data plane answers and the store can be written."""
+        """SERVING only while the data plane answers and the store can be written (in a
+        cluster: while this node's lease is confirmed)."""
         manager_ok = self.manager is None or self.manager.data_plane_ok
         store_ok = self._store is None or self._store.problem is None
-        ok = manager_ok and store_ok
+        member_ok = self._cluster is None or self._cluster.membership.valid
+        ok = manager_ok and store_ok and member_ok
         return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
 
     async def _refresh_health(self) -> None:

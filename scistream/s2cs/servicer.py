@@ -211,6 +211,8 @@ class ControlServicer(scistream_pb2_grpc.ControlServicer):
                 for c in u.connections
             ],
             error=s.error,
+            listener_nodes=s.listener_nodes,
+            lost_connections=s.lost,
         )
 
     async def server_info(

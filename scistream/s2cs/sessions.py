@@ -189,6 +189,9 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     usage: SessionUsage = field(default_factory=SessionUsage, repr=False)
     seen_connections: set[tuple[str, str, float]] = field(default_factory=set, repr=False)
+    # in a cluster (status only): the node carrying each listener, connections lost with a node
+    listener_nodes: list[str] = field(default_factory=list, repr=False)
+    lost: list[str] = field(default_factory=list, repr=False)
 
     @property
     def state(self) -> State:

@@ -129,7 +129,7 @@ def load_instance(state_dir: str) -> Instance:
     return Instance(secrets.token_hex(4), False)
 
 
-def _write_marker(state_dir: str, instance: Instance) -> None:
+def write_marker(state_dir: str, instance: Instance) -> None:
     path = os.path.join(state_dir, INSTANCE_FILE)
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -191,7 +191,7 @@ def open_store(state_dir: str, instance: Instance, *, fresh: bool = False) -> Se
                 os.unlink(path + suffix)  # they belong to the store moved aside
     store = SessionStore(path)
     if not instance.store_existed:
-        _write_marker(state_dir, instance)
+        write_marker(state_dir, instance)
     return store
 
 

@@ -134,7 +134,10 @@ def connection_options(default_s2cs: str | None, *, multiple: bool = False) -> C
             multiple=multiple,
             envvar=_env("S2CS"),
             show_default=not multiple,
-            help="Control server host:port" + (" (repeatable)." if multiple else "."),
+            help="Control server host:port"
+            + (" (repeatable: one per side)" if multiple else "")
+            + "; the nodes of a gateway of several as host:port,host:port, tried in order "
+            "while one answers UNAVAILABLE.",
         )
         opts = [
             *s2cs_tls_options(ENV_PREFIX, "The s2cs certificate (or its CA) to pin as the only trust root."),
@@ -531,7 +534,7 @@ def cons_req(ctx: click.Context, **kw: Any) -> None:
     default="localhost:5000",
     show_default=True,
     envvar=_env("PROD_S2CS"),
-    help="The producer facility's s2cs.",
+    help="The producer facility's s2cs (host:port, or its nodes host:port,host:port).",
 )
 @click.option(
     "--cons-s2cs",
@@ -542,7 +545,7 @@ def cons_req(ctx: click.Context, **kw: Any) -> None:
     default="localhost:6000",
     show_default=True,
     envvar=_env("CONS_S2CS"),
-    help="The consumer facility's s2cs.",
+    help="The consumer facility's s2cs (host:port, or its nodes host:port,host:port).",
 )
 @click.option(
     "--producer",
@@ -676,7 +679,8 @@ def release(
     """Release UID on one or more s2cs (--s2cs repeatable; default: the sides s2uc recorded)."""
     store = SessionStore()
     record = store.get(uid)
-    addresses = [a for a in (*split_csv(list(s2cs)), producer_s2cs, consumer_s2cs) if a]
+    # One --s2cs per side; a comma list in one is the nodes of that side's gateway.
+    addresses = [a.strip() for a in (*s2cs, producer_s2cs, consumer_s2cs) if a and a.strip()]
     if not addresses:
         addresses = (
             list(dict.fromkeys(record.sides.values())) if record and record.sides else ["localhost:5000"]

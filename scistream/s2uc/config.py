@@ -84,11 +84,17 @@ class S2ucConfig:
         return out
 
     def scope_for(self, s2cs: str) -> str | None:
-        """The Globus scope configured for an s2cs (exact host:port first, then host)."""
+        """The Globus scope configured for an s2cs (exact host:port first, then host); for
+        the nodes of one gateway (``a:5000,b:5000``), the first node's that is configured."""
         if s2cs in self.scopes:
             return self.scopes[s2cs]
-        host = s2cs.rsplit(":", 1)[0].strip("[]")
-        return self.scopes.get(host)
+        for node in (part.strip() for part in s2cs.split(",") if part.strip()):
+            if node in self.scopes:
+                return self.scopes[node]
+            host = node.rsplit(":", 1)[0].strip("[]")
+            if host in self.scopes:
+                return self.scopes[host]
+        return None
 
 
 def load_config(path: Path | None = None) -> S2ucConfig:

@@ -14,7 +14,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -27,7 +27,9 @@ from scistream.grpcutil import (
     ControlError,
     ExitCode,
     auth_metadata,
+    check_addresses,
     describe_rpc_error,
+    failover_error,
     open_channel,
 )
 from scistream.s2uc.store import SessionStore
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MOCK_UID = "4f8583bc-a4d3-11ee-9fd6-034d1fcbd7c3"
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 # A 1.x s2cs fails a hello that arrives before its req: retry for this long.
 _HELLO_RETRY_FOR_S = 10.0
@@ -79,7 +82,9 @@ def check_endpoints(endpoints: Sequence[str], what: str) -> list[str]:
 
 @dataclass
 class Target:
-    """One s2cs and how to talk to it."""
+    """One s2cs and how to talk to it. ``address`` may list several nodes of one gateway
+    (``HOST:PORT,HOST:PORT``): a call goes to the first, and to the next while one answers
+    UNAVAILABLE."""
 
     address: str
     server_cert: str | None = "server.crt"
@@ -92,14 +97,41 @@ class Target:
             return self.timeout
         return REQ_DEADLINE_S if method == "req" else CALL_DEADLINE_S
 
+    def addresses(self) -> list[str]:
+        return check_addresses(self.address)
+
 
 class Control:
-    """A blocking client for one s2cs; every call has a deadline and maps errors to ControlError."""
+    """A blocking client for one s2cs (one gateway of one or more nodes); every call has a
+    deadline and maps errors to ControlError.
+
+    Calls go to the current address (the first at the start); a call answered UNAVAILABLE
+    is made again on the next address, in order, which stays the current one for the
+    calls that follow (a session's req, hello and update then go to one node)."""
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.channel = open_channel(target.address, server_cert=target.server_cert, ssl=target.ssl)
-        self.stub = pb_grpc.ControlStub(self.channel)
+        self.addresses = target.addresses()
+        self._index = 0
+        self._channels: dict[int, grpc.Channel] = {}
+        self._stubs: dict[int, Any] = {}
+        self._open(0)
+
+    def _open(self, index: int) -> Any:
+        if index not in self._stubs:
+            t = self.target
+            self._channels[index] = open_channel(self.addresses[index], server_cert=t.server_cert, ssl=t.ssl)
+            self._stubs[index] = pb_grpc.ControlStub(self._channels[index])
+        return self._stubs[index]
+
+    @property
+    def address(self) -> str:
+        """The address calls go to now."""
+        return self.addresses[self._index]
+
+    @property
+    def stub(self) -> Any:
+        return self._open(self._index)
 
     def __enter__(self) -> Control:
         return self
@@ -108,20 +140,47 @@ class Control:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+        self._stubs.clear()
 
     def error(self, err: grpc.RpcError, method: str) -> ControlError:
         t = self.target
-        return describe_rpc_error(err, t.address, method, timeout=t.deadline(method), ssl=t.ssl)
+        return describe_rpc_error(err, self.address, method, timeout=t.deadline(method), ssl=t.ssl)
+
+    def fail_over(self, exc: ControlError, tried: list[ControlError]) -> bool:
+        """After ``exc`` from the current address: move to the next one and return True when
+        ``exc`` is an UNAVAILABLE and an address is left (``exc`` joins ``tried``)."""
+        if not exc.unavailable or self._index + 1 >= len(self.addresses):
+            return False
+        tried.append(exc)
+        self._index += 1
+        log.info("%s; trying the next s2cs, %s", exc.message, self.address)
+        return True
+
+    def with_failover(self, method: str, attempt: Callable[[], T], *, uid: str = "") -> T:
+        """``attempt()`` (which raises ControlError) on the current address, then on the next
+        ones while it fails UNAVAILABLE; the final error names what each address answered."""
+        tried: list[ControlError] = []
+        while True:
+            try:
+                return attempt()
+            except ControlError as exc:
+                if not self.fail_over(exc, tried):
+                    raise failover_error(method, tried, exc, uid=uid) from None
 
     def call(self, method: str, request: Any) -> Any:
-        fn = getattr(self.stub, method)
-        try:
-            return fn(
-                request, timeout=self.target.deadline(method), metadata=auth_metadata(self.target.token)
-            )
-        except grpc.RpcError as err:
-            raise self.error(err, method) from None
+        def attempt() -> Any:
+            fn = getattr(self.stub, method)
+            try:
+                return fn(
+                    request, timeout=self.target.deadline(method), metadata=auth_metadata(self.target.token)
+                )
+            except grpc.RpcError as err:
+                raise self.error(err, method) from None
+
+        return self.with_failover(method, attempt, uid=getattr(request, "uid", ""))
 
     def req_future(self, request: pb.Request) -> Any:
         return self.stub.req.future(
@@ -136,16 +195,20 @@ class Control:
 
     def server_info(self) -> pb.ServerInfo | None:
         """None from a 1.x s2cs (no server_info RPC)."""
-        try:
-            return self.stub.server_info(
-                pb.ServerInfoRequest(),
-                timeout=self.target.deadline("server_info"),
-                metadata=auth_metadata(self.target.token),
-            )
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                return None
-            raise self.error(err, "server_info") from None
+
+        def attempt() -> pb.ServerInfo | None:
+            try:
+                return self.stub.server_info(
+                    pb.ServerInfoRequest(),
+                    timeout=self.target.deadline("server_info"),
+                    metadata=auth_metadata(self.target.token),
+                )
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return None
+                raise self.error(err, "server_info") from None
+
+        return self.with_failover("server_info", attempt)
 
 
 def send_hello(
@@ -206,6 +269,23 @@ def _request_with_hello(
     hello_role: str,
     progress: Progress,
 ) -> pb.Response:
+    """The req (and the hello beside it), made again on the next node of the gateway when
+    the current one answers UNAVAILABLE to either. Safe: a gateway of several nodes lets
+    one req of a uid win and answers ALREADY_EXISTS to the others."""
+    return ctl.with_failover(
+        "req",
+        lambda: _request_once(ctl, request, hello_endpoints, hello_role, progress),
+        uid=request.uid,
+    )
+
+
+def _request_once(
+    ctl: Control,
+    request: pb.Request,
+    hello_endpoints: Sequence[str] | None,
+    hello_role: str,
+    progress: Progress,
+) -> pb.Response:
     progress("sending client request message")
     future = ctl.req_future(request)
     progress("started client request")
@@ -258,7 +338,7 @@ def producer_side(
         resp = _request_with_hello(ctl, request, hello_endpoints, "PROD", progress)
         prod_listeners = list(resp.prod_listeners)
         if not prod_listeners:
-            raise ControlError(f"s2cs at {target.address} reported no producer endpoints for {uid}")
+            raise ControlError(f"s2cs at {ctl.address} reported no producer endpoints for {uid}")
         upd = _update_or_release(ctl, pb.UpdateTargets(uid=uid, remote_listeners=prod_listeners, role="PROD"))
         listeners = list(resp.listeners) or list(upd.listeners)
         key = bytes(resp.session_key) if resp.session_key else None
@@ -348,15 +428,7 @@ def release(targets: Sequence[Target], uid: str) -> list[ReleaseOutcome]:
 
 def status(target: Target, uid: str = "") -> list[pb.SessionStatus]:
     with Control(target) as ctl:
-        try:
-            reply = ctl.stub.status(
-                pb.StatusRequest(uid=uid),
-                timeout=target.deadline("status"),
-                metadata=auth_metadata(target.token),
-            )
-        except grpc.RpcError as err:
-            raise ctl.error(err, "status") from None
-        return list(reply.sessions)
+        return list(ctl.call("status", pb.StatusRequest(uid=uid)).sessions)
 
 
 def server_info(target: Target) -> pb.ServerInfo | None:

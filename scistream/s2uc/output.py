@@ -69,6 +69,8 @@ def session_dict(s: pb.SessionStatus) -> dict[str, Any]:
         "connections_active": s.connections_active,
         "connections_total": s.connections_total,
         "error": s.error,
+        "listener_nodes": list(s.listener_nodes),
+        "lost_connections": list(s.lost_connections),
         "connections": [
             {
                 "listener": c.listener,
@@ -108,7 +110,7 @@ def sessions_table(sessions: Sequence[pb.SessionStatus], title: str) -> Table:
             s.role,
             Text(s.state, style="red" if s.state in ("failed", "expired") else ""),
             s.security or "-",
-            "\n".join(s.listeners) or "-",
+            "\n".join(_with_nodes(s)) or "-",
             "\n".join(s.targets) or "-",
             f"{s.connections_active}/{s.connections_total}",
             human_bytes(s.bytes_to_target),
@@ -140,6 +142,8 @@ def status_view(sessions: Sequence[pb.SessionStatus], s2cs: str) -> Group:
     for s in sessions:
         if s.error:
             parts.append(Text(f"{s.uid}: {s.error}", style="red"))
+        for lost in s.lost_connections:
+            parts.append(Text(f"{s.uid}: {lost}", style="yellow"))
         if s.connections:
             parts.append(connections_table(s))
     return Group(*parts)
@@ -152,7 +156,7 @@ def status_lines(sessions: Sequence[pb.SessionStatus]) -> list[str]:
         lines.append(
             f"{s.uid}  {s.role}  {s.state}  security={s.security or '-'}  backend={s.backend or '-'}"
         )
-        lines.append(f"  listeners: {', '.join(s.listeners) or '-'}")
+        lines.append(f"  listeners: {', '.join(_with_nodes(s)) or '-'}")
         lines.append(f"  targets:   {', '.join(s.targets) or '-'}")
         lines.append(
             f"  bytes: {s.bytes_to_target} to target, {s.bytes_from_target} from target; "
@@ -164,6 +168,15 @@ def status_lines(sessions: Sequence[pb.SessionStatus]) -> list[str]:
                 f"({human_rate(c.rate_to_target)}) to target, {c.bytes_from_target} B "
                 f"({human_rate(c.rate_from_target)}) back"
             )
+        for lost in s.lost_connections:
+            lines.append(f"  lost: {lost}")
         if s.error:
             lines.append(f"  error: {s.error}")
     return lines
+
+
+def _with_nodes(s: pb.SessionStatus) -> list[str]:
+    """Each listener, with the gateway node carrying it where the gateway has several."""
+    if len(s.listener_nodes) != len(s.listeners):
+        return list(s.listeners)
+    return [f"{ep} ({node})" for ep, node in zip(s.listeners, s.listener_nodes, strict=True)]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 import grpc
-from streams import Served, StreamServer, connect, recv_stream, send_stream
+from streams import PRODUCER_SEED, Consumer, Producer  # noqa: F401  (re-exported to the s2cs tests)
 
 from scistream._proto import scistream_pb2
 from scistream.endpoints import parse_endpoint
@@ -306,49 +306,3 @@ def establish(prod: Any, cons: Any, uid: str, app_port: int, rate_limit: int = 0
         timeout=30,
     )
     return p, c
-
-
-#: The seed of the stream a Producer sends.
-PRODUCER_SEED = 0x9D0D
-
-
-class Producer(StreamServer):
-    """A producer application: a TCP server that sends ``total`` bytes of the seeded stream to
-    each client, then a FIN; a connection's ``results["sent"]`` is the SHA-256 it sent."""
-
-    def __init__(self, total: int, seed: int = PRODUCER_SEED) -> None:
-        self.total = total
-        self.seed = seed
-        super().__init__(self._send)
-        self.port = int(self.sock.getsockname()[1])
-
-    def _send(self, sock: socket.socket, served: Served) -> None:
-        served.results["sent"] = send_stream(sock, self.total, self.seed)
-
-
-class Consumer:
-    """A consumer application: connects and reads to EOF, hashing, in a thread.
-
-    ``received`` grows as bytes arrive (a test watches the transfer in flight); ``sha`` is
-    the SHA-256 (hex) of what was read, once the read ended."""
-
-    def __init__(self, endpoint: str, timeout: float = 60.0) -> None:
-        self.sock = connect(endpoint, timeout)
-        self.sha = ""
-        self.received = 0
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _progress(self, got: int) -> None:
-        self.received = got
-
-    def _run(self) -> None:
-        try:
-            with self.sock:
-                self.received, self.sha = recv_stream(self.sock, progress=self._progress)
-        except BaseException as exc:
-            self.error = exc
-
-    def join(self, timeout: float) -> None:
-        self.thread.join(timeout)

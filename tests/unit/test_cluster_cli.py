@@ -8,6 +8,8 @@ import os
 import re
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -326,3 +328,22 @@ def test_preflight_checks_the_key_only_with_etcd(tmp_path: Path, key: Path) -> N
         preflight.check(clustered(str(key)))
     with pytest.raises(preflight.PreflightError, match="--etcd needs --etcd-key-file"):
         preflight.check(clustered(""))
+
+
+def test_s2cs_with_a_readable_key_stops_at_once_saying_why(tmp_path: Path, key: Path) -> None:
+    """The real s2cs process: the key is checked before anything starts (exit 1, one line)."""
+    key.chmod(0o644)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scistream.s2cs.cli", "--ssl", "False", "--port", "0",
+         "--state-dir", str(tmp_path / "state"), "--etcd", "http://127.0.0.1:1",
+         "--etcd-key-file", str(key), "--node-name", "a"],
+        check=False, capture_output=True, text=True, timeout=30,
+        env={**os.environ, "SCISTREAM_STATE_DIR": ""},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1] == (
+        f"s2cs: --etcd-key-file: the cluster key {key} is open to group or others (mode -rw-r--r--); "
+        f"it decrypts every session key in etcd: chmod 600 {key}"
+    )
+    assert not (tmp_path / "state" / "s2cs.db").exists(), "nothing was started"
