@@ -605,12 +605,15 @@ def _render_placement(report: Report, console: Any) -> None:
     from rich.table import Table
 
     table = Table(title="connections over the gateway nodes", title_style="bold")
-    for col in ("#", "consumer node", "consumer listener", "producer node", "producer listener",
-                "bytes", "SHA-256"):
-        table.add_column(col)
+    table.add_column("#", justify="right")
+    for col in ("consumer node, listener", "producer node, listener"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("SHA-256")
     for row in report.placement:
-        table.add_row(str(row["connection"]), row["consumer_node"], row["consumer_listener"],
-                      row["producer_node"], row["producer_listener"] or "-", str(row["bytes"]),
+        table.add_row(str(row["connection"]), f"{row['consumer_node']} {row['consumer_listener']}",
+                      f"{row['producer_node']} {row['producer_listener'] or '-'}",
+                      f"{row['bytes'] / 2**20:.1f} MiB",
                       "[green]ok[/]" if row["ok"] else "[red]differs[/]")
     console.print(table)
 

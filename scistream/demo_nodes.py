@@ -211,12 +211,13 @@ class NodesDemo(Demo):
             raise DemoError(f"the {side} facility does not know session {self.report.uid}")
         return dict(sessions[0])
 
-    def listener_node(self, session: dict[str, Any], ep: str) -> str:
-        """The node carrying listener ``ep``: as the status says, else by its address."""
-        nodes = session.get("listener_nodes")
-        if isinstance(nodes, list) and len(nodes) == len(session.get("listeners", [])):
-            return str(dict(zip(session["listeners"], nodes, strict=True)).get(ep, "?"))
-        return self.node_of_ip.get(parse_endpoint(ep)[0], "?")
+    @staticmethod
+    def listener_node(session: dict[str, Any], ep: str) -> str:
+        """The node carrying listener ``ep``, as the gateway's status says ("?": it does not)."""
+        nodes = session.get("listener_nodes") or []
+        if len(nodes) != len(session.get("listeners", [])):
+            return "?"
+        return str(dict(zip(session["listeners"], nodes, strict=True)).get(ep, "?"))
 
     def placement(self, connect: list[str]) -> list[dict[str, Any]]:
         """Connection by connection: the consumer node it entered, the producer

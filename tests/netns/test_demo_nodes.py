@@ -68,6 +68,12 @@ def assert_spread_and_verified(report: dict[str, Any]) -> None:
     assert {r["consumer_node"] for r in rows} == {f"c{i}" for i in range(1, NODES + 1)}
     assert {r["producer_node"] for r in rows} == {f"p{i}" for i in range(1, NODES + 1)}
     assert all(r["ok"] and r["producer_listener"] for r in rows)
+    # The node the status names for a listener is the one with that address (node i
+    # listens on .1i of its facility's segment).
+    for r in rows:
+        for side in ("consumer", "producer"):
+            ip = r[f"{side}_listener"].rsplit(":", 1)[0]
+            assert r[f"{side}_node"] == f"{side[0]}{ip[-1]}", r
     # The listeners are the nodes' own addresses, not one gateway's.
     assert len({ep.rsplit(":", 1)[0] for ep in report["listeners"]["producer"]}) == NODES
     assert len({ep.rsplit(":", 1)[0] for ep in report["listeners"]["consumer"]}) == NODES
