@@ -26,8 +26,8 @@ PREFIX = "sstt"  # tests/netns/conftest.py checks that none of these is left
 
 
 def own_processes(workdir: str) -> list[str]:
-    """Live processes whose command line names the demo's work directory: every s2cs,
-    s2ds and etcd member it starts has its state or data directory there."""
+    """Live processes of the demo: every one it starts runs in its work directory, and
+    every s2cs, s2ds and etcd member it starts names it (state, socket, data directory)."""
     left = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -37,9 +37,10 @@ def own_processes(workdir: str) -> list[str]:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
             with open(f"/proc/{entry}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
+            cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             continue
-        if workdir in cmdline and state != "Z":
+        if (workdir in cmdline or cwd.startswith(workdir)) and state != "Z":
             left.append(f"{entry}: {cmdline[:200]}")
     return left
 
