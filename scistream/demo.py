@@ -537,9 +537,9 @@ class Demo:
         s2uc = " ".join(tool_argv("s2uc"))  # the full path: the venv need not be on PATH
         lines = [
             "The gateways stay up; poke at them from another terminal:",
-            f"  {pre('cons_gw')}{env}{s2uc} check-status --s2cs {prod.control} "
+            f"  {env}{pre('cons_gw')}{s2uc} check-status --s2cs {prod.control} "
             f"--server_cert {self.cert} {self.report.uid}",
-            f"  {pre('cons_gw')}{env}{s2uc} check-status --s2cs {cons.control} "
+            f"  {env}{pre('cons_gw')}{s2uc} check-status --s2cs {cons.control} "
             f"--server_cert {self.cert} {self.report.uid}",
             f"  {pre('consumer')}{sys.executable} -m scistream.demo_apps consumer "
             f"--connect {','.join(connect)} --size {self.opts.size}",

@@ -245,7 +245,7 @@ class NodesDemo(Demo):
         lines = ["The gateway nodes stay up; poke at them from another terminal:"]
         for side in ("producer", "consumer"):
             every = ",".join(self.node(side, i).control for i in range(1, self.opts.nodes + 1))
-            lines.append(f"  {pre('c1')}{env}{s2uc} check-status --s2cs {every} "
+            lines.append(f"  {env}{pre('c1')}{s2uc} check-status --s2cs {every} "
                          f"--server_cert {self.cert} {self.report.uid}")
         for side, members in self.etcd.items():
             lines.append(f"  {pre(members[0].host)}etcdctl --endpoints "

@@ -154,9 +154,18 @@ def test_demo_three_nodes_keep_then_ctrl_c_cleans_up() -> None:
             if not line:
                 break
             seen += line
-        assert "etcdctl" in seen and "check-status" in seen, seen[-2000:]
-        # While it is kept: the namespaces and the etcd members are there.
-        assert netns.list_namespaces(f"ssdemo{proc.pid}-")
+        # The commands it prints work as printed (shell lines, run from the root namespace).
+        commands = [line.split("#")[0].strip() for line in seen.splitlines()
+                    if "check-status" in line or "etcdctl" in line]
+        assert len(commands) == 4, seen[-2000:]
+        for cmd in commands:
+            res = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30,
+                                 check=False)
+            assert res.returncode == 0, f"{cmd}: {res.stderr[-1000:]}"
+            side = "p" if "192.168.20." in cmd or "192.168.10." in cmd else "c"
+            for i in range(1, NODES + 1):  # every node: its listeners, its membership in etcd
+                want = f"/scistream/v1/nodes/{side}{i}" if "etcdctl" in cmd else f"({side}{i})"
+                assert want in res.stdout, f"{cmd}: {res.stdout[-2000:]}"
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
