@@ -135,6 +135,9 @@ BIND_CHECK = (
 
 
 # --------------------------------------------------------------------------- the run
+CLUSTER_ENV = frozenset(f"SCISTREAM_{v}" for v in (
+    "ETCD", "NODE_NAME", "NODE_TTL", "ETCD_KEY_FILE", "ETCD_PREFIX", "PLACEMENT"))
+
 @dataclass
 class Options:
     size: int
@@ -223,8 +226,10 @@ class Demo:
         self.report = Report(size=opts.size, num_conn=opts.num_conn, security=opts.security,
                              backend=opts.backend, netns=opts.use_netns, nodes=opts.nodes,
                              workdir=str(self.workdir))
-        self.env = {**os.environ, "SCISTREAM_HOME": str(self.workdir / "s2uc"),
-                    "PYTHONUNBUFFERED": "1"}
+        # --nodes alone decides whether the gateways form clusters: an operator's
+        # SCISTREAM_ETCD & co. (read by every s2cs) must not turn the demo's into nodes.
+        self.env = {k: v for k, v in os.environ.items() if k not in CLUSTER_ENV}
+        self.env.update(SCISTREAM_HOME=str(self.workdir / "s2uc"), PYTHONUNBUFFERED="1")
         if opts.engine:
             self.env["SCISTREAM_ENGINE"] = opts.engine
         self.facilities: dict[str, Facility] = {}
