@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -520,10 +520,14 @@ class Demo:
         self.report.ports_still_bound = still
         self.report.ports_rebindable = not still
 
-    def stop_all(self) -> None:
-        """Stop everything by PID (SIGTERM, then SIGKILL) and check nothing is left."""
+    def stop_processes(self) -> None:
+        """Stop every process started, by PID (SIGTERM, then SIGKILL), newest first."""
         for proc in reversed(self.procs):
             netns.stop_process(proc)
+
+    def stop_all(self) -> None:
+        """Stop everything and check nothing is left."""
+        self.stop_processes()
         seen: set[int] = set()
         for fac in self.facilities.values():
             seen |= fac.children_seen
@@ -623,19 +627,35 @@ def _render_placement(report: Report, console: Any) -> None:
     console.print(table)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+class _Signals:
+    """Ctrl-C, SIGTERM and SIGHUP unwind alike, as KeyboardInterrupt, and only once: the
+    clean-up that follows must run to its end (a second Ctrl-C would leave processes and
+    namespaces behind; every step of it is bounded in time). Once interrupted, the demo
+    stays deaf to them until it exits, having printed its report."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-@contextlib.contextmanager
-def _signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so clean-up runs for all three."""
-    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        self._old = {s: signal.signal(s, self._interrupt) for s in self.SIGNALS}
+        return self
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupted = True
+        self.deaf()  # at once: the next Ctrl-C may come before the clean-up starts
+        raise KeyboardInterrupt
+
+    def deaf(self) -> None:
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.interrupted:
+            for s, h in self._old.items():
+                signal.signal(s, h)
 
 
 def run_demo(opts: Options, console: Any, show_progress: bool) -> Report:
@@ -660,7 +680,7 @@ def run_demo(opts: Options, console: Any, show_progress: bool) -> Report:
         demo = Demo(opts, echo)
     report = demo.report
     try:
-        with _signals():
+        with _Signals() as signals:
             try:
                 status = console.status if show_progress else (lambda _m: contextlib.nullcontext())
                 with status("building the hosts and certificates"):
@@ -688,9 +708,13 @@ def run_demo(opts: Options, console: Any, show_progress: bool) -> Report:
                 report.error = "interrupted; everything started was stopped"
                 report.ok = False
             finally:
-                demo.stop_all()
+                signals.deaf()  # the clean-up runs to its end
+                try:
+                    demo.stop_all()
+                finally:
+                    demo.close()
     finally:
-        demo.close()
+        demo.close()  # a no-op when it ran above
     return report
 
 

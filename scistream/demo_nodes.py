@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,7 @@ class NodesDemo(Demo):
         self.etcd: dict[str, list[EtcdMember]] = {}
         self.key_files: dict[str, str] = {}
         self.node_of_ip: dict[str, str] = {}  # listener address -> node name
+        self.etcd_procs: list[subprocess.Popen[bytes]] = []
 
     # -- where things run ----------------------------------------------------
     @property
@@ -179,14 +181,14 @@ class NodesDemo(Demo):
         for side, members in self.etcd.items():
             initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
             for m in members:
-                self.popen(m.host, [
+                self.etcd_procs.append(self.popen(m.host, [
                     "etcd", "--name", m.name, "--data-dir", str(self.workdir / "etcd" / m.name),
                     "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
                     "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                     "--initial-cluster", initial, "--initial-cluster-state", "new",
                     "--initial-cluster-token", f"{tag}-{side}",
                     "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"],
-                    f"etcd-{m.name}")
+                    f"etcd-{m.name}"))
         for side, members in self.etcd.items():
             res = self.run_cmd(members[0].host, [
                 sys.executable, "-c", HEALTH_CHECK, str(ETCD_START_SECONDS),
@@ -195,6 +197,18 @@ class NodesDemo(Demo):
                 logs = " | ".join(self.log_tail(f"etcd-{m.name}", 2) for m in members)
                 raise DemoError(f"the {side} facility's etcd cluster did not come up within "
                                 f"{ETCD_START_SECONDS:.0f} s ({res.stdout.strip()}): {logs}")
+
+    def stop_processes(self) -> None:
+        """The s2cs nodes and applications at once (one by one takes long on a loaded
+        host), then the s2ds daemons their s2cs may still talk to while stopping, then
+        the etcd members one by one: a leader stopping hands its leadership over first,
+        which takes the full timeout when its followers are stopping too."""
+        s2ds = [p for fac in self.facilities.values() for p in fac.procs[:-1]]  # [s2ds, s2cs]
+        netns.stop_processes([p for p in self.procs if p not in s2ds and p not in self.etcd_procs],
+                             timeout=5.0)
+        netns.stop_processes(s2ds)
+        for proc in reversed(self.etcd_procs):
+            netns.stop_process(proc)
 
     def transfer(self, connect: list[str], on_progress: Callable[[int], None]) -> None:
         super().transfer(connect, on_progress)

@@ -117,17 +117,26 @@ def test_facility_topology_nodes_meet_only_through_gateways() -> None:
     assert netns.list_namespaces(tag) == []
 
 
+def stop(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C for a demo past its time: it stops what it started (its children are in
+    sessions of their own, so a kill would orphan them); a kill only if it hangs."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
 def run_demo(*args: str) -> tuple[subprocess.Popen[str], dict[str, Any], str]:
-    """The demo as typed, bounded in time; a run past it gets Ctrl-C, which stops what it
-    started (its children are in sessions of their own: a kill would orphan them)."""
+    """The demo as typed, bounded in time."""
     proc = subprocess.Popen([*DEMO, "--nodes", str(NODES), "--size", str(SIZE), "--json", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=30)
+            stop(proc)
     try:
         return proc, json.loads(out), err
     except ValueError:
@@ -170,12 +179,7 @@ def test_demo_three_nodes_keep_then_ctrl_c_cleans_up() -> None:
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
     report = json.loads(out)
     assert proc.returncode == 0, report["error"]
     assert_spread_and_verified(report)
@@ -189,3 +193,27 @@ def test_demo_three_nodes_failure_still_cleans_up() -> None:
     assert report["slices_ok"] == 2 * NODES - 1
     assert [r["ok"] for r in report["placement"]].count(False) == 1
     assert_nothing_left(proc.pid, report)
+
+
+def test_demo_three_nodes_ctrl_c_twice_while_starting_leaves_nothing() -> None:
+    """Ctrl-C while the namespaces, etcd and the nodes come up, and again while it cleans
+    up: the second one must not cut the clean-up short."""
+    proc = subprocess.Popen([*DEMO, "--nodes", str(NODES), "--size", str(SIZE), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not netns.list_namespaces(f"ssdemo{proc.pid}-") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        for _ in range(3):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    report = json.loads(out)
+    assert proc.returncode == 1 and "interrupted" in report["error"], err[-2000:]
+    assert report["processes_left"] == []
+    assert netns.list_namespaces(f"ssdemo{proc.pid}-") == []
+    assert own_processes(report["workdir"]) == []
