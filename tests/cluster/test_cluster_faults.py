@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from etcd_cluster import EtcdCluster
 from streams import Consumer, MiB, Producer, pattern_digest
 
 from scistream._proto import scistream_pb2
+from scistream.s2cs.backends.native import PID_FILE
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -200,3 +203,33 @@ def _try(fn: Any) -> bool:
     except grpc.RpcError:
         return False
     return True
+
+
+def test_kill9_of_a_nodes_s2ds_is_repaired_by_its_node(tmp_path: Path, etcd_cluster: EtcdCluster) -> None:
+    total = 8 * MiB
+    with (
+        GatewayCluster(tmp_path, etcd_cluster.endpoints, ttl=TTL) as gw,
+        SingleGateway(tmp_path, "cons") as cons_gw,
+        contextlib.closing(Producer(total)) as producer,
+        _events(gw.nodes[1].state_dir) as events1,
+    ):
+        uid = _uid()
+        _p, c = _session(gw, cons_gw.stub, uid, 3, producer)
+        pid_file = gw.nodes[1].state_dir / PID_FILE
+        old = int(pid_file.read_text())
+        applied = gw.tail(1, 10**7).count("route(s) of this node applied")
+        os.kill(old, signal.SIGKILL)
+        # n1 notices, starts a new s2ds and applies its part of every session again.
+        wait_until(
+            lambda: pid_file.exists() and pid_file.read_text().strip() not in ("", str(old)),
+            10,
+            what="a new s2ds on n1",
+        )
+        wait_until(
+            lambda: gw.tail(1, 10**7).count("route(s) of this node applied") > applied,
+            10,
+            what="n1 re-applied",
+        )
+        assert "s2ds pid" in _next_event(events1, uid, "broken", 5)["error"]
+        assert "applied again" in _next_event(events1, uid, "restored", 10)["error"]
+        _check([Consumer(ep) for ep in c.listeners], total, producer.seed)
