@@ -248,3 +248,21 @@ def req_with_hello(
 
 def status_of(stub: Any, uid: str = "") -> list[Any]:
     return list(stub.status(scistream_pb2.StatusRequest(uid=uid), timeout=10).sessions)
+
+
+def stream_session(gw: GatewayCluster, cons: Any, uid: str, num_conn: int, producer: Any) -> tuple[Any, Any]:
+    """A PROD session on the cluster (req on n0, hello on n1, update on n2: any node answers
+    for any session) to ``producer``, and a CONS session on the gateway ``cons`` pointing at
+    its listeners with its key: the two req Responses."""
+    p = req_with_hello(
+        gw.nodes[0].stub, uid, "PROD", num_conn, [f"127.0.0.1:{producer.port}"], hello_stub=gw.nodes[1].stub
+    )
+    gw.nodes[2].stub.update(
+        scistream_pb2.UpdateTargets(uid=uid, remote_listeners=list(p.prod_listeners)), timeout=20
+    )
+    c = req_with_hello(cons, uid, "CONS", num_conn, [])
+    cons.update(
+        scistream_pb2.UpdateTargets(uid=uid, remote_listeners=list(p.listeners), session_key=p.session_key),
+        timeout=20,
+    )
+    return p, c

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +16,18 @@ from typing import Any
 import grpc
 import pytest
 import zmq
-from cluster_support import GatewayCluster, SingleGateway, req_with_hello, status_of, wait_until
+from cluster_support import (
+    GatewayCluster,
+    SingleGateway,
+    status_of,
+    stream_session,
+    wait_until,
+)
 from etcd_cluster import EtcdCluster
 from streams import Consumer, MiB, Producer, pattern_digest
 
 from scistream._proto import scistream_pb2
+from scistream.s2cs.backends.native import PID_FILE
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -54,21 +63,6 @@ def _next_event(sock: Any, uid: str, kind: str, timeout: float) -> dict[str, Any
     raise AssertionError(f"no {kind!r} event for {uid} within {timeout:g} s")
 
 
-def _session(gw: GatewayCluster, cons: Any, uid: str, num_conn: int, producer: Producer) -> tuple[Any, Any]:
-    p = req_with_hello(
-        gw.nodes[0].stub, uid, "PROD", num_conn, [f"127.0.0.1:{producer.port}"], hello_stub=gw.nodes[1].stub
-    )
-    gw.nodes[2].stub.update(
-        scistream_pb2.UpdateTargets(uid=uid, remote_listeners=list(p.prod_listeners)), timeout=20
-    )
-    c = req_with_hello(cons, uid, "CONS", num_conn, [])
-    cons.update(
-        scistream_pb2.UpdateTargets(uid=uid, remote_listeners=list(p.listeners), session_key=p.session_key),
-        timeout=20,
-    )
-    return p, c
-
-
 def _check(consumers: list[Consumer], total: int, seed: int) -> None:
     for c in consumers:
         c.join(120)
@@ -86,7 +80,7 @@ def test_kill9_of_a_node_mid_stream(tmp_path: Path, etcd_cluster: EtcdCluster) -
         _events(gw.nodes[2].state_dir) as events2,
     ):
         uid = _uid()
-        p, c = _session(gw, cons_gw.stub, uid, 6, producer)
+        p, c = stream_session(gw, cons_gw.stub, uid, 6, producer)
         before = status_of(gw.nodes[0].stub, uid)[0]
         on_n1 = [i for i, n in enumerate(before.listener_nodes) if n == "n1"]
         assert len(on_n1) == 2
@@ -142,7 +136,7 @@ def test_etcd_leader_killed_and_quorum_lost(tmp_path: Path, etcd_cluster: EtcdCl
         contextlib.closing(Producer(total, pace=0.1)) as producer,
     ):
         uid = _uid()
-        _p, c = _session(gw, cons_gw.stub, uid, 3, producer)
+        _p, c = stream_session(gw, cons_gw.stub, uid, 3, producer)
         consumers = [Consumer(ep, timeout=120) for ep in c.listeners]
         wait_until(lambda: min(x.received for x in consumers) > 2 * MiB, 30, what="every stream flowing")
 
@@ -200,3 +194,33 @@ def _try(fn: Any) -> bool:
     except grpc.RpcError:
         return False
     return True
+
+
+def test_kill9_of_a_nodes_s2ds_is_repaired_by_its_node(tmp_path: Path, etcd_cluster: EtcdCluster) -> None:
+    total = 8 * MiB
+    with (
+        GatewayCluster(tmp_path, etcd_cluster.endpoints, ttl=TTL) as gw,
+        SingleGateway(tmp_path, "cons") as cons_gw,
+        contextlib.closing(Producer(total)) as producer,
+        _events(gw.nodes[1].state_dir) as events1,
+    ):
+        uid = _uid()
+        _p, c = stream_session(gw, cons_gw.stub, uid, 3, producer)
+        pid_file = gw.nodes[1].state_dir / PID_FILE
+        old = int(pid_file.read_text())
+        applied = gw.tail(1, 10**7).count("route(s) of this node applied")
+        os.kill(old, signal.SIGKILL)
+        # n1 notices, starts a new s2ds and applies its part of every session again.
+        wait_until(
+            lambda: pid_file.exists() and pid_file.read_text().strip() not in ("", str(old)),
+            10,
+            what="a new s2ds on n1",
+        )
+        wait_until(
+            lambda: gw.tail(1, 10**7).count("route(s) of this node applied") > applied,
+            10,
+            what="n1 re-applied",
+        )
+        assert "s2ds pid" in _next_event(events1, uid, "broken", 5)["error"]
+        assert "applied again" in _next_event(events1, uid, "restored", 10)["error"]
+        _check([Consumer(ep) for ep in c.listeners], total, producer.seed)

@@ -14,11 +14,17 @@ import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from cluster_support import GatewayCluster, SingleGateway, req_with_hello, status_of, wait_until
+from cluster_support import (
+    GatewayCluster,
+    SingleGateway,
+    req_with_hello,
+    status_of,
+    stream_session,
+    wait_until,
+)
 from etcd_cluster import EtcdCluster
 from streams import Consumer, MiB, Producer, pattern_digest
 
@@ -114,25 +120,6 @@ def test_300_sessions_read_the_same_from_every_node(tmp_path: Path, etcd_cluster
         assert set(per_node) == {"n0", "n1", "n2"} and min(per_node.values()) >= 90, per_node
 
 
-def _stream_through(
-    gw: GatewayCluster, cons: Any, uid: str, num_conn: int, producer: Producer
-) -> tuple[Any, Any]:
-    """A PROD session on the cluster (req on n0, hello on n1, update on n2) and a CONS
-    session on ``cons`` pointing at its listeners: the two req responses."""
-    p = req_with_hello(
-        gw.nodes[0].stub, uid, "PROD", num_conn, [f"127.0.0.1:{producer.port}"], hello_stub=gw.nodes[1].stub
-    )
-    gw.nodes[2].stub.update(
-        scistream_pb2.UpdateTargets(uid=uid, remote_listeners=list(p.prod_listeners)), timeout=20
-    )
-    c = req_with_hello(cons, uid, "CONS", num_conn, [])
-    cons.update(
-        scistream_pb2.UpdateTargets(uid=uid, remote_listeners=list(p.listeners), session_key=p.session_key),
-        timeout=20,
-    )
-    return p, c
-
-
 def test_six_connections_spread_over_three_nodes_carry_exact_bytes(
     tmp_path: Path, etcd_cluster: EtcdCluster
 ) -> None:
@@ -143,7 +130,7 @@ def test_six_connections_spread_over_three_nodes_carry_exact_bytes(
         contextlib.closing(Producer(total)) as producer,
     ):
         uid = _uid()
-        p, c = _stream_through(gw, cons_gw.stub, uid, 6, producer)
+        p, c = stream_session(gw, cons_gw.stub, uid, 6, producer)
         st = status_of(gw.nodes[1].stub, uid)[0]
         assert Counter(st.listener_nodes) == Counter({"n0": 2, "n1": 2, "n2": 2})
         assert [ep.rsplit(":", 1)[0] for ep in st.listeners] == [

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from scistream.etcd import Compare, EtcdError, Op
@@ -336,6 +337,11 @@ class NodeReconciler:
                     known = pid
                     continue
                 log.error("the data plane (s2ds pid %s) is gone; restarting it and re-applying", known)
+                cut = self._tell(
+                    f"the data plane (s2ds pid {known}) of node {self.node} stopped at "
+                    f"{time.strftime('%H:%M:%S')}: its connections were cut",
+                    "broken",
+                )
                 m.data_plane_ok = False
                 if m.on_data_plane_change is not None:
                     await m.on_data_plane_change()
@@ -353,10 +359,28 @@ class NodeReconciler:
                 if m.on_data_plane_change is not None:
                     await m.on_data_plane_change()
                 self._wake.set()
+                await self._converge_dirty()
+                self._tell(
+                    f"the routes of node {self.node} were applied again in a new data plane",
+                    "restored",
+                    only=cut,
+                )
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("data-plane watchdog failed; continuing")
+
+    def _tell(self, error: str, kind: str, only: Collection[str] | None = None) -> list[str]:
+        """Publish ``kind`` for every session this node carries (or ``only`` those)."""
+        told = []
+        for uid in sorted(self._applied if only is None else only):
+            rec = self.m.view.sessions.get(uid)
+            if rec is None or (only is not None and uid not in self._applied):
+                continue
+            rec.session.error = error
+            self.m._publish(rec.session, kind)
+            told.append(uid)
+        return told
 
     # ------------------------------------------------------------------ keep house
 
