@@ -7,8 +7,9 @@ application controller says hello); a consumer reads everything through both
 gateways; then ``s2uc release`` gives every port and process back, and the demo
 checks that it did. With ``--netns`` (root) the four hosts of the VM tutorial
 are network namespaces and the producer can reach the consumer only through the
-gateways. Everything started is stopped by PID at the end, on failure and on
-Ctrl-C.
+gateways. With ``--nodes N`` (root; :mod:`scistream.demo_nodes`) each facility is
+N gateway nodes on an etcd cluster of its own, and the session spreads over them.
+Everything started is stopped by PID at the end, on failure and on Ctrl-C.
 """
 
 from __future__ import annotations
