@@ -91,11 +91,12 @@ class EtcdCluster:
         initial = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(self.names, self.peer_ports, strict=True))
         client = f"http://{HOST}:{self.client_ports[i]}"
         peer = f"http://{HOST}:{self.peer_ports[i]}"
+        extra = [f"http://{h}:{self.client_ports[i]}" for h in self.also_listen]
         return [
             self.etcd,
             "--name", self.names[i],
             "--data-dir", str(self.data_dir(i)),
-            "--listen-client-urls", ",".join([client, *(f"http://{h}:{self.client_ports[i]}" for h in self.also_listen)]),
+            "--listen-client-urls", ",".join([client, *extra]),
             "--advertise-client-urls", client,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
