@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 
 from scistream.endpoints import format_endpoint
-from scistream.etcd import Compare, EtcdClient, EtcdError, EtcdUnavailable, Op, TxnResult
+from scistream.etcd import Compare, EtcdClient, EtcdError, Op, TxnResult
 from scistream.events import SessionEvent
 from scistream.s2cs import validate
 from scistream.s2cs.audit import AuditLog
@@ -734,6 +734,3 @@ def _sum_usage(uid: str, usages: dict[str, Any]) -> SessionUsage:
         return SessionUsage(0, 0, 0, 0)
     conns.sort(key=lambda c: (c.started_at, c.listener, c.peer))
     return SessionUsage(total[0], total[1], total[2], total[3], tuple(conns))
-
-
-__all__ = ["ClusterManager", "EtcdUnavailable"]
