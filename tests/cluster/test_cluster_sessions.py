@@ -187,3 +187,37 @@ def test_a_second_node_with_a_live_nodes_name_is_refused(tmp_path: Path, etcd_cl
         assert "the node name 'n1' is in use by a live node" in namesake.log.read_text()
         assert namesake.proc is not None and namesake.proc.returncode == 1
         assert status_of(gw.nodes[1].stub) == []  # the live n1 is untouched
+
+
+def test_a_port_another_process_holds_on_a_node_is_swapped_before_the_req_returns(
+    tmp_path: Path, etcd_cluster: EtcdCluster
+) -> None:
+    total = 4 * MiB
+    with (
+        GatewayCluster(tmp_path, etcd_cluster.endpoints, ports=12) as gw,
+        SingleGateway(tmp_path, "cons") as cons_gw,
+        contextlib.closing(Producer(total)) as producer,
+        contextlib.ExitStack() as held,
+    ):
+        lo = int(gw.nodes[1].args[gw.nodes[1].args.index("--port_range") + 1].split("-")[0])
+        free = {lo + 10, lo + 11}
+        for port in range(lo, lo + 12):
+            if port not in free:  # another program listens on n1's address there
+                sock = held.enter_context(socket.socket())
+                sock.bind(("127.0.0.2", port))
+                sock.listen()
+        for _ in range(2):  # twice: both of n1's free ports end up used
+            uid = _uid()
+            p, c = stream_session(gw, cons_gw.stub, uid, 3, producer)
+            st = status_of(gw.nodes[2].stub, uid)[0]
+            on_n1 = [
+                int(ep.rsplit(":", 1)[1])
+                for ep, n in zip(st.listeners, st.listener_nodes, strict=True)
+                if n == "n1"
+            ]
+            assert len(on_n1) == 1 and on_n1[0] in free, (on_n1, free)
+            assert list(p.listeners) == list(st.listeners)  # what the req returned is what is bound
+            consumers = [Consumer(ep) for ep in c.listeners]
+            for x in consumers:
+                x.join(30)
+            assert [(x.error, x.sha) for x in consumers] == [(None, pattern_digest(total, producer.seed))] * 3

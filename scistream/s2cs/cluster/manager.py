@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 WRITE_TRIES = 10
 #: How long update waits for the nodes that carry the session to apply it (s).
 APPLY_WAIT_S = 10.0
+#: How long a req waits for the nodes it placed connections on to confirm their ports (s).
+PORTS_CONFIRM_S = 5.0
 #: How long release waits for those nodes to remove the routes (s).
 REMOVE_WAIT_S = 5.0
 
@@ -308,6 +310,7 @@ class ClusterManager(SessionManager):
             identity,
             ", ".join(sorted({p.node for p in placement})),
         )
+        await self._wait_ports_confirmed(uid)
         await self._consume_early(uid)
         try:
             created = result.revision  # until the copy has reached it, "absent" means "not yet seen"
@@ -348,6 +351,29 @@ class ClusterManager(SessionManager):
         if rec2 is None:
             raise precondition(f"session {uid!r} ended before its hello arrived")
         return rec2.session
+
+    async def _wait_ports_confirmed(self, uid: str) -> None:
+        """Until each live node the session is placed on has test-bound its ports (and swapped
+        any another process holds: reconcile.py), so the listeners a req returns can be bound.
+        A node that cannot confirm ends the req with its sentence; one that is slow is not
+        waited for past PORTS_CONFIRM_S (it still swaps a busy port before the update)."""
+        deadline = time.monotonic() + PORTS_CONFIRM_S
+        while time.monotonic() < deadline:
+            rec = self.view.sessions.get(uid)
+            if rec is not None:
+                acks = self.view.acks.get(uid, {})
+                waiting = False
+                for node in set(rec.nodes()) & set(self.view.nodes):
+                    ack = acks.get(node)
+                    if ack is None or ack.rev < rec.mod_revision:
+                        waiting = True
+                    elif ack.error:
+                        await self._end_uid(uid, Event.ERROR, ack.error)
+                        raise ControlError(grpc.StatusCode.RESOURCE_EXHAUSTED, ack.error)
+                if not waiting:
+                    return
+            await self.view.wait_change(0.2)
+        log.warning("session %s: not every node confirmed its ports within %g s", uid, PORTS_CONFIRM_S)
 
     async def _consume_early(self, uid: str) -> None:
         """A hello that came before this req (to any node): apply it now."""

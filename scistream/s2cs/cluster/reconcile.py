@@ -36,6 +36,7 @@ from scistream.s2cs.cluster.layout import ApplyAck, ClusterRecord, Placement
 from scistream.s2cs.cluster.view import Change
 from scistream.s2cs.errors import ControlError
 from scistream.s2cs.metrics import SessionSample, Snapshot
+from scistream.s2cs.ports import _bindable
 from scistream.s2cs.sessions import Event, State
 
 if TYPE_CHECKING:
@@ -166,7 +167,11 @@ class NodeReconciler:
     async def _converge(self, uid: str) -> None:
         m = self.m
         rec = m.view.sessions.get(uid)
-        mine = rec.on_node(self.node) if rec is not None and rec.session.state.routed else []
+        placed = rec.on_node(self.node) if rec is not None else []
+        if rec is not None and placed and not rec.session.state.routed and uid not in self._applied:
+            await self._confirm_ports(rec, placed)
+            return
+        mine = placed if rec is not None and rec.session.state.routed else []
         if rec is not None and mine:
             fp = _fingerprint(rec, mine)
             error = ""
@@ -184,17 +189,7 @@ class NodeReconciler:
                     error = str(exc) or type(exc).__name__
                     self._applied.pop(uid, None)
                     log.error("session %s: this node's data plane refused its routes: %s", uid, error)
-            ack = m.view.acks.get(uid, {}).get(self.node)
-            if ack is None or ack.rev < rec.mod_revision or ack.error != error:
-                await self._write(
-                    [
-                        Op.put(
-                            m.keys.applied(uid, self.node),
-                            ApplyAck(rec.mod_revision, error).encode(),
-                            lease=m.membership.lease,
-                        )
-                    ]
-                )
+            await self._ack(rec, error)
             return
         if uid in self._applied:
             # Ended (remove now), or this node's connections moved elsewhere / the session
@@ -211,6 +206,71 @@ class NodeReconciler:
         if uid in m.view.acks and self.node in m.view.acks[uid] and (rec is None or not mine):
             await self._write([Op.delete(m.keys.applied(uid, self.node))])
         await self._give_back_ports(uid, rec)
+
+    async def _ack(self, rec: ClusterRecord, error: str) -> None:
+        """Tell the cluster which revision of the session this node has made true (and
+        why not, with ``error``), unless it already said so."""
+        m = self.m
+        uid = rec.session.uid
+        ack = m.view.acks.get(uid, {}).get(self.node)
+        if ack is None or ack.rev < rec.mod_revision or ack.error != error:
+            await self._write(
+                [
+                    Op.put(
+                        m.keys.applied(uid, self.node),
+                        ApplyAck(rec.mod_revision, error).encode(),
+                        lease=m.membership.lease,
+                    )
+                ]
+            )
+
+    async def _confirm_ports(self, rec: ClusterRecord, placed: list[int]) -> None:
+        """A new session's ports on this node: only this node can test-bind them on its
+        address (a port another process holds here, which the node that placed the session
+        could not see, is swapped for a free one before the req returns its listeners)."""
+        m = self.m
+        uid = rec.session.uid
+        ack = m.view.acks.get(uid, {}).get(self.node)
+        if ack is not None and ack.rev >= rec.mod_revision:
+            return
+        ip = m.view.nodes[self.node].listener_ip if self.node in m.view.nodes else m.config.listener_ip
+        busy = [i for i in placed if not _bindable(ip, rec.placement[i].port)]
+        if not busy:
+            await self._ack(rec, "")
+            return
+        fresh = m._free_ports(self.node, len(busy))
+        if len(fresh) < len(busy):
+            await self._ack(rec, f"node {self.node} has no free data port left for it")
+            return
+        current = await m._read(uid)
+        if current is None or current.mod_revision != rec.mod_revision:
+            return  # changed meanwhile: the change brings it back here
+        s = current.session
+        old_keys = []
+        for i, port in zip(busy, fresh, strict=True):
+            old_keys.append(m.keys.port(self.node, current.placement[i].port))
+            current.placement[i] = Placement(self.node, port, m._listener(self.node, port))
+            s.ports[i], s.listeners[i] = port, current.placement[i].listener
+        new_keys = [m.keys.port(self.node, port) for port in fresh]
+        key = m.keys.session(uid)
+        ok = await self._write(
+            [
+                Op.put(key, current.encode(m.sealer)),
+                *(Op.put(k, uid.encode()) for k in new_keys),
+                *(Op.delete(k) for k in old_keys),
+            ],
+            [
+                Compare.mod_revision(key, "==", rec.mod_revision),
+                *(Compare.create_revision(k, "==", 0) for k in new_keys),
+            ],
+        )
+        if ok:
+            log.warning(
+                "session %s: port(s) %s of this node are held by another process; moved to %s",
+                uid,
+                ", ".join(str(rec.placement[i].port) for i in busy),
+                ", ".join(map(str, fresh)),
+            )
 
     async def _give_back_ports(self, uid: str, rec: ClusterRecord | None) -> None:
         """Delete this node's port reservations for ``uid`` that its record no longer holds."""
