@@ -133,6 +133,16 @@ def cpu_of(pids: dict[str, int]) -> dict[str, float]:
     return {role: cpu_seconds(pid) for role, pid in pids.items()}
 
 
+def machine_busy_seconds() -> float:
+    """CPU-seconds the whole machine (every job on it, not only ours) has been busy:
+    user, nice, system, irq and softirq of /proc/stat's first line (not idle, iowait or a
+    hypervisor's steal). The machine is shared: the difference between this and our
+    processes' CPU over a case is what other jobs took meanwhile."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
 @dataclass
 class Route:
     """Which node's stub each verb of one session goes to (the same node, or one per verb

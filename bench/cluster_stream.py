@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cluster import Facility, Route, cpu_of, node_count, release, setup, status
+from cluster import Facility, Route, cpu_of, machine_busy_seconds, node_count, release, setup, status
 
 MiB = 1 << 20
 SEED = 12
@@ -154,13 +154,13 @@ def measure(config: str, conn_per_node: int, total_conn: int, seconds: float) ->
             setup_s = time.perf_counter() - t0
             placed = list(status(p_stub, uid).listener_nodes)
             pids = {**prod.processes(), **{f"cons-{k}": v for k, v in cons.processes().items()}}
-            before, self_before = cpu_of(pids), _self_cpu()
+            before, self_before, busy_before = cpu_of(pids), _self_cpu(), machine_busy_seconds()
             consumers = [Consumer(ep) for ep in c.listeners]
             for x in consumers:
                 x.thread.start()
             for x in consumers:
                 x.thread.join(seconds + 120)
-            after, self_after = cpu_of(pids), _self_cpu()
+            after, self_after, busy_after = cpu_of(pids), _self_cpu(), machine_busy_seconds()
             release(p_route, uid)
             release(c_route, uid)
     finally:
@@ -189,6 +189,8 @@ def measure(config: str, conn_per_node: int, total_conn: int, seconds: float) ->
         "setup_s": setup_s,
         "cpu_s": cpu,
         "gateway_cpu_s_per_gb": gateway / gb if gb else None,
+        "load_cpu_s": self_after - self_before,
+        "machine_busy_s": busy_after - busy_before,
         "load_cpu_s_per_gb": (self_after - self_before) / gb if gb else None,
     }
 

@@ -249,12 +249,19 @@ def cluster_setup_table(data: dict[str, Any]) -> str:
     lines = [
         "| gateway | set-up p50 | set-up p99 | x 1 node (SQLite), p50 | cross-node set-up p50 / p99 | "
         "release p50 / p99 | sessions/s | x 1 node (SQLite), sessions/s | cycle p50 / p99 under load | "
-        "gateway CPU ms per session | etcd CPU ms per session | failed | rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "gateway CPU ms per session | etcd CPU ms per session | other jobs' cores | failed | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def med(rows: list[dict[str, Any]], key: str, q: float | None = None) -> float | None:
         return _median([(_pct(r[key], q) if q is not None else r[key]) for r in rows])
+
+    def others(r: dict[str, Any]) -> float | None:
+        """Cores other jobs on the shared machine took meanwhile (all busy time less ours)."""
+        if "machine_busy_s" not in r:
+            return None
+        ours = sum(r["cpu_s"].values()) + r["client_cpu_s"]
+        return max(0.0, r["machine_busy_s"] - ours) / r["elapsed_s"]
 
     def p50(key: str) -> Any:
         return lambda r: _pct(r[key], 0.5)
@@ -281,6 +288,7 @@ def cluster_setup_table(data: dict[str, Any]) -> str:
             f"{_fmt(med(rows, 'cycle_ms', 0.5))} / {_fmt(med(rows, 'cycle_ms', 0.99))} ms | "
             f"{_fmt(med(rows, 'gateway_cpu_ms_per_session'))} | "
             f"{_fmt(med(rows, 'etcd_cpu_ms_per_session'))} | "
+            f"{_fmt(_median([others(r) for r in rows]), 2)} | "
             f"{sum(r['failed'] for r in rows)} | {len(rows)} |"
         )
     return "\n".join(lines)
@@ -295,13 +303,26 @@ def cluster_stream_table(data: dict[str, Any]) -> str:
     lines = [
         "| producer gateway | num_conn | connections per node | Gbit/s | x 1 node (SQLite) | "
         "x 1 node (etcd) | gateway CPU-s per GB | producer s2ds cores (all nodes) | consumer s2ds cores | "
-        "s2cs + etcd cores | load CPU-s per GB | bytes verified | rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "s2cs + etcd cores | load CPU-s per GB | our cores (of 2) | other jobs' cores | "
+        "bytes verified | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cores(r: dict[str, Any], pick: Any) -> float | None:
         used = sum(v for k, v in r["cpu_s"].items() if pick(k))
         return used / r["window_s"] if r["window_s"] else None
+
+    def all_cores(r: dict[str, Any]) -> float | None:
+        """Every measured process: gateways, etcd and the load (producer + consumer)."""
+        used = sum(r["cpu_s"].values()) + r.get("load_cpu_s", 0.0)
+        return used / r["window_s"] if r["window_s"] else None
+
+    def others(r: dict[str, Any]) -> float | None:
+        """Cores other jobs on the shared machine took over the window (all busy time less ours)."""
+        ours = all_cores(r)
+        if "machine_busy_s" not in r or not r["window_s"] or ours is None:
+            return None
+        return max(0.0, r["machine_busy_s"] / r["window_s"] - ours)
 
     for config in sorted(groups, key=lambda c: (c != "sqlite-1", c)):
         rows = groups[config]
@@ -317,6 +338,8 @@ def cluster_stream_table(data: dict[str, Any]) -> str:
             f"{_fmt(_median([cores(r, lambda k: k.startswith('cons-s2ds')) for r in rows]), 2)} | "
             f"{_fmt(_median([cores(r, lambda k: 's2cs' in k or 'etcd' in k) for r in rows]), 2)} | "
             f"{_fmt(_median([r['load_cpu_s_per_gb'] for r in rows]), 3)} | "
+            f"{_fmt(_median([all_cores(r) for r in rows]), 2)} | "
+            f"{_fmt(_median([others(r) for r in rows]), 2)} | "
             f"{sum(1 for r in rows if r['verified'])}/{len(rows)} rounds, "
             f"{sum(r['bytes_verified'] for r in rows) / 1e9:.1f} GB | {len(rows)} |"
         )

@@ -23,13 +23,23 @@ that way). Nothing here asserts a timing; failures are counted and reported.
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import time
 import uuid
 from typing import Any
 
 import pytest
-from cluster import Facility, Route, cpu_of, etcd_available, node_count, release, setup
+from cluster import (
+    Facility,
+    Route,
+    cpu_of,
+    etcd_available,
+    machine_busy_seconds,
+    node_count,
+    release,
+    setup,
+)
 from conftest import ROUNDS, Results
 
 CONFIGS = [
@@ -43,6 +53,12 @@ PER_CLIENT = int(os.environ.get("BENCH_CLUSTER_PER_CLIENT", "15"))
 CONN = int(os.environ.get("BENCH_CLUSTER_CONN", "3"))
 WARMUP = 3
 CASES = [(r, c) for r in range(ROUNDS) for c in CONFIGS]
+
+
+def _self_cpu() -> float:
+    """CPU of this process (the clients' threads): ours too, when telling other jobs' share."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _uid() -> str:
@@ -134,9 +150,11 @@ def test_cluster_setup(benchmark: Any, results: Results, rnd: int, config: str) 
             return _concurrent(facility, errors)
 
         pids = facility.processes()
-        before = cpu_of(pids)
+        before, busy_before, t0 = cpu_of(pids), machine_busy_seconds(), time.perf_counter()
+        client_before = _self_cpu()
         cycles, wall, cycle_ms = benchmark.pedantic(run, rounds=1, iterations=1)
-        after = cpu_of(pids)
+        after, busy_after, elapsed = cpu_of(pids), machine_busy_seconds(), time.perf_counter() - t0
+        client = _self_cpu() - client_before
     used = {role: after[role] - before[role] for role in pids}
     sessions = SEQ * (2 if nodes > 1 else 1) + cycles
     gateway = sum(v for k, v in used.items() if not k.startswith("etcd:"))
@@ -159,6 +177,9 @@ def test_cluster_setup(benchmark: Any, results: Results, rnd: int, config: str) 
         "gateway_cpu_ms_per_session": 1000 * gateway / sessions if sessions else None,
         "etcd_cpu_ms_per_session": 1000 * etcd / sessions if sessions and etcd else None,
         "cpu_s": used,
+        "elapsed_s": elapsed,
+        "machine_busy_s": busy_after - busy_before,
+        "client_cpu_s": client,
     }
     results.add("cluster_setup", row)
     benchmark.extra_info.update({"sessions_per_s": row["sessions_per_s"], "failed": len(errors)})
