@@ -16,6 +16,7 @@ the same for every configuration.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -36,6 +37,7 @@ from etcd_cluster import ETCD, EtcdCluster
 
 from scistream._proto import scistream_pb2 as pb
 from scistream._proto import scistream_pb2_grpc
+from scistream.etcd import EtcdClient
 from scistream.s2cs.backends.native import PID_FILE
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -93,6 +95,20 @@ class Facility:
             self._stack.close()
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def etcd_revision(self) -> int:
+        """etcd's current revision (every write adds one), 0 without etcd."""
+        if self.etcd is None:
+            return 0
+
+        async def read() -> int:
+            client = EtcdClient(self.etcd.endpoints if self.etcd else [])
+            try:
+                return (await client.get(b"/", keys_only=True))[1]
+            finally:
+                await client.close()
+
+        return asyncio.run(read())
 
     @property
     def nodes(self) -> list[Node]:

@@ -249,8 +249,9 @@ def cluster_setup_table(data: dict[str, Any]) -> str:
     lines = [
         "| gateway | set-up p50 | set-up p99 | x 1 node (SQLite), p50 | cross-node set-up p50 / p99 | "
         "release p50 / p99 | sessions/s | x 1 node (SQLite), sessions/s | cycle p50 / p99 under load | "
-        "gateway CPU ms per session | etcd CPU ms per session | other jobs' cores | failed | rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "gateway CPU ms per session | etcd CPU ms per session | etcd writes per session | "
+        "other jobs' cores | failed | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def med(rows: list[dict[str, Any]], key: str, q: float | None = None) -> float | None:
@@ -288,6 +289,7 @@ def cluster_setup_table(data: dict[str, Any]) -> str:
             f"{_fmt(med(rows, 'cycle_ms', 0.5))} / {_fmt(med(rows, 'cycle_ms', 0.99))} ms | "
             f"{_fmt(med(rows, 'gateway_cpu_ms_per_session'))} | "
             f"{_fmt(med(rows, 'etcd_cpu_ms_per_session'))} | "
+            f"{_fmt(_median([r.get('etcd_writes_per_session') for r in rows]))} | "
             f"{_fmt(_median([others(r) for r in rows]), 2)} | "
             f"{sum(r['failed'] for r in rows)} | {len(rows)} |"
         )

@@ -14,7 +14,8 @@ then update to a dummy target (127.0.0.1:9: nothing connects, so no data moves).
   ``BENCH_CLUSTER_CLIENTS`` concurrent clients, each with its own channel to node
   j mod N, ``BENCH_CLUSTER_PER_CLIENT`` cycles each;
 * CPU of the gateway's processes (every s2cs and s2ds) and of etcd's members over all
-  the timed sessions of a case (sequential, cross-node and concurrent), per session.
+  the timed sessions of a case (sequential, cross-node and concurrent), per session, and
+  etcd writes per session (its revision grows by one per write transaction).
 
 Control channels are plain gRPC for every configuration (the cluster helpers start nodes
 that way). Nothing here asserts a timing; failures are counted and reported.
@@ -150,11 +151,13 @@ def test_cluster_setup(benchmark: Any, results: Results, rnd: int, config: str) 
             return _concurrent(facility, errors)
 
         pids = facility.processes()
+        rev_before = facility.etcd_revision()
         before, busy_before, t0 = cpu_of(pids), machine_busy_seconds(), time.perf_counter()
         client_before = _self_cpu()
         cycles, wall, cycle_ms = benchmark.pedantic(run, rounds=1, iterations=1)
         after, busy_after, elapsed = cpu_of(pids), machine_busy_seconds(), time.perf_counter() - t0
         client = _self_cpu() - client_before
+        writes = facility.etcd_revision() - rev_before
     used = {role: after[role] - before[role] for role in pids}
     sessions = SEQ * (2 if nodes > 1 else 1) + cycles
     gateway = sum(v for k, v in used.items() if not k.startswith("etcd:"))
@@ -177,6 +180,7 @@ def test_cluster_setup(benchmark: Any, results: Results, rnd: int, config: str) 
         "gateway_cpu_ms_per_session": 1000 * gateway / sessions if sessions else None,
         "etcd_cpu_ms_per_session": 1000 * etcd / sessions if sessions and etcd else None,
         "cpu_s": used,
+        "etcd_writes_per_session": writes / sessions if sessions and writes else None,
         "elapsed_s": elapsed,
         "machine_busy_s": busy_after - busy_before,
         "client_cpu_s": client,
