@@ -54,14 +54,26 @@ def test_cluster_stream(benchmark: Any, results: Results, rnd: int, config: str)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     with PrivateNamespace() as ns:
 
-        def run() -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                ns.argv(argv), capture_output=True, text=True, env=env, timeout=SECONDS + 180, check=False
+        def run() -> tuple[int, str, str]:
+            proc = subprocess.Popen(
+                ns.argv(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
             )
+            try:
+                out, err = proc.communicate(timeout=SECONDS + 180)
+            except subprocess.TimeoutExpired:
+                # SIGTERM first: the worker unwinds and stops etcd and the nodes it started
+                proc.terminate()
+                try:
+                    out, err = proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, err = proc.communicate()
+                err += "\n(overdue: stopped)"
+            return proc.returncode, out, err
 
-        proc = benchmark.pedantic(run, rounds=1, iterations=1)
-    assert proc.returncode == 0, f"cluster_stream.py failed:\n{proc.stderr[-3000:]}"
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rc, out, err = benchmark.pedantic(run, rounds=1, iterations=1)
+    assert rc == 0, f"cluster_stream.py failed ({rc}):\n{err[-3000:]}"
+    row = json.loads(out.strip().splitlines()[-1])
     row["round"] = rnd
     results.add("cluster_stream", row)
     benchmark.extra_info.update({"gbps": row["gbps"], "verified": row["verified"]})
