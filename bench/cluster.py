@@ -22,8 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,20 +206,3 @@ def release(route: Route, uid: str, timeout: float = 30.0) -> None:
 
 def status(stub: Any, uid: str) -> Any:
     return stub.status(pb.StatusRequest(uid=uid), timeout=10).sessions[0]
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The nearest-rank ``q`` percentile (the same rule as report.py's latency table)."""
-    vals = sorted(values)
-    return vals[min(len(vals) - 1, int(q * len(vals)))] if vals else None
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[list[float]]:
-    """``with timed() as t: ...`` -> t[0] = elapsed seconds."""
-    out: list[float] = []
-    t0 = time.perf_counter()
-    try:
-        yield out
-    finally:
-        out.append(time.perf_counter() - t0)
