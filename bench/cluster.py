@@ -64,6 +64,7 @@ class Facility:
         self._name = name
         self._gateway: GatewayCluster | None = None
         self._stack = contextlib.ExitStack()
+        self._channels: list[grpc.Channel] = []
 
     def __enter__(self) -> Facility:
         try:
@@ -90,6 +91,9 @@ class Facility:
         self.close()
 
     def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        self._channels.clear()
         try:
             self._stack.close()
         finally:
@@ -115,8 +119,10 @@ class Facility:
         return self._gateway.nodes
 
     def stubs(self) -> list[Any]:
-        """A fresh channel per node (a client of its own), closed with ``close_stubs``."""
-        return [scistream_pb2_grpc.ControlStub(grpc.insecure_channel(n.address)) for n in self.nodes]
+        """A stub per node on fresh channels (a client of its own); closed with the facility."""
+        channels = [grpc.insecure_channel(n.address) for n in self.nodes]
+        self._channels += channels
+        return [scistream_pb2_grpc.ControlStub(ch) for ch in channels]
 
     def processes(self) -> dict[str, int]:
         """PIDs of the gateway's processes by role: ``s2cs:n0``, ``s2ds:n0``, ..., ``etcd:m0``, ...
