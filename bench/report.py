@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ KIND = {
 }
 
 
-def _median(values: list[float]) -> float | None:
+def _median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
 
@@ -223,6 +223,131 @@ def chain_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _per_round_ratio(rows: list[dict[str, Any]], ref: list[dict[str, Any]], metric: Any) -> str:
+    """Median (and range) of ``metric(row) / metric(reference row of the same round)``."""
+    by_round = {r["round"]: metric(r) for r in ref}
+    ratios = [metric(r) / by_round[r["round"]] for r in rows if metric(r) and by_round.get(r["round"])]
+    if not ratios:
+        return "-"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    vals = sorted(values)
+    return vals[min(len(vals) - 1, int(q * len(vals)))] if vals else None
+
+
+def cluster_setup_table(data: dict[str, Any]) -> str:
+    """Issue 12's control plane: per configuration the medians over rounds of each round's
+    p50/p99, and ratios to the single node (SQLite) of the same round."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in data["rows"]:
+        groups[row["config"]].append(row)
+    ref = groups.get("sqlite-1", [])
+    lines = [
+        "| gateway | set-up p50 | set-up p99 | x 1 node (SQLite), p50 | cross-node set-up p50 / p99 | "
+        "release p50 / p99 | sessions/s | x 1 node (SQLite), sessions/s | cycle p50 / p99 under load | "
+        "gateway CPU ms per session | etcd CPU ms per session | etcd writes per session | "
+        "other jobs' cores | failed | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def med(rows: list[dict[str, Any]], key: str, q: float | None = None) -> float | None:
+        return _median([(_pct(r[key], q) if q is not None else r[key]) for r in rows])
+
+    def others(r: dict[str, Any]) -> float | None:
+        """Cores other jobs on the shared machine took meanwhile (all busy time less ours)."""
+        if "machine_busy_s" not in r:
+            return None
+        ours = sum(r["cpu_s"].values()) + r["client_cpu_s"]
+        return max(0.0, r["machine_busy_s"] - ours) / r["elapsed_s"]
+
+    def p50(key: str) -> Any:
+        return lambda r: _pct(r[key], 0.5)
+
+    for config in sorted(groups, key=lambda c: (c != "sqlite-1", c)):
+        rows = groups[config]
+        cross = any(r["cross_setup_ms"] for r in rows)
+        is_ref = config == "sqlite-1"
+        x_p50 = "1.00x" if is_ref else _per_round_ratio(rows, ref, p50("setup_ms"))
+        x_rate = "1.00x" if is_ref else _per_round_ratio(rows, ref, lambda r: r["sessions_per_s"])
+        lines.append(
+            f"| {config} ({rows[0]['nodes']} node{'s' if rows[0]['nodes'] > 1 else ''}, "
+            f"{rows[0]['num_conn']} conn) | "
+            f"{_fmt(med(rows, 'setup_ms', 0.5))} ms | {_fmt(med(rows, 'setup_ms', 0.99))} ms | "
+            f"{x_p50} | "
+            + (
+                f"{_fmt(med(rows, 'cross_setup_ms', 0.5))} / {_fmt(med(rows, 'cross_setup_ms', 0.99))} ms | "
+                if cross
+                else "- | "
+            )
+            + f"{_fmt(med(rows, 'release_ms', 0.5))} / {_fmt(med(rows, 'release_ms', 0.99))} ms | "
+            f"{_fmt(med(rows, 'sessions_per_s'))} ({rows[0]['clients']} clients) | "
+            f"{x_rate} | "
+            f"{_fmt(med(rows, 'cycle_ms', 0.5))} / {_fmt(med(rows, 'cycle_ms', 0.99))} ms | "
+            f"{_fmt(med(rows, 'gateway_cpu_ms_per_session'))} | "
+            f"{_fmt(med(rows, 'etcd_cpu_ms_per_session'))} | "
+            f"{_fmt(_median([r.get('etcd_writes_per_session') for r in rows]))} | "
+            f"{_fmt(_median([others(r) for r in rows]), 2)} | "
+            f"{sum(r['failed'] for r in rows)} | {len(rows)} |"
+        )
+    return "\n".join(lines)
+
+
+def cluster_stream_table(data: dict[str, Any]) -> str:
+    """Issue 12's data plane: one session over 1..N nodes; medians over rounds, ratios to
+    the single node of the same round."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in data["rows"]:
+        groups[row["config"]].append(row)
+    lines = [
+        "| producer gateway | num_conn | connections per node | Gbit/s | x 1 node (SQLite) | "
+        "x 1 node (etcd) | gateway CPU-s per GB | producer s2ds cores (all nodes) | consumer s2ds cores | "
+        "s2cs + etcd cores | load CPU-s per GB | our cores (of 2) | other jobs' cores | "
+        "bytes verified | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cores(r: dict[str, Any], pick: Any) -> float | None:
+        used = sum(v for k, v in r["cpu_s"].items() if pick(k))
+        return used / r["window_s"] if r["window_s"] else None
+
+    def all_cores(r: dict[str, Any]) -> float | None:
+        """Every measured process: gateways, etcd and the load (producer + consumer)."""
+        used = sum(r["cpu_s"].values()) + r.get("load_cpu_s", 0.0)
+        return used / r["window_s"] if r["window_s"] else None
+
+    def others(r: dict[str, Any]) -> float | None:
+        """Cores other jobs on the shared machine took over the window (all busy time less ours)."""
+        ours = all_cores(r)
+        if "machine_busy_s" not in r or not r["window_s"] or ours is None:
+            return None
+        return max(0.0, r["machine_busy_s"] / r["window_s"] - ours)
+
+    for config in sorted(groups, key=lambda c: (c != "sqlite-1", c)):
+        rows = groups[config]
+        per_node = Counter(rows[0]["listener_nodes"]) if rows[0]["listener_nodes"] else {}
+        spread = ", ".join(f"{n}: {k}" for n, k in sorted(per_node.items())) or f"one: {rows[0]['num_conn']}"
+        gbps = [r["gbps"] for r in rows if r["verified"]]
+        lines.append(
+            f"| {config} | {rows[0]['num_conn']} | {spread} | {_fmt(_median(gbps))} | "
+            f"{_per_round_ratio(rows, groups.get('sqlite-1', []), lambda r: r['gbps'])} | "
+            f"{_per_round_ratio(rows, groups.get('etcd-1', []), lambda r: r['gbps'])} | "
+            f"{_fmt(_median([r['gateway_cpu_s_per_gb'] for r in rows]), 3)} | "
+            f"{_fmt(_median([cores(r, lambda k: k.startswith('s2ds:')) for r in rows]), 2)} | "
+            f"{_fmt(_median([cores(r, lambda k: k.startswith('cons-s2ds')) for r in rows]), 2)} | "
+            f"{_fmt(_median([cores(r, lambda k: 's2cs' in k or 'etcd' in k) for r in rows]), 2)} | "
+            f"{_fmt(_median([r['load_cpu_s_per_gb'] for r in rows]), 3)} | "
+            f"{_fmt(_median([all_cores(r) for r in rows]), 2)} | "
+            f"{_fmt(_median([others(r) for r in rows]), 2)} | "
+            f"{sum(1 for r in rows if r['verified'])}/{len(rows)} rounds, "
+            f"{sum(r['bytes_verified'] for r in rows) / 1e9:.1f} GB | {len(rows)} |"
+        )
+    return "\n".join(lines)
+
+
 def render(results: Path) -> list[Path]:
     """Write REPORT.md (and throughput.png) into ``results``; return what was written."""
     written: list[Path] = []
@@ -273,6 +398,34 @@ def render(results: Path) -> list[Path]:
     latency = results / "latency.json"
     if latency.exists():
         parts += ["## Session set-up (control plane)", "", latency_table(json.loads(latency.read_text())), ""]
+    cluster = results / "cluster_setup.json"
+    if cluster.exists():
+        data = json.loads(cluster.read_text())
+        parts += [
+            "## Multi-node gateway: session set-up (issue 12)",
+            "",
+            f"Run {data['meta']['date']}, {data['meta']['rounds']} round(s), round robin, fresh processes "
+            "per case; medians over rounds of each round's percentile; ratios are medians of "
+            "per-round ratios (range in brackets).",
+            "",
+            cluster_setup_table(data),
+            "",
+        ]
+    stream = results / "cluster_stream.json"
+    if stream.exists():
+        data = json.loads(stream.read_text())
+        parts += [
+            "## Multi-node gateway: one session spread over nodes (issue 12)",
+            "",
+            f"Run {data['meta']['date']}, {data['meta']['seconds']:g} s per case, "
+            f"{data['meta']['rounds']} round(s), TLS leg, one private namespace (reno) per case.",
+            "",
+            cluster_stream_table(data),
+            "",
+        ]
+    notes = results / "NOTES.md"  # hand-written commands and readings kept with a run
+    if notes.exists():
+        parts += [notes.read_text().rstrip(), ""]
     out = results / "REPORT.md"
     out.write_text("\n".join(parts))
     written.append(out)

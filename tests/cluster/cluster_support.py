@@ -169,8 +169,8 @@ class GatewayCluster:
 class SingleGateway:
     """One s2cs on its own (no etcd), the other facility's gateway in a test."""
 
-    def __init__(self, workdir: Path, name: str) -> None:
-        lo, hi = free_port_range(20)
+    def __init__(self, workdir: Path, name: str, *, ports: int = 20) -> None:
+        lo, hi = free_port_range(ports)
         self.cluster = GatewayCluster.__new__(GatewayCluster)
         self.cluster.workdir = workdir
         self.cluster.nodes = [
