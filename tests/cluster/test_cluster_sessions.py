@@ -221,3 +221,21 @@ def test_a_port_another_process_holds_on_a_node_is_swapped_before_the_req_return
             for x in consumers:
                 x.join(30)
             assert [(x.error, x.sha) for x in consumers] == [(None, pattern_digest(total, producer.seed))] * 3
+
+
+def test_a_node_whose_every_port_is_held_gets_no_connection(
+    tmp_path: Path, etcd_cluster: EtcdCluster
+) -> None:
+    with GatewayCluster(tmp_path, etcd_cluster.endpoints, ports=6) as gw, contextlib.ExitStack() as held:
+        lo = int(gw.nodes[1].args[gw.nodes[1].args.index("--port_range") + 1].split("-")[0])
+        for port in range(lo, lo + 6):  # another program holds every data port of n1's address
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.2", port))
+            sock.listen()
+        # Asked of n1 itself (it test-binds its own ports) and of n0 (n1 finds out and says so).
+        for asked in (1, 0):
+            uid = _uid()
+            req_with_hello(gw.nodes[asked].stub, uid, "PROD", 3, ["127.0.0.1:9"])
+            st = status_of(gw.nodes[2].stub, uid)[0]
+            assert "n1" not in st.listener_nodes and len(st.listeners) == 3, st
+        wait_until(lambda: "n1" not in {k.split(b"/")[-2].decode() for k in _ports_held(etcd_cluster)}, 5)

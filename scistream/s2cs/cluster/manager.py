@@ -205,35 +205,89 @@ class ClusterManager(SessionManager):
         return out
 
     def _place(self, count: int, avoid: Collection[str] = ()) -> list[Placement]:
-        nodes = [n for n in self.view.nodes if n not in avoid]
-        room = {
-            n: self.view.nodes[n].port_high
-            - self.view.nodes[n].port_low
-            + 1
-            - len(self.view.ports.get(n, {}))
-            for n in nodes
-        }
-        try:
-            chosen = place(count, nodes, self.view.load_of(), room, self.config.placement)
-        except NoRoom as exc:
-            raise ControlError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        """``count`` connections over the live nodes by the placement policy, each with a
+        free port of its node. A node that turns out to have fewer free ports than the
+        policy gave it (this node's own ports are test-bound: another process may hold
+        some) is left out and the placement made again over the others."""
+        left_out = set(avoid)
+        while True:
+            nodes = [n for n in self.view.nodes if n not in left_out]
+            room = {n: self._room(n) for n in nodes}
+            try:
+                chosen = place(count, nodes, self.view.load_of(), room, self.config.placement)
+            except NoRoom as exc:
+                raise ControlError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            ports = {node: self._free_ports(node, chosen.count(node)) for node in dict.fromkeys(chosen)}
+            short = {node for node, got in ports.items() if len(got) < chosen.count(node)}
+            if not short:
+                break
+            log.warning(
+                "node(s) %s have fewer bindable data ports than etcd says; placing without them",
+                ", ".join(sorted(short)),
+            )
+            left_out |= short
         out: list[Placement] = []
-        for node in dict.fromkeys(chosen):
-            want = chosen.count(node)
-            ports = self._free_ports(node, want)
-            if len(ports) < want:
-                raise ControlError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"node {node} of the gateway has only {len(ports)} free data port(s), {want} needed",
-                )
-            it = iter(ports)
-            for i, n in enumerate(chosen):
-                if n == node:
-                    port = next(it)
-                    while len(out) <= i:
-                        out.append(Placement("", 0, ""))
-                    out[i] = Placement(node, port, self._listener(node, port))
+        for node in chosen:
+            port = ports[node].pop(0)
+            out.append(Placement(node, port, self._listener(node, port)))
         return out
+
+    async def _move_off(self, uid: str, node: str, why: str) -> None:
+        """Move every connection of ``uid`` off ``node`` (retrying while the record changes
+        under it, as a hello may); RESOURCE_EXHAUSTED with ``why`` if it cannot be done."""
+        for _ in range(WRITE_TRIES):
+            current = await self._read(uid)
+            if current is None or node not in current.nodes():
+                return
+            if await self._move(current, current.on_node(node)):
+                return
+        raise ControlError(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+
+    async def _move(self, rec: ClusterRecord, indices: list[int], *, lost: str = "") -> bool:
+        """Give connections ``indices`` of ``rec`` new listeners on other nodes (ports
+        reserved, the old ones given back) if the record is still as read. With ``lost``
+        (why), each moved connection leaves a sentence for status (it was cut)."""
+        s = rec.session
+        away = {rec.placement[i].node for i in indices}
+        fresh = self._place(len(indices), avoid=away)
+        when = time.strftime("%H:%M:%S")
+        old_keys = []
+        for i, new in zip(indices, fresh, strict=True):
+            old = rec.placement[i]
+            old_keys.append(self.keys.port(old.node, old.port))
+            if lost:
+                rec.lost.append(
+                    f"connection {i} via {old.listener} on node {old.node} failed at {when}: {lost}; "
+                    f"its listener moved to {new.listener} on node {new.node}"
+                )
+            rec.placement[i] = new
+            s.listeners[i], s.ports[i] = new.listener, new.port
+        new_keys = [self.keys.port(p.node, p.port) for p in fresh]
+        key = self.keys.session(s.uid)
+        result = await self._txn(
+            [
+                Compare.mod_revision(key, "==", rec.mod_revision),
+                *(Compare.create_revision(k, "==", 0) for k in new_keys),
+            ],
+            [
+                Op.put(key, rec.encode(self.sealer)),
+                *(Op.put(k, s.uid.encode()) for k in new_keys),
+                *(Op.delete(k) for k in old_keys),
+            ],
+        )
+        if result.succeeded:
+            log.warning(
+                "session %s: %d connection(s) moved from node(s) %s to %s",
+                s.uid,
+                len(indices),
+                ", ".join(sorted(away)),
+                ", ".join(p.node for p in fresh),
+            )
+        return result.succeeded
+
+    def _room(self, node: str) -> int:
+        info = self.view.nodes[node]
+        return info.port_high - info.port_low + 1 - len(self.view.ports.get(node, {}))
 
     def _listener(self, node: str, port: int) -> str:
         return format_endpoint(self.view.nodes[node].listener_ip, port)
@@ -368,8 +422,14 @@ class ClusterManager(SessionManager):
                     if ack is None or ack.rev < rec.mod_revision:
                         waiting = True
                     elif ack.error:
-                        await self._end_uid(uid, Event.ERROR, ack.error)
-                        raise ControlError(grpc.StatusCode.RESOURCE_EXHAUSTED, ack.error)
+                        # That node has no bindable port for it: place its part elsewhere.
+                        try:
+                            await self._move_off(uid, node, ack.error)
+                        except ControlError:
+                            await self._end_uid(uid, Event.ERROR, ack.error)
+                            raise
+                        waiting = True
+                        break
                 if not waiting:
                     return
             await self.view.wait_change(0.2)

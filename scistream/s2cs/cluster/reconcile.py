@@ -203,9 +203,7 @@ class NodeReconciler:
                 log.error("session %s: cannot remove this node's routes: %s", uid, exc)
                 return
             del self._applied[uid]
-        if uid in m.view.acks and self.node in m.view.acks[uid] and (rec is None or not mine):
-            await self._write([Op.delete(m.keys.applied(uid, self.node))])
-        await self._give_back_ports(uid, rec)
+        await self._give_back(uid, rec)
 
     async def _ack(self, rec: ClusterRecord, error: str) -> None:
         """Tell the cluster which revision of the session this node has made true (and
@@ -272,14 +270,21 @@ class NodeReconciler:
                 ", ".join(map(str, fresh)),
             )
 
-    async def _give_back_ports(self, uid: str, rec: ClusterRecord | None) -> None:
-        """Delete this node's port reservations for ``uid`` that its record no longer holds."""
+    async def _give_back(self, uid: str, rec: ClusterRecord | None) -> None:
+        """In one write: this node's port reservations for ``uid`` that its record no longer
+        holds (each only while it still names ``uid``), and its ack of the session."""
         m = self.m
         keep = {p.port for p in rec.placement if p.node == self.node} if rec is not None else set()
-        for port, holder in list(m.view.ports.get(self.node, {}).items()):
-            if holder == uid and port not in keep:
-                key = m.keys.port(self.node, port)
-                await self._write([Op.delete(key)], [Compare.value(key, "==", uid.encode())])
+        ports = [
+            m.keys.port(self.node, port)
+            for port, holder in m.view.ports.get(self.node, {}).items()
+            if holder == uid and port not in keep
+        ]
+        ops = [Op.delete(k) for k in ports]
+        if self.node in m.view.acks.get(uid, {}):
+            ops.append(Op.delete(m.keys.applied(uid, self.node)))
+        if ops:
+            await self._write(ops, [Compare.value(k, "==", uid.encode()) for k in ports])
 
     async def _clean_ports(self) -> None:
         """Reservations of this node for sessions that no longer exist (ended while it was away)."""
@@ -529,38 +534,6 @@ class NodeReconciler:
     async def _replace(self, rec: ClusterRecord) -> None:
         """Move the connections of nodes that left the cluster to live nodes (new
         listeners); the lost ones are kept as sentences for status."""
-        m = self.m
-        s = rec.session
-        gone = [i for i, p in enumerate(rec.placement) if p.node not in m.view.nodes]
-        if not gone or not m.view.nodes:
-            return
-        fresh = m._place(len(gone))
-        when = time.strftime("%H:%M:%S")
-        old_ports = []
-        for i, new in zip(gone, fresh, strict=True):
-            old = rec.placement[i]
-            old_ports.append(m.keys.port(old.node, old.port))
-            rec.lost.append(
-                f"connection {i} via {old.listener} on node {old.node} failed at {when}: the node left "
-                f"the cluster; its listener moved to {new.listener} on node {new.node}"
-            )
-            rec.placement[i] = Placement(new.node, new.port, new.listener)
-            s.listeners[i] = new.listener
-            s.ports[i] = new.port
-        new_ports = [m.keys.port(p.node, p.port) for p in fresh]
-        key = m.keys.session(s.uid)
-        result = await m._txn(
-            [
-                Compare.mod_revision(key, "==", rec.mod_revision),
-                *(Compare.create_revision(k, "==", 0) for k in new_ports),
-            ],
-            [
-                Op.put(key, rec.encode(m.sealer)),
-                *(Op.put(k, s.uid.encode()) for k in new_ports),
-                *(Op.delete(k) for k in old_ports),
-            ],
-        )
-        if result.succeeded:
-            log.warning(
-                "session %s: %d connection(s) of nodes that left moved to live nodes", s.uid, len(gone)
-            )
+        gone = [i for i, p in enumerate(rec.placement) if p.node not in self.m.view.nodes]
+        if gone and self.m.view.nodes:
+            await self.m._move(rec, gone, lost="the node left the cluster")
