@@ -337,11 +337,43 @@ static void write_records(struct conn *c, struct dir *d, struct pr *p) {
             return;
         }
         if (!d->notified) {
+            /* A key update due after the last write leaves the SSL "in init" until its
+             * KeyUpdate is sent (by the next SSL_write or SSL_read, of which there may be
+             * none now), and SSL_shutdown refuses to run then: send the KeyUpdate first.
+             * Taking that refusal for a sent close_notify lost this direction's EOF. */
+            if (SSL_in_init(ssl)) {
+                int r = SSL_do_handshake(ssl);
+                if (r != 1) {
+                    int err = SSL_get_error(ssl, r);
+                    if (err == SSL_ERROR_WANT_WRITE) { /* the socket is full: EPOLLOUT brings us back */
+                        d->dst->writable = 0;
+                        return;
+                    }
+                    if (err == SSL_ERROR_SYSCALL && errno) {
+                        ERR_clear_error();
+                        write_fail(c, d, errno, p);
+                    } else {
+                        tls_fail(c, p, "key update");
+                    }
+                    return;
+                }
+            }
             int r = SSL_shutdown(ssl); /* sends close_notify; the peer's comes as EOF on read */
             if (r < 0) {
                 int err = SSL_get_error(ssl, r);
-                ERR_clear_error();
-                if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) return;
+                if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) {
+                    ERR_clear_error();
+                    return;
+                }
+                /* No close_notify went out: fail loudly rather than mark the direction
+                 * shut with no EOF sent, which leaves the peer waiting for ever. */
+                if (err == SSL_ERROR_SYSCALL && errno) {
+                    ERR_clear_error();
+                    write_fail(c, d, errno, p);
+                } else {
+                    tls_fail(c, p, "shutdown");
+                }
+                return;
             }
             d->notified = 1;
         }
