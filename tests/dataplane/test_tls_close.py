@@ -13,6 +13,7 @@ while the other way is idle, so no read sends the KeyUpdate first.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 from dputil import ServerFactory, build_path, error_count
-from streams import MiB, Served, connect
+from streams import MiB, Served, connect, wait_for
 
 from scistream.dataplane import EngineBase, Tuning
 
@@ -82,3 +83,38 @@ def test_half_close_with_a_key_update_due_reaches_the_peer(
     assert served.results["got"] == first + rest
     assert back == reply
     assert error_count(engine, "io") == 0
+
+
+@pytest.mark.parametrize("kind", ["tls-psk", "tls-cert"])
+def test_reset_after_the_peers_close_notify_passes_on_as_reset(
+        kind: str, make_native_engine: Callable[..., EngineBase], stream_server: ServerFactory,
+        certs: Any) -> None:
+    """Once a TLS peer's close_notify is in, OpenSSL reports any failed send as "zero return":
+    the reset that follows must still be taken for a reset (RELIABILITY 3), not an unknown TLS
+    failure. The server half-closes (close_notify on the TLS leg), then resets while the
+    client still sends."""
+    engine = make_native_engine(Tuning())
+
+    def handler(sock: socket.socket, served: Served) -> None:
+        sock.settimeout(TIMEOUT)
+        assert read_exactly(sock, 5) == b"hello"
+        sock.sendall(b"world")
+        sock.shutdown(socket.SHUT_WR)
+        read_exactly(sock, MiB)  # the client streams on through both engines
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    server = stream_server(handler)
+    bound = build_path(engine, "native", kind, server.address, certs)
+    with connect(bound, timeout=TIMEOUT) as sock:
+        sock.sendall(b"hello")
+        assert read_to_eof(sock, "client reading the server's half-closed reply") == b"world"
+        block = bytes(64 * 1024)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                sock.sendall(block)
+    server.wait_served(1, timeout=TIMEOUT)
+    assert wait_for(lambda: all(r.errors.get("reset", 0) >= 1 for r in engine.stats().routes.values())), \
+        engine.stats()
+    assert error_count(engine, "io") == 0, engine.stats()
