@@ -141,6 +141,19 @@ static void tls_fail(struct conn *c, struct pr *p, const char *what) {
     p->kind = S2_E_IO;
 }
 
+/* An SSL call that writes failed, not for a retry. Once the peer's close_notify is in,
+ * SSL_get_error calls a failed send "zero return" too: a socket error (errno, nothing in
+ * OpenSSL's queue) is passed on as such all the same, a reset as a reset. */
+static void ssl_write_fail(struct conn *c, struct dir *d, int err, struct pr *p, const char *what) {
+    int sys = errno;
+    if ((err == SSL_ERROR_SYSCALL || err == SSL_ERROR_ZERO_RETURN) && sys) {
+        ERR_clear_error();
+        write_fail(c, d, sys, p);
+    } else {
+        tls_fail(c, p, what);
+    }
+}
+
 static void shut_plain(struct dir *d, struct pr *p) {
     if (shutdown(d->dst->fd, SHUT_WR) < 0) { /* ENOTCONN: the peer is gone already */ }
     d->shut = 1;
@@ -308,12 +321,7 @@ static void write_records(struct conn *c, struct dir *d, struct pr *p) {
             int err = SSL_get_error(ssl, 0);
             if (err == SSL_ERROR_WANT_WRITE) d->dst->writable = 0;
             if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) return;
-            if (err == SSL_ERROR_SYSCALL && errno) {
-                ERR_clear_error();
-                write_fail(c, d, errno, p);
-            } else {
-                tls_fail(c, p, "write");
-            }
+            ssl_write_fail(c, d, err, p, "write");
             return;
         }
         ssize_t n = send(d->dst->fd, d->buf + d->head, len, MSG_NOSIGNAL);
@@ -337,11 +345,33 @@ static void write_records(struct conn *c, struct dir *d, struct pr *p) {
             return;
         }
         if (!d->notified) {
+            /* A key update due after the last write leaves the SSL "in init" until its
+             * KeyUpdate is sent (by the next SSL_write or SSL_read, of which there may be
+             * none now), and SSL_shutdown refuses to run then: send the KeyUpdate first.
+             * Taking that refusal for a sent close_notify lost this direction's EOF. */
+            if (SSL_in_init(ssl)) {
+                int r = SSL_do_handshake(ssl);
+                if (r != 1) {
+                    int err = SSL_get_error(ssl, r);
+                    if (err == SSL_ERROR_WANT_WRITE) { /* the socket is full: EPOLLOUT brings us back */
+                        d->dst->writable = 0;
+                        return;
+                    }
+                    ssl_write_fail(c, d, err, p, "key update");
+                    return;
+                }
+            }
             int r = SSL_shutdown(ssl); /* sends close_notify; the peer's comes as EOF on read */
             if (r < 0) {
                 int err = SSL_get_error(ssl, r);
-                ERR_clear_error();
-                if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) return;
+                if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) {
+                    ERR_clear_error();
+                    return;
+                }
+                /* No close_notify went out: fail loudly rather than mark the direction
+                 * shut with no EOF sent, which leaves the peer waiting for ever. */
+                ssl_write_fail(c, d, err, p, "shutdown");
+                return;
             }
             d->notified = 1;
         }

@@ -481,6 +481,52 @@ static void test_tls_psk_pair(int mode) {
     server_stop(&srv);
 }
 
+/* A key update due after every record (threshold 1 byte): one is pending when each
+ * direction's EOF comes, and the close_notify must still reach the peer, after the
+ * KeyUpdate. The client half-closes once both engines are idle, so no read on the TLS
+ * leg sends the KeyUpdate first; LATE_REPLY answers only after it saw that EOF. */
+static void test_tls_key_update_half_close(void) {
+    struct server srv;
+    server_start(&srv, LATE_REPLY, 0);
+    s2_tuning t;
+    s2_tuning_defaults(&t);
+    t.workers = 1;
+    t.connect_timeout = 3.0;
+    t.tls_buffer_size = 64 * 1024;
+    t.tls_key_update_bytes = 1;
+    char err[256] = "";
+    s2_engine *e = NULL;
+    if (s2_engine_new(&t, &e, err, sizeof err) != S2_OK) {
+        fprintf(stderr, "engine_new: %s\n", err);
+        exit(2);
+    }
+    int sport, cport;
+    const char *key = "0123456789abcdef0123456789abcdef";
+    CHECK(add_route(e, "srv", srv.port, S2_TLS_SERVER, S2_TLS_PSK, "ku", key, 0, &sport) == S2_OK, "add srv");
+    CHECK(add_route(e, "cli", sport, S2_TLS_CLIENT, S2_TLS_PSK, "ku", key, 0, &cport) == S2_OK, "add cli");
+    int fd = dial(cport);
+    CHECK(fd >= 0, "dial");
+    size_t n = 100000; /* more than one buffer: the last records go out after the first read */
+    unsigned char *buf = malloc(n);
+    if (!buf) exit(2);
+    pattern(buf, 0, n, 3);
+    CHECK(write_all(fd, buf, n) == 0, "send");
+    free(buf);
+    sleep_ms(200);
+    shutdown(fd, SHUT_WR);
+    unsigned char got[32], want[32];
+    long long r = read_all(fd, got);
+    digest_pattern(1u << 20, 7, want);
+    CHECK(r == (1 << 20) && !memcmp(got, want, 32), "reply after the half-close: %lld bytes", r);
+    close(fd);
+    s2_route_stats rs = route_stats(e, "srv");
+    CHECK(rs.bytes_to_target == n && rs.tls_key_updates > 0 && rs.errors[S2_E_IO] == 0,
+          "srv bytes %llu, key updates %llu", (unsigned long long)rs.bytes_to_target,
+          (unsigned long long)rs.tls_key_updates);
+    engine_done(e, "tls_key_update_half_close");
+    server_stop(&srv);
+}
+
 static void test_tls_wrong_key(void) {
     struct server srv;
     server_start(&srv, ECHO, 0);
@@ -756,6 +802,7 @@ int main(void) {
         {"routes", test_routes},
         {"remove_while_streaming", test_remove_while_streaming},
         {"tls_wrong_key", test_tls_wrong_key},
+        {"tls_key_update_half_close", test_tls_key_update_half_close},
         {"rate_limit", test_rate_limit},
         {"drain", test_drain},
         {"log_limit", test_log_limit},
