@@ -56,12 +56,20 @@ struct tls_conf {
 int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls, char *err, size_t errlen);
 /* Whether this kernel and OpenSSL can do kernel TLS (probed once). */
 int tls_ktls_available(void);
+void tls_conf_clear(struct tls_conf *tc);
+/* An SSL on fd: reads through the record reader BIO, writes through the gather BIO
+ * (tlsbio.c); with kernel TLS, a socket BIO. */
+SSL *tls_new_ssl(struct tls_conf *tc, int fd, const char *target); /* target: the dialled "host:port", or NULL */
+
+/* ---- the SSL's socket BIOs (tlsbio.c) ------------------------------------ */
+/* A full TLS 1.3 record on the wire: 5 header + 16384 data + 1 content type + 16 tag. */
+#define TLS_RECORD_WIRE (SSL3_RT_HEADER_LENGTH + SSL3_RT_MAX_PLAIN_LENGTH + 1 + 16)
+/* Give ssl the record reader and the gather BIO on fd (read-ahead off: the reader
+ * reads ahead); 1 = done, 0 = out of memory. */
+int tls_set_bios(SSL *ssl, int fd);
 /* After the handshake: 1 if the kernel encrypts this SSL's records (kTLS send);
  * else the write side is (now) the gather BIO. */
 int tls_established(SSL *ssl);
-void tls_conf_clear(struct tls_conf *tc);
-/* An SSL on fd: reads through a socket BIO, writes through the gather BIO (tls.c). */
-SSL *tls_new_ssl(struct tls_conf *tc, int fd, const char *target); /* target: the dialled "host:port", or NULL */
 /* Send the records the gather BIO holds: 1 = none left, 0 = socket full (retry on
  * EPOLLOUT), -1 = failed (errno). */
 int tls_flush(SSL *ssl);

@@ -2,9 +2,9 @@
  *
  * plain <-> plain: splice() socket -> pipe -> socket, one pipe per direction,
  * never a byte in userspace. Anything with a TLS leg: one userspace buffer per
- * direction; SSL_read_ex fills it (read-ahead: one read() fetches many
- * records), SSL_write_ex drains it in full-size records, which the gather BIO
- * (tls.c) sends with one send() per burst.
+ * direction; SSL_read_ex fills it (the record reader BIO reads ahead: one
+ * recv() fetches many records), SSL_write_ex drains it in full-size records,
+ * which the gather BIO (tlsbio.c) sends with one send() per burst.
  *
  * OpenSSL's error queue: SSL_get_error needs it empty before the call it
  * explains. Clearing it before every SSL call costs more than the call's own

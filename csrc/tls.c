@@ -1,6 +1,6 @@
 /* TLS contexts for a route's TLS leg: psk (TLS 1.3 external PSK), compat
  * (SciStream 1.x stunnel: TLS 1.2 PSK) and cert (certificate + pinned CA),
- * and the gather BIO that writes a burst of TLS records with one send().
+ * and the SSL of one connection (its BIOs are in tlsbio.c).
  *
  * The external PSK is bound to SHA-256: RFC 8446 4.2.11 makes SHA-256 the hash
  * of an external PSK that names none, and it is what stunnel and openssl
@@ -38,16 +38,11 @@
 /* The PSK session's suite: its hash (SHA-256) is the PSK's hash. */
 static const unsigned char PSK_SUITE_ID[2] = {0x13, 0x01}; /* TLS_AES_128_GCM_SHA256 */
 
-/* A full TLS 1.3 record on the wire: 5 header + 16384 data + 1 content type + 16 tag. */
-#define TLS_RECORD_WIRE (SSL3_RT_HEADER_LENGTH + SSL3_RT_MAX_PLAIN_LENGTH + 1 + 16)
-/* OpenSSL's read-ahead buffer: it aligns the payload, which leaves len - 3 bytes
- * for records in a buffer from glibc's malloc. Sized so that the rest holds
- * whole full-size records: a read then never ends inside a record, which cost
- * a second small read() for the record's tail. */
-#define READ_RECORDS 8
-#define READ_BUFFER_LEN (READ_RECORDS * TLS_RECORD_WIRE + 3)
-/* The gather BIO's buffer: this many full records per send(). */
-#define GATHER_CAP (8 * TLS_RECORD_WIRE)
+/* OpenSSL's read-ahead buffer, used only with kernel TLS (a socket BIO; otherwise the
+ * record reader BIO reads ahead, tlsbio.c): it aligns the payload, which leaves
+ * len - 3 bytes for records in a buffer from glibc's malloc. Sized so that the rest
+ * holds whole full-size records: a read then never ends inside a record. */
+#define READ_BUFFER_LEN (8 * TLS_RECORD_WIRE + 3)
 
 static void ssl_err(char *err, size_t errlen, const char *what) {
     char why[160] = "unknown error";
@@ -238,11 +233,11 @@ int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls
     /* The server picks the suite by its own order: the one that fits the PSK's
      * hash, and the cheapest one (AES-128-GCM), whatever order a client lists. */
     if (server) SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_PRIORITIZE_CHACHA);
-    SSL_CTX_set_read_ahead(ctx, 1);
-    SSL_CTX_set_default_read_buffer_len(ctx, READ_BUFFER_LEN);
 #if defined(SSL_OP_ENABLE_KTLS) && !defined(OPENSSL_NO_KTLS)
     if (want_ktls && tls_ktls_available()) {
         SSL_CTX_set_options(ctx, SSL_OP_ENABLE_KTLS);
+        SSL_CTX_set_read_ahead(ctx, 1);
+        SSL_CTX_set_default_read_buffer_len(ctx, READ_BUFFER_LEN);
         tc->ktls = 1;
     }
 #else
@@ -333,129 +328,6 @@ oom:
     return S2_ERR_INTERNAL;
 }
 
-/* ---- the gather BIO ---------------------------------------------------------
- * OpenSSL hands its write BIO one record at a time. A socket BIO makes that one
- * write() per 16 KiB record, each a trip through the TCP stack. This BIO keeps
- * the records of a burst in a buffer and sends them with one send() when the
- * buffer is full or the pump (or OpenSSL, after a handshake flight or an alert)
- * flushes it. Reads bypass it (the SSL's read BIO is a plain socket BIO).
- * Full socket: a write fails with the retry flag set, so OpenSSL reports
- * SSL_ERROR_WANT_WRITE and the pump waits for EPOLLOUT, as with a socket BIO.
- * A flush from OpenSSL (BIO_flush) sends what it can and succeeds even if the
- * socket is full: during a handshake or a KeyUpdate OpenSSL flushes through
- * its buffering BIO, which does not pass a retry on, so a "retry" there would
- * read as a failure. What is left is sent by tls_flush(), which the pump and
- * the handshake call (and which reports the full socket). Any other send()
- * error fails with errno kept (SSL_ERROR_SYSCALL). */
-struct gather {
-    int fd;
-    unsigned char *buf; /* allocated on first use */
-    size_t head, tail;  /* unsent bytes: buf[head, tail) */
-};
-
-static BIO_METHOD *gather_method;
-static int gather_type;
-static pthread_once_t gather_once = PTHREAD_ONCE_INIT;
-
-/* Send what is buffered: 1 = all sent, 0 = the socket is full, -1 = error (errno). */
-static int gather_send(struct gather *g) {
-    while (g->tail > g->head) {
-        ssize_t n = send(g->fd, g->buf + g->head, g->tail - g->head, MSG_NOSIGNAL);
-        if (n > 0) {
-            g->head += (size_t)n;
-        } else if (n < 0 && errno == EINTR) {
-            continue;
-        } else if (n < 0 && errno == EAGAIN) {
-            return 0;
-        } else {
-            if (n == 0) errno = EPIPE;
-            return -1;
-        }
-    }
-    g->head = g->tail = 0;
-    return 1;
-}
-
-static int gather_write(BIO *b, const char *data, int len) {
-    struct gather *g = BIO_get_data(b);
-    BIO_clear_retry_flags(b);
-    if (len <= 0) return 0;
-    if (!g->buf && !(g->buf = malloc(GATHER_CAP))) return -1;
-    if (g->tail == GATHER_CAP) {
-        int r = gather_send(g);
-        if (r < 0) return -1;
-        if (g->head && g->head == g->tail) g->head = g->tail = 0;
-        if (g->head) { /* partly sent: move the rest to the front */
-            memmove(g->buf, g->buf + g->head, g->tail - g->head);
-            g->tail -= g->head;
-            g->head = 0;
-        }
-        if (g->tail == GATHER_CAP) {
-            BIO_set_retry_write(b);
-            return -1;
-        }
-    }
-    size_t n = GATHER_CAP - g->tail < (size_t)len ? GATHER_CAP - g->tail : (size_t)len;
-    memcpy(g->buf + g->tail, data, n);
-    g->tail += n;
-    return (int)n; /* OpenSSL writes the rest of a record that did not fit again */
-}
-
-static long gather_ctrl(BIO *b, int cmd, long num, void *ptr) {
-    (void)num;
-    struct gather *g = BIO_get_data(b);
-    switch (cmd) {
-    case BIO_CTRL_FLUSH:
-        BIO_clear_retry_flags(b);
-        return gather_send(g) < 0 ? -1 : 1;
-    case BIO_CTRL_WPENDING:
-    case BIO_CTRL_PENDING:
-        return cmd == BIO_CTRL_WPENDING ? (long)(g->tail - g->head) : 0;
-    case BIO_C_GET_FD:
-        if (ptr) *(int *)ptr = g->fd;
-        return g->fd;
-    default:
-        return 0; /* e.g. BIO_get_ktls_send: no */
-    }
-}
-
-static int gather_destroy(BIO *b) {
-    struct gather *g = BIO_get_data(b);
-    if (g) {
-        free(g->buf);
-        free(g);
-    }
-    BIO_set_data(b, NULL);
-    return 1;
-}
-
-static void gather_method_init(void) {
-    gather_type = BIO_get_new_index() | BIO_TYPE_SOURCE_SINK;
-    BIO_METHOD *m = BIO_meth_new(gather_type, "scistream gather");
-    if (m && BIO_meth_set_write(m, gather_write) && BIO_meth_set_ctrl(m, gather_ctrl) &&
-        BIO_meth_set_destroy(m, gather_destroy)) {
-        gather_method = m;
-        return;
-    }
-    BIO_meth_free(m);
-}
-
-static BIO *gather_new(int fd) {
-    pthread_once(&gather_once, gather_method_init);
-    if (!gather_method) return NULL;
-    struct gather *g = calloc(1, sizeof *g);
-    if (!g) return NULL;
-    g->fd = fd;
-    BIO *b = BIO_new(gather_method);
-    if (!b) {
-        free(g);
-        return NULL;
-    }
-    BIO_set_data(b, g);
-    BIO_set_init(b, 1);
-    return b;
-}
-
 /* The host part of a target's text ("host:port" or "[v6]:port") into buf; 0 if none fits. */
 static int target_host(const char *target, char *buf, size_t len) {
     const char *start = target, *end;
@@ -490,14 +362,7 @@ SSL *tls_new_ssl(struct tls_conf *tc, int fd, const char *target) {
         if (!SSL_set_fd(ssl, fd)) goto fail;
         goto named;
     }
-    BIO *rbio = BIO_new_socket(fd, BIO_NOCLOSE);
-    BIO *wbio = gather_new(fd);
-    if (!rbio || !wbio) {
-        BIO_free(rbio);
-        BIO_free(wbio);
-        goto fail;
-    }
-    SSL_set_bio(ssl, rbio, wbio); /* the SSL owns both now */
+    if (!tls_set_bios(ssl, fd)) goto fail;
 named:
     if (tc->role == S2_TLS_CLIENT && tc->server_name) {
         if (!SSL_set_tlsext_host_name(ssl, tc->server_name)) goto fail;
@@ -510,28 +375,4 @@ fail:
     ERR_clear_error();
     SSL_free(ssl);
     return NULL;
-}
-
-int tls_established(SSL *ssl) {
-    BIO *w = SSL_get_wbio(ssl);
-    if (BIO_get_ktls_send(w)) return 1;
-    if (BIO_method_type(w) != BIO_TYPE_SOCKET) return 0;
-    int fd = -1;
-    BIO_get_fd(w, &fd);
-    BIO *g = fd >= 0 ? gather_new(fd) : NULL;
-    if (g) SSL_set0_wbio(ssl, g); /* else the socket BIO goes on: slower, not wrong */
-    return 0;
-}
-
-int tls_flush(SSL *ssl) {
-    BIO *b = SSL_get_wbio(ssl); /* the gather BIO itself, under OpenSSL's buffering BIO */
-    if (!gather_method || BIO_method_type(b) != gather_type) return 1;
-    return gather_send(BIO_get_data(b));
-}
-
-size_t tls_unsent(SSL *ssl) {
-    BIO *b = SSL_get_wbio(ssl);
-    if (!gather_method || BIO_method_type(b) != gather_type) return 0;
-    const struct gather *g = BIO_get_data(b);
-    return g->tail - g->head;
 }
