@@ -8,6 +8,9 @@ every member this object started and removes the temp dir, also after a failed s
         client = EtcdClient(cluster.endpoints)
         cluster.kill(cluster.leader())
 
+With ``tls=True`` the members serve clients over TLS only (https://, ``--client-cert-auth``)
+with certificates of a CA made in the temp dir; ``client_tls()`` is what a client presents.
+
 Importable from tests as ``from etcd_cluster import EtcdCluster`` (tests/ is on sys.path).
 """
 
@@ -18,6 +21,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -26,6 +30,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from scistream.certs import CaAndLeaf, make_gateway_cert
+from scistream.etcd import EtcdTls
 
 ETCD = "/usr/bin/etcd"
 HOST = "127.0.0.1"
@@ -57,6 +64,7 @@ class EtcdCluster:
         etcd: str = ETCD,
         parent: Path | None = None,
         also_listen: tuple[str, ...] = (),
+        tls: bool = False,
     ) -> None:
         self.size = size
         #: More addresses the members take clients on (a test's veth address, for a node in
@@ -71,6 +79,28 @@ class EtcdCluster:
         self.token = self.dir.name  # a unique cluster token: members of other clusters never join
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
         self._logs: list[IO[bytes] | None] = [None] * size
+        self.scheme = "https" if tls else "http"
+        #: With tls: the members' certificate (one for all, naming 127.0.0.1 and also_listen)
+        #: and a client's, both from one CA made here.
+        self.server_pki: CaAndLeaf | None = None
+        self.client_pki: CaAndLeaf | None = None
+        if tls:
+            pki = self.dir / "pki"
+            self.server_pki = make_gateway_cert(pki, "member", [HOST, *also_listen], ca_name="etcd-ca")
+            self.client_pki = make_gateway_cert(pki, "client", [HOST], ca_name="etcd-ca")
+
+    def client_tls(self) -> EtcdTls:
+        """The CA, certificate and key a client of this (tls) cluster presents."""
+        assert self.client_pki is not None, "not a tls cluster"
+        p = self.client_pki
+        return EtcdTls(ca=p.ca_cert.read_bytes(), cert=p.cert.read_bytes(), key=p.key.read_bytes())
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.client_pki is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.client_pki.ca_cert))
+        ctx.load_cert_chain(str(self.client_pki.cert), str(self.client_pki.key))
+        return ctx
 
     # -- addresses -----------------------------------------------------------------------
     @property
@@ -78,7 +108,7 @@ class EtcdCluster:
         return self.endpoints_on(HOST)
 
     def endpoints_on(self, host: str) -> list[str]:
-        return [f"http://{host}:{p}" for p in self.client_ports]
+        return [f"{self.scheme}://{host}:{p}" for p in self.client_ports]
 
     def log_path(self, i: int) -> Path:
         return self.dir / f"{self.names[i]}.log"
@@ -89,9 +119,14 @@ class EtcdCluster:
     # -- life cycle ----------------------------------------------------------------------
     def _cmd(self, i: int) -> list[str]:
         initial = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(self.names, self.peer_ports, strict=True))
-        client = f"http://{HOST}:{self.client_ports[i]}"
+        client = f"{self.scheme}://{HOST}:{self.client_ports[i]}"
         peer = f"http://{HOST}:{self.peer_ports[i]}"
-        extra = [f"http://{h}:{self.client_ports[i]}" for h in self.also_listen]
+        extra = [f"{self.scheme}://{h}:{self.client_ports[i]}" for h in self.also_listen]
+        tls: list[str] = []
+        if self.server_pki is not None:
+            p = self.server_pki
+            tls = ["--cert-file", str(p.cert), "--key-file", str(p.key),
+                   "--trusted-ca-file", str(p.ca_cert), "--client-cert-auth"]  # fmt: skip
         return [
             self.etcd,
             "--name", self.names[i],
@@ -109,6 +144,7 @@ class EtcdCluster:
             "--auto-compaction-retention", "0",
             "--logger", "zap",
             "--log-level", "warn",
+            *tls,
         ]  # fmt: skip
 
     def start(self, i: int) -> None:
@@ -177,11 +213,11 @@ class EtcdCluster:
     # -- observation (etcd's JSON gateway on the client port: no etcdctl needed) ------------
     def _post(self, i: int, path: str, body: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
         req = urllib.request.Request(
-            f"http://{HOST}:{self.client_ports[i]}{path}",
+            f"{self.scheme}://{HOST}:{self.client_ports[i]}{path}",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=self._ssl_context()) as resp:
             out: dict[str, Any] = json.load(resp)
             return out
 
@@ -190,7 +226,8 @@ class EtcdCluster:
         if not self.running(i):
             return False
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{self.client_ports[i]}/health", timeout=2) as r:
+            url = f"{self.scheme}://{HOST}:{self.client_ports[i]}/health"
+            with urllib.request.urlopen(url, timeout=2, context=self._ssl_context()) as r:
                 return bool(json.load(r).get("health") == "true")
         except (OSError, ValueError):
             return False

@@ -4,7 +4,7 @@ Built on grpcio aio and stubs compiled from the pinned protos in proto/etcd/ (se
 proto/etcd/PINNED and tools/etcd_protos.py).
 """
 
-from scistream.etcd.client import EtcdClient
+from scistream.etcd.client import EtcdClient, EtcdTls
 from scistream.etcd.types import (
     Compare,
     EtcdCompacted,
@@ -21,6 +21,7 @@ __all__ = [
     "EtcdClient",
     "EtcdCompacted",
     "EtcdError",
+    "EtcdTls",
     "EtcdUnavailable",
     "KeyValue",
     "Op",

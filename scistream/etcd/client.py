@@ -17,6 +17,10 @@ caller gets EtcdUnavailable and must re-read, since a lost reply may hide an app
 
 A client's channels are made on its first call and belong to that event loop; close() ends
 the calls and watches in flight with an EtcdError.
+
+TLS: https:// endpoints (all of a client's, or none) are reached over TLS, checked against
+the CA of ``EtcdTls`` (the system's roots without one); its client certificate and key are
+presented to a cluster that runs with ``--client-cert-auth``.
 """
 
 from __future__ import annotations
@@ -78,6 +82,24 @@ _MIN_ATTEMPT_S = 0.25
 _ROUND_PAUSE_S = 0.05
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS to the members of https:// endpoints: PEM bytes, each optional."""
+
+    ca: bytes | None = None  # the roots that sign the members' certificates; None: the system's
+    cert: bytes | None = None  # this client's certificate chain (with key), for client-cert-auth
+    key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("an etcd client certificate needs its key, and a key its certificate")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+
 @dataclass
 class _Member:
     name: str  # "host:port", as in messages
@@ -87,16 +109,21 @@ class _Member:
     watch: Any
 
 
+def endpoint_uses_tls(endpoint: str) -> bool:
+    """Whether an endpoint is https:// (``host:port`` alone is plain http)."""
+    return endpoint.strip().lower().startswith("https://")
+
+
 def parse_endpoint(endpoint: str) -> str:
-    """``http://host:port``, ``host:port`` or ``host`` -> gRPC target ``host:port``."""
+    """``http(s)://host:port``, ``host:port`` or ``host`` -> gRPC target ``host:port``."""
     text = endpoint.strip().rstrip("/")
     if "://" not in text:
         text = "http://" + text
     parts = urlsplit(text)
-    if parts.scheme != "http":
-        raise ValueError(f"etcd endpoint {endpoint!r}: only http:// endpoints are supported (no TLS yet)")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"etcd endpoint {endpoint!r}: only http:// and https:// endpoints are supported")
     if not parts.hostname or parts.path:
-        raise ValueError(f"etcd endpoint {endpoint!r} is not http://HOST:PORT")
+        raise ValueError(f"etcd endpoint {endpoint!r} is not http(s)://HOST:PORT")
     try:
         port = parts.port or 2379
     except ValueError:
@@ -113,12 +140,21 @@ def _not_applied(exc: grpc.aio.AioRpcError) -> bool:
 class EtcdClient:
     """See the module docstring; every method raises EtcdError (EtcdUnavailable, EtcdCompacted)."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 2.0) -> None:
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = 2.0, tls: EtcdTls | None = None) -> None:
         if not endpoints:
             raise ValueError("etcd client needs at least one endpoint")
         if timeout <= 0:
             raise ValueError("etcd client timeout must be positive")
         self._targets = [parse_endpoint(e) for e in endpoints]
+        schemes = {endpoint_uses_tls(e) for e in endpoints}
+        if len(schemes) > 1:
+            raise ValueError("etcd endpoints mix http:// and https://: one cluster speaks one of them")
+        if schemes == {True}:
+            self._tls: EtcdTls | None = tls or EtcdTls()
+        elif tls is not None:
+            raise ValueError("TLS settings for etcd need https:// endpoints")
+        else:
+            self._tls = None
         self._timeout = timeout
         self._members: list[_Member] | None = None  # made in the running loop, on first use
         self._current = 0
@@ -137,7 +173,11 @@ class EtcdClient:
         if self._members is None:
             members = []
             for target in self._targets:
-                ch = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+                ch = (
+                    grpc.aio.secure_channel(target, self._tls.credentials(), options=_CHANNEL_OPTIONS)
+                    if self._tls
+                    else grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+                )
                 members.append(
                     _Member(
                         target,
@@ -161,6 +201,20 @@ class EtcdClient:
         # Move on only if no concurrent call has already moved on from this member.
         if self._current == i:
             self._current = (i + 1) % len(self._targets)
+
+    async def _why_unreachable(self, m: _Member) -> str:
+        """What gRPC last saw connecting to m (refused, a TLS handshake that failed, ...): a
+        read of nothing, which on a channel in TRANSIENT_FAILURE fails at once, unsent."""
+        try:
+            await m.kv.Range(rpc_pb2.RangeRequest(key=b"\0", limit=1), timeout=0.2, metadata=_METADATA)
+        except grpc.aio.AioRpcError as exc:
+            detail = exc.details() or exc.code().name
+            # "failed to connect to all addresses; last error: UNKNOWN: ipv4:H:P: <why>"
+            return detail.rsplit(f"{m.name}: ", 1)[-1] if m.name in detail else detail
+        except asyncio.CancelledError:
+            self._raise_if_closed()
+            raise
+        return "it answers now"
 
     async def _connected(self, m: _Member, until: float) -> bool:
         """Wait until m's channel is READY, at most until ``until``; False when it failed
@@ -201,6 +255,8 @@ class EtcdClient:
             tried += 1
             if not await self._connected(m, loop.time() + min(left, share)):
                 last = f"{m.name} cannot be reached"
+                if m.channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                    last += f" ({await self._why_unreachable(m)})"
                 self._failed(i)
                 continue
             left = deadline - loop.time()

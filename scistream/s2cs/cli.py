@@ -447,7 +447,8 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     multiple=True,
     metavar="URL[,URL...]",
     help="Join the facility's gateway of several nodes: the etcd cluster's client URLs, "
-    "http://HOST:PORT, comma-separated or repeated. The nodes share in etcd their membership, "
+    "http://HOST:PORT or https://HOST:PORT (TLS: see --etcd-ca), comma-separated or repeated. "
+    "The nodes share in etcd their membership, "
     "the sessions and their owners, port reservations and session keys (encrypted with "
     "--etcd-key-file); each node keeps its own --port, --listener-ip, --port-range, state "
     "directory and s2ds. Without --etcd this s2cs is a gateway alone, with its SQLite store.",
@@ -479,6 +480,29 @@ def _setup_logging(verbose: bool, log_file: str) -> None:
     help="With --etcd (required): the cluster key (from `scistream cluster-key FILE`, mode 0600) "
     "that encrypts session keys before they are written to etcd; every node of the facility "
     "needs the same file.",
+)
+@click.option(
+    "--etcd-ca",
+    "--etcd_ca",
+    "etcd_ca",
+    default=_DEFAULTS.etcd_ca,
+    help="With https:// --etcd URLs: the CA certificate(s) (PEM) that sign the etcd members' "
+    "certificates; the members are checked against it [default: the system's CAs].",
+)
+@click.option(
+    "--etcd-cert",
+    "--etcd_cert",
+    "etcd_cert",
+    default=_DEFAULTS.etcd_cert,
+    help="With https:// --etcd URLs: this node's client certificate (PEM), for an etcd cluster "
+    "that runs with --client-cert-auth; needs --etcd-key.",
+)
+@click.option(
+    "--etcd-key",
+    "--etcd_key",
+    "etcd_key",
+    default=_DEFAULTS.etcd_key,
+    help="With --etcd-cert: the client certificate's private key (PEM, unencrypted, mode 0600).",
 )
 @click.option(
     "--etcd-prefix",
@@ -537,20 +561,34 @@ def etcd_endpoints(values: Any) -> list[str]:
     urls = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
     for url in urls:
         scheme, sep, rest = url.partition("://")
-        if sep and scheme.lower() == "https":
-            raise click.UsageError(
-                f"--etcd {url}: TLS to etcd is not supported yet; give the etcd members' "
-                "plaintext client URLs, http://HOST:PORT, on a network only the gateway nodes reach"
-            )
         try:
-            if not sep or scheme.lower() != "http" or "/" in rest:
-                raise InvalidEndpoint("not http://HOST:PORT")
+            if not sep or scheme.lower() not in ("http", "https") or "/" in rest:
+                raise InvalidEndpoint("not http(s)://HOST:PORT")
             parse_endpoint(rest)
         except InvalidEndpoint:
             raise click.UsageError(
-                f"--etcd {url!r} is not an etcd client URL http://HOST:PORT (e.g. http://10.0.0.5:2379)"
+                f"--etcd {url!r} is not an etcd client URL http://HOST:PORT or https://HOST:PORT "
+                "(e.g. http://10.0.0.5:2379)"
             ) from None
+    if len({url.partition("://")[0].lower() for url in urls}) > 1:
+        raise click.UsageError(
+            "--etcd mixes http:// and https:// URLs: the members of one etcd cluster all serve "
+            "clients over TLS or all without it"
+        )
     return list(dict.fromkeys(urls))
+
+
+def etcd_tls_settings(opts: Mapping[str, Any], etcd: list[str]) -> dict[str, str]:
+    """--etcd-ca/--etcd-cert/--etcd-key, checked against the URLs' scheme (files: preflight)."""
+    tls = {name: str(opts.get(name) or "") for name in ("etcd_ca", "etcd_cert", "etcd_key")}
+    if any(tls.values()) and not any(url.lower().startswith("https://") for url in etcd):
+        raise click.UsageError(
+            "--etcd-ca, --etcd-cert and --etcd-key are for an etcd reached over TLS: give its "
+            "https://HOST:PORT URLs with --etcd"
+        )
+    if bool(tls["etcd_cert"]) != bool(tls["etcd_key"]):
+        raise click.UsageError("--etcd-cert and --etcd-key go together: the client certificate and its key")
+    return tls
 
 
 def cluster_settings(opts: Mapping[str, Any]) -> dict[str, Any]:
@@ -582,6 +620,7 @@ def cluster_settings(opts: Mapping[str, Any]) -> dict[str, Any]:
         )
     return {
         "etcd": etcd,
+        **etcd_tls_settings(opts, etcd),
         "node_name": name or default_node_name(),
         "node_ttl": ttl,
         "etcd_key_file": key_file,

@@ -102,7 +102,10 @@ class ServerConfig:
     audit_log: str = ""  # "" = <state_dir>/audit.log
     log_file: str = ""
     # multi-node gateway (issue 12): empty etcd = one node with its embedded SQLite store
-    etcd: list[str] = field(default_factory=list)  # "http://HOST:PORT" endpoints of one cluster
+    etcd: list[str] = field(default_factory=list)  # "http(s)://HOST:PORT" endpoints of one cluster
+    etcd_ca: str = ""  # https:// etcd: the CA of the members' certificates ("" = the system's roots)
+    etcd_cert: str = ""  # https:// etcd: this node's client certificate (with etcd_key)
+    etcd_key: str = ""
     node_name: str = ""  # this node's name in the cluster ("" = the host name)
     node_ttl: float = 10.0  # s; the node's etcd lease: how long a dead node counts as alive
     etcd_key_file: str = ""  # 32-byte key that encrypts session keys at rest in etcd

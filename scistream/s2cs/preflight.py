@@ -2,7 +2,8 @@
 its true cause instead of failing every later request (or gRPC's vague "cannot
 listen"): the listener address must be one of this host's, the control port free
 on a local address, the control-channel certificate and key readable, PEM, and a
-pair; with --etcd, the cluster key a private file holding a key.
+pair; with --etcd, the cluster key a private file holding a key, and etcd's CA and client
+certificate (if given) PEM, the certificate and key a pair.
 """
 
 from __future__ import annotations
@@ -90,42 +91,72 @@ def check_control_port(bind: str, port: int) -> None:
         raise PreflightError(f"cannot listen on {address}:{port} (--bind {bind}): {err.strerror}")
 
 
-def check_tls_files(cert_path: str, key_path: str) -> None:
-    """The control channel's certificate and key: readable, PEM, and a pair."""
+def check_tls_files(
+    cert_path: str,
+    key_path: str,
+    *,
+    cert_option: str = "--server_crt",
+    key_option: str = "--server_key",
+    hint: str = "make them with `scistream certs`, or run with --ssl False for a plaintext test server",
+) -> None:
+    """A certificate and its key (the control channel's, or etcd's client pair): readable,
+    PEM, and a pair."""
     blobs = []
-    for option, path in (("--server_crt", cert_path), ("--server_key", key_path)):
+    for option, path in ((cert_option, cert_path), (key_option, key_path)):
         try:
             with open(path, "rb") as f:
                 blobs.append(f.read())
         except OSError as exc:
             raise PreflightError(
-                f"cannot read the control-channel {'certificate' if option == '--server_crt' else 'key'} "
-                f"{option} {path}: {exc.strerror}; make them with `scistream certs`, or run with "
-                "--ssl False for a plaintext test server"
+                f"cannot read the {'certificate' if option == cert_option else 'key'} "
+                f"{option} {path}: {exc.strerror}; {hint}"
             ) from None
     crt, key = blobs
     try:
         cert = x509.load_pem_x509_certificate(crt)
     except ValueError:
         raise PreflightError(
-            f"--server_crt {cert_path} is not a PEM certificate (it must begin with "
+            f"{cert_option} {cert_path} is not a PEM certificate (it must begin with "
             "-----BEGIN CERTIFICATE-----)"
         ) from None
     try:
         private = serialization.load_pem_private_key(key, password=None)
     except TypeError:
         raise PreflightError(
-            f"--server_key {key_path} is encrypted with a passphrase; s2cs needs it unencrypted "
+            f"{key_option} {key_path} is encrypted with a passphrase; s2cs needs it unencrypted "
             "(mode 0600)"
         ) from None
     except (ValueError, x509.UnsupportedGeneralNameType):
-        raise PreflightError(f"--server_key {key_path} is not a PEM private key") from None
+        raise PreflightError(f"{key_option} {key_path} is not a PEM private key") from None
     der = serialization.Encoding.DER
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     if private.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
         raise PreflightError(
-            f"--server_key {key_path} does not belong to the certificate --server_crt {cert_path} "
+            f"{key_option} {key_path} does not belong to the certificate {cert_option} {cert_path} "
             "(their public keys differ); give the key the certificate was issued for"
+        )
+
+
+def check_etcd_tls(ca_path: str, cert_path: str, key_path: str) -> None:
+    """--etcd-ca: readable PEM certificates; --etcd-cert and --etcd-key: a pair."""
+    if ca_path:
+        try:
+            with open(ca_path, "rb") as f:
+                x509.load_pem_x509_certificates(f.read())
+        except OSError as exc:
+            raise PreflightError(f"cannot read the etcd CA --etcd-ca {ca_path}: {exc.strerror}") from None
+        except ValueError:
+            raise PreflightError(
+                f"--etcd-ca {ca_path} is not a PEM file of certificates (the CA that signs the etcd "
+                "members' certificates)"
+            ) from None
+    if cert_path or key_path:
+        check_tls_files(
+            cert_path,
+            key_path,
+            cert_option="--etcd-cert",
+            key_option="--etcd-key",
+            hint="give this node's client certificate and key, issued by the CA your etcd trusts",
         )
 
 
@@ -150,3 +181,4 @@ def check(config: ServerConfig) -> None:
         check_tls_files(config.server_crt, config.server_key)
     if config.clustered:
         check_cluster_key(config.etcd_key_file)
+        check_etcd_tls(config.etcd_ca, config.etcd_cert, config.etcd_key)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from scistream.certs import make_gateway_cert
 from scistream.cli import main as scistream_main
 from scistream.s2cs import preflight
 from scistream.s2cs import server as s2cs_server
@@ -158,7 +159,10 @@ def test_command_line_beats_environment_beats_file(
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--etcd", "https://127.0.0.1:2379"], "TLS to etcd is not supported yet"),
+        (["--etcd", "http://127.0.0.1:2379,https://127.0.0.1:2380"], "mixes http:// and https:// URLs"),
+        (["--etcd", "http://127.0.0.1:2379", "--etcd-ca", "ca.pem"], "give its https://HOST:PORT URLs"),
+        (["--etcd", "https://127.0.0.1:2379", "--etcd-cert", "c.pem"], "--etcd-cert and --etcd-key go"),
+        (["--etcd", "https://127.0.0.1:2379", "--etcd-key", "k.pem"], "--etcd-cert and --etcd-key go"),
         (["--etcd", "127.0.0.1:2379"], "is not an etcd client URL http://HOST:PORT"),
         (["--etcd", "http://127.0.0.1"], "is not an etcd client URL http://HOST:PORT"),
         (["--etcd", "http://127.0.0.1:99999"], "is not an etcd client URL http://HOST:PORT"),
@@ -328,6 +332,47 @@ def test_preflight_checks_the_key_only_with_etcd(tmp_path: Path, key: Path) -> N
         preflight.check(clustered(str(key)))
     with pytest.raises(preflight.PreflightError, match="--etcd needs --etcd-key-file"):
         preflight.check(clustered(""))
+
+
+def test_tls_options_reach_the_config_from_every_source(
+    started: list[ServerConfig], key: Path, tmp_path: Path
+) -> None:
+    r = s2cs("--etcd", "https://127.0.0.1:2379", "--etcd-key-file", str(key), "--etcd-ca", "/c/ca.pem",
+             "--etcd-cert", "/c/n.pem", "--etcd-key", "/c/n.key")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (config,) = started
+    assert (config.etcd_ca, config.etcd_cert, config.etcd_key) == ("/c/ca.pem", "/c/n.pem", "/c/n.key")
+    env = {"SCISTREAM_ETCD": "https://127.0.0.1:2379", "SCISTREAM_ETCD_KEY_FILE": str(key),
+           "SCISTREAM_ETCD_CA": "/e/ca.pem"}  # fmt: skip
+    assert s2cs(env=env).exit_code == 0
+    assert (started[1].etcd_ca, started[1].etcd_cert) == ("/e/ca.pem", "")
+    toml = tmp_path / "s2cs.toml"
+    toml.write_text(f'etcd = "https://127.0.0.1:2379"\netcd_key_file = "{key}"\netcd_ca = "/t/ca.pem"\n')
+    assert s2cs("--config", str(toml)).exit_code == 0
+    assert started[2].etcd_ca == "/t/ca.pem"
+
+
+def test_preflight_checks_the_etcd_tls_files(tmp_path: Path, key: Path) -> None:
+    ours = make_gateway_cert(tmp_path / "pki", "node", ["127.0.0.1"], ca_name="etcd-ca")
+    other = make_gateway_cert(tmp_path / "other", "stranger", ["127.0.0.1"])
+
+    def tls(ca: Path | str = "", cert: Path | str = "", key_file: Path | str = "") -> ServerConfig:
+        return ServerConfig(port=0, ssl=False, state_dir="-", etcd=["https://127.0.0.1:2379"],
+                            etcd_key_file=str(key), etcd_ca=str(ca), etcd_cert=str(cert),
+                            etcd_key=str(key_file))  # fmt: skip
+
+    preflight.check(tls())  # the system's roots, no client certificate
+    preflight.check(tls(ours.ca_cert, ours.cert, ours.key))
+    with pytest.raises(preflight.PreflightError, match=r"^cannot read the etcd CA --etcd-ca .*nope"):
+        preflight.check(tls(tmp_path / "nope"))
+    with pytest.raises(preflight.PreflightError, match=r"--etcd-ca .* is not a PEM file of certificates"):
+        preflight.check(tls(ours.key))
+    with pytest.raises(preflight.PreflightError, match=r"--etcd-cert .* is not a PEM certificate"):
+        preflight.check(tls(ours.ca_cert, ours.key, ours.key))
+    with pytest.raises(preflight.PreflightError, match=r"--etcd-key .* does not belong to the certificate"):
+        preflight.check(tls(ours.ca_cert, ours.cert, other.key))
+    with pytest.raises(preflight.PreflightError, match="cannot read the key --etcd-key"):
+        preflight.check(tls(ours.ca_cert, ours.cert, tmp_path / "none.key"))
 
 
 def test_s2cs_with_a_readable_key_stops_at_once_saying_why(tmp_path: Path, key: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scistream._proto.etcd import rpc_pb2
-from scistream.etcd import Compare, EtcdClient, Op
+from scistream.etcd import Compare, EtcdClient, EtcdTls, Op
 from scistream.etcd.client import parse_endpoint
 from scistream.etcd.types import prefix_end
 
@@ -18,6 +18,8 @@ from scistream.etcd.types import prefix_end
         ("http://etcd-a:2379/", "etcd-a:2379"),
         ("etcd-b", "etcd-b:2379"),
         ("http://[::1]:2379", "[::1]:2379"),
+        ("https://etcd-a:2379", "etcd-a:2379"),
+        ("https://etcd-a", "etcd-a:2379"),
     ],
 )
 def test_endpoints(endpoint: str, target: str) -> None:
@@ -25,7 +27,7 @@ def test_endpoints(endpoint: str, target: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["https://h:2379", "unix:///run/etcd.sock", "http://h:2379/v3", "http://h:99999", ""]
+    "bad", ["ftp://h:2379", "unix:///run/etcd.sock", "http://h:2379/v3", "http://h:99999", ""]
 )
 def test_bad_endpoints_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="etcd endpoint"):
@@ -38,6 +40,16 @@ def test_client_arguments() -> None:
         EtcdClient([])
     with pytest.raises(ValueError):
         EtcdClient(["127.0.0.1:1"], timeout=0)
+
+
+def test_tls_arguments() -> None:
+    with pytest.raises(ValueError, match="mix http:// and https://"):
+        EtcdClient(["https://127.0.0.1:1", "http://127.0.0.1:2"])
+    with pytest.raises(ValueError, match="need https:// endpoints"):
+        EtcdClient(["http://127.0.0.1:1"], tls=EtcdTls(ca=b"x"))
+    with pytest.raises(ValueError, match="needs its key"):
+        EtcdTls(cert=b"x")
+    assert EtcdClient(["https://127.0.0.1:1"]).endpoints == ["127.0.0.1:1"]  # the system's roots
 
 
 def test_prefix_end() -> None:

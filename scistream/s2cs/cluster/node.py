@@ -14,9 +14,10 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from scistream.etcd import EtcdClient, EtcdError
+from scistream.etcd import EtcdClient, EtcdError, EtcdTls, EtcdUnavailable
 from scistream.s2cs.cluster.layout import Keyspace, NodeInfo, Sealer
 from scistream.s2cs.cluster.manager import ClusterManager
 from scistream.s2cs.cluster.membership import Membership, MembershipError
@@ -33,6 +34,20 @@ class ClusterStartError(Exception):
     """This node cannot join its cluster; one sentence for the operator."""
 
 
+def etcd_tls(config: ServerConfig) -> EtcdTls | None:
+    """The TLS settings of https:// etcd URLs, files read (preflight checked them)."""
+    if not any(url.lower().startswith("https://") for url in config.etcd):
+        return None
+    blobs: dict[str, bytes | None] = {}
+    for option, path in (("--etcd-ca", config.etcd_ca), ("--etcd-cert", config.etcd_cert),
+                         ("--etcd-key", config.etcd_key)):
+        try:
+            blobs[option] = Path(path).read_bytes() if path else None
+        except OSError as exc:
+            raise ClusterStartError(f"cannot read {option} {path}: {exc.strerror}") from None
+    return EtcdTls(ca=blobs["--etcd-ca"], cert=blobs["--etcd-cert"], key=blobs["--etcd-key"])
+
+
 class ClusterNode:
     def __init__(self, config: ServerConfig, instance: Instance) -> None:
         self.config = config
@@ -43,7 +58,8 @@ class ClusterNode:
             raise ClusterStartError(str(exc)) from None
         self.keys = Keyspace(config.etcd_prefix)
         self.sealer = Sealer(key)
-        self.etcd = EtcdClient(list(config.etcd), timeout=ETCD_TIMEOUT_S)
+        self.tls = etcd_tls(config)
+        self.etcd = EtcdClient(list(config.etcd), timeout=ETCD_TIMEOUT_S, tls=self.tls)
         lo, hi = config.port_range
         self.me = NodeInfo(
             name=config.node_name or default_node_name(),
@@ -67,6 +83,14 @@ class ClusterNode:
             await self.view.load()
         except MembershipError as exc:
             raise ClusterStartError(str(exc)) from None
+        except EtcdUnavailable as exc:
+            hint = (
+                "over TLS, check that --etcd-ca is the CA of the members' certificates and that "
+                "etcd trusts the client certificate --etcd-cert"
+                if self.tls
+                else "if its members serve clients over TLS, give their https:// URLs"
+            )
+            raise ClusterStartError(f"cannot join the gateway cluster at {where}: {exc}; {hint}") from None
         except EtcdError as exc:
             raise ClusterStartError(f"cannot join the gateway cluster at {where}: {exc}") from None
         if not self.instance.store_existed:
