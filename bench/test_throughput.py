@@ -2,7 +2,10 @@
 
 Each case is one iperf3 run through one configuration in its own namespace with
 fresh processes; cases are ordered round by round so each round runs every
-configuration once (BENCHMARKING.md). Two kinds of case:
+configuration once (BENCHMARKING.md), and each round starts one configuration
+later than the one before: with a fixed order each configuration kept its place,
+and places differ here (two builds measured A-B then B-A swapped winners by up
+to 10 %). Two kinds of case:
 
 * as fast as it goes, at each of BENCH_STREAMS: Gbit/s and Gbit per forwarder
   CPU-second;
@@ -26,12 +29,20 @@ from conftest import LOADS, ROUNDS, SECONDS, STREAMS, Results, selected
 from peers import CONFIGS, measure
 
 NAMES = selected(list(CONFIGS))
+
+
+def _rotated(names: list[str], r: int) -> list[str]:
+    k = r % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 #: (round, configuration, streams, offered load in Gbit/s or None = unpaced)
 CASES = [
     case
     for r in range(ROUNDS)
-    for case in [(r, name, n, None) for n in STREAMS for name in NAMES]
-    + [(r, name, 1, LOADS[CONFIGS[name].kind]) for name in NAMES if LOADS.get(CONFIGS[name].kind)]
+    for case in [(r, name, n, None) for n in STREAMS for name in _rotated(NAMES, r)]
+    + [(r, name, 1, LOADS[CONFIGS[name].kind])
+       for name in _rotated(NAMES, r) if LOADS.get(CONFIGS[name].kind)]
 ]
 
 
