@@ -17,6 +17,31 @@
 /* The record reader's buffer: up to this many full records per recv(). */
 #define READER_CAP (8 * TLS_RECORD_WIRE)
 
+/* A BIO method of our own, with a fresh type index in *type; NULL when out of memory. */
+static BIO_METHOD *method_new(const char *name, int *type, int (*rd)(BIO *, char *, int),
+                              int (*wr)(BIO *, const char *, int), long (*ctrl)(BIO *, int, long, void *),
+                              int (*destroy)(BIO *)) {
+    *type = BIO_get_new_index() | BIO_TYPE_SOURCE_SINK;
+    BIO_METHOD *m = BIO_meth_new(*type, name);
+    if (m && (!rd || BIO_meth_set_read(m, rd)) && (!wr || BIO_meth_set_write(m, wr)) &&
+        BIO_meth_set_ctrl(m, ctrl) && BIO_meth_set_destroy(m, destroy))
+        return m;
+    BIO_meth_free(m);
+    return NULL;
+}
+
+/* A BIO of method m holding state (which its destroy frees); NULL, state freed, on failure. */
+static BIO *bio_around(BIO_METHOD *m, void *state) {
+    BIO *b = state ? BIO_new(m) : NULL;
+    if (!b) {
+        free(state);
+        return NULL;
+    }
+    BIO_set_data(b, state);
+    BIO_set_init(b, 1);
+    return b;
+}
+
 /* ---- the gather BIO ---------------------------------------------------------
  * OpenSSL hands its write BIO one record at a time. A socket BIO makes that one
  * write() per 16 KiB record, each a trip through the TCP stack. This BIO keeps
@@ -114,30 +139,16 @@ static int gather_destroy(BIO *b) {
 }
 
 static void gather_method_init(void) {
-    gather_type = BIO_get_new_index() | BIO_TYPE_SOURCE_SINK;
-    BIO_METHOD *m = BIO_meth_new(gather_type, "scistream gather");
-    if (m && BIO_meth_set_write(m, gather_write) && BIO_meth_set_ctrl(m, gather_ctrl) &&
-        BIO_meth_set_destroy(m, gather_destroy)) {
-        gather_method = m;
-        return;
-    }
-    BIO_meth_free(m);
+    gather_method =
+        method_new("scistream gather", &gather_type, NULL, gather_write, gather_ctrl, gather_destroy);
 }
 
 static BIO *gather_new(int fd) {
     pthread_once(&gather_once, gather_method_init);
     if (!gather_method) return NULL;
     struct gather *g = calloc(1, sizeof *g);
-    if (!g) return NULL;
-    g->fd = fd;
-    BIO *b = BIO_new(gather_method);
-    if (!b) {
-        free(g);
-        return NULL;
-    }
-    BIO_set_data(b, g);
-    BIO_set_init(b, 1);
-    return b;
+    if (g) g->fd = fd;
+    return bio_around(gather_method, g);
 }
 
 /* ---- the record reader BIO --------------------------------------------------
@@ -222,29 +233,17 @@ static int reader_destroy(BIO *b) {
 }
 
 static void reader_method_init(void) {
-    BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "scistream record reader");
-    if (m && BIO_meth_set_read(m, reader_read) && BIO_meth_set_ctrl(m, reader_ctrl) &&
-        BIO_meth_set_destroy(m, reader_destroy)) {
-        reader_method = m;
-        return;
-    }
-    BIO_meth_free(m);
+    int type;
+    reader_method =
+        method_new("scistream record reader", &type, reader_read, NULL, reader_ctrl, reader_destroy);
 }
 
 static BIO *reader_new(int fd) {
     pthread_once(&reader_once, reader_method_init);
     if (!reader_method) return NULL;
     struct reader *r = calloc(1, sizeof *r);
-    if (!r) return NULL;
-    r->fd = fd;
-    BIO *b = BIO_new(reader_method);
-    if (!b) {
-        free(r);
-        return NULL;
-    }
-    BIO_set_data(b, r);
-    BIO_set_init(b, 1);
-    return b;
+    if (r) r->fd = fd;
+    return bio_around(reader_method, r);
 }
 
 int tls_set_bios(SSL *ssl, int fd) {
