@@ -97,6 +97,7 @@ def check_tls_files(
     *,
     cert_option: str = "--server_crt",
     key_option: str = "--server_key",
+    whose: str = "control-channel",
     hint: str = "make them with `scistream certs`, or run with --ssl False for a plaintext test server",
 ) -> None:
     """A certificate and its key (the control channel's, or etcd's client pair): readable,
@@ -108,7 +109,7 @@ def check_tls_files(
                 blobs.append(f.read())
         except OSError as exc:
             raise PreflightError(
-                f"cannot read the {'certificate' if option == cert_option else 'key'} "
+                f"cannot read the {whose} {'certificate' if option == cert_option else 'key'} "
                 f"{option} {path}: {exc.strerror}; {hint}"
             ) from None
     crt, key = blobs
@@ -156,6 +157,7 @@ def check_etcd_tls(ca_path: str, cert_path: str, key_path: str) -> None:
             key_path,
             cert_option="--etcd-cert",
             key_option="--etcd-key",
+            whose="etcd client",
             hint="give this node's client certificate and key, issued by the CA your etcd trusts",
         )
 

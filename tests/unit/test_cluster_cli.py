@@ -371,7 +371,7 @@ def test_preflight_checks_the_etcd_tls_files(tmp_path: Path, key: Path) -> None:
         preflight.check(tls(ours.ca_cert, ours.key, ours.key))
     with pytest.raises(preflight.PreflightError, match=r"--etcd-key .* does not belong to the certificate"):
         preflight.check(tls(ours.ca_cert, ours.cert, other.key))
-    with pytest.raises(preflight.PreflightError, match="cannot read the key --etcd-key"):
+    with pytest.raises(preflight.PreflightError, match="cannot read the etcd client key --etcd-key"):
         preflight.check(tls(ours.ca_cert, ours.cert, tmp_path / "none.key"))
 
 
