@@ -170,6 +170,11 @@ def parse_host_name(text: str) -> str:
         raise InvalidEndpoint(f"{excerpt(text)} is not a host name or IPv4 address") from None
 
 
+def url_uses_tls(url: str) -> bool:
+    """Whether a service URL (an etcd member's, say) is https:// (``host:port`` alone is not)."""
+    return url.strip().lower().startswith("https://")
+
+
 def format_endpoint(host: str | IPAddress, port: int) -> str:
     """The inverse of parse_endpoint: brackets IPv6 literals."""
     h = str(host)

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from scistream._proto.etcd import rpc_pb2, rpc_pb2_grpc
+from scistream.endpoints import url_uses_tls
 from scistream.etcd.types import (
     Compare,
     EtcdCompacted,
@@ -109,11 +110,6 @@ class _Member:
     watch: Any
 
 
-def endpoint_uses_tls(endpoint: str) -> bool:
-    """Whether an endpoint is https:// (``host:port`` alone is plain http)."""
-    return endpoint.strip().lower().startswith("https://")
-
-
 def parse_endpoint(endpoint: str) -> str:
     """``http(s)://host:port``, ``host:port`` or ``host`` -> gRPC target ``host:port``."""
     text = endpoint.strip().rstrip("/")
@@ -146,7 +142,7 @@ class EtcdClient:
         if timeout <= 0:
             raise ValueError("etcd client timeout must be positive")
         self._targets = [parse_endpoint(e) for e in endpoints]
-        schemes = {endpoint_uses_tls(e) for e in endpoints}
+        schemes = {url_uses_tls(e) for e in endpoints}
         if len(schemes) > 1:
             raise ValueError("etcd endpoints mix http:// and https://: one cluster speaks one of them")
         if schemes == {True}:

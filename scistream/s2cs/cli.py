@@ -45,7 +45,7 @@ import click
 from scistream import __version__
 from scistream.clienttext import EscapingFormatter
 from scistream.cliutil import Seconds
-from scistream.endpoints import InvalidEndpoint, parse_endpoint, parse_port_range
+from scistream.endpoints import InvalidEndpoint, parse_endpoint, parse_port_range, url_uses_tls
 from scistream.s2cs.backends import BACKENDS, backend_names
 from scistream.s2cs.config import (
     DEFAULT_CLIENT_ID,
@@ -581,7 +581,7 @@ def etcd_endpoints(values: Any) -> list[str]:
 def etcd_tls_settings(opts: Mapping[str, Any], etcd: list[str]) -> dict[str, str]:
     """--etcd-ca/--etcd-cert/--etcd-key, checked against the URLs' scheme (files: preflight)."""
     tls = {name: str(opts.get(name) or "") for name in ("etcd_ca", "etcd_cert", "etcd_key")}
-    if any(tls.values()) and not any(url.lower().startswith("https://") for url in etcd):
+    if any(tls.values()) and not any(url_uses_tls(url) for url in etcd):
         raise click.UsageError(
             "--etcd-ca, --etcd-cert and --etcd-key are for an etcd reached over TLS: give its "
             "https://HOST:PORT URLs with --etcd"

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scistream.endpoints import url_uses_tls
 from scistream.etcd import EtcdClient, EtcdError, EtcdTls, EtcdUnavailable
 from scistream.s2cs.cluster.layout import Keyspace, NodeInfo, Sealer
 from scistream.s2cs.cluster.manager import ClusterManager
@@ -36,7 +37,7 @@ class ClusterStartError(Exception):
 
 def etcd_tls(config: ServerConfig) -> EtcdTls | None:
     """The TLS settings of https:// etcd URLs, files read (preflight checked them)."""
-    if not any(url.lower().startswith("https://") for url in config.etcd):
+    if not any(url_uses_tls(url) for url in config.etcd):
         return None
     blobs: dict[str, bytes | None] = {}
     for option, path in (("--etcd-ca", config.etcd_ca), ("--etcd-cert", config.etcd_cert),
