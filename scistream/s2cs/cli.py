@@ -570,7 +570,7 @@ def etcd_endpoints(values: Any) -> list[str]:
                 f"--etcd {url!r} is not an etcd client URL http://HOST:PORT or https://HOST:PORT "
                 "(e.g. http://10.0.0.5:2379)"
             ) from None
-    if len({url.partition("://")[0].lower() for url in urls}) > 1:
+    if len({url_uses_tls(url) for url in urls}) > 1:
         raise click.UsageError(
             "--etcd mixes http:// and https:// URLs: the members of one etcd cluster all serve "
             "clients over TLS or all without it"
