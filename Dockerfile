@@ -3,8 +3,10 @@
 # toolchain, then a slim runtime with the external proxies s2cs can drive.
 
 FROM python:3.11-slim-bookworm AS build
+# libipsec-mb-dev (x86-64 only): AES-GCM with VAES for the TLS leg, csrc/aesgcm.c.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential libssl-dev \
+    $([ "$(dpkg --print-architecture)" = amd64 ] && echo libipsec-mb-dev) \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
@@ -16,7 +18,7 @@ RUN SCISTREAM_REQUIRE_NATIVE=1 pip wheel --no-deps -w /wheels .
 
 FROM python:3.11-slim-bookworm AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libssl3 stunnel4 haproxy iperf3 nginx-light libnginx-mod-stream socat iproute2 \
+ && apt-get install -y --no-install-recommends libssl3 $([ "$(dpkg --print-architecture)" = amd64 ] && echo libipsec-mb1) stunnel4 haproxy iperf3 nginx-light libnginx-mod-stream socat iproute2 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \

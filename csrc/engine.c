@@ -66,12 +66,16 @@ int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
         s2_seterr(err, errlen, "the engine tuning has a negative or zero value where none is allowed");
         return S2_ERR_INVALID;
     }
+    struct aesgcm_choice aes;
+    int aes_rc = aesgcm_choose(t->tls_aes_gcm, &aes, err, errlen);
+    if (aes_rc != S2_OK) return aes_rc;
     s2_engine *e = calloc(1, sizeof *e);
     if (!e) {
         s2_seterr(err, errlen, "out of memory starting the engine");
         return S2_ERR_INTERNAL;
     }
     e->t = *t;
+    e->aes = aes;
     if (e->t.pipe_size == 0) e->t.pipe_size = 1 << 20;
     if (e->t.tls_buffer_size < 16384) e->t.tls_buffer_size = e->t.tls_buffer_size ? 16384 : 256 << 10;
     if (e->t.backlog == 0) e->t.backlog = 1024;
@@ -121,6 +125,10 @@ int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
         }
         w->started = 1;
     }
+    if (aes.libctx || t->tls_aes_gcm == S2_AES_GCM_OPENSSL)
+        s2_log(e, S2_LOG_INFO, "TLS 1.3 AES-GCM by %s", aes.name);
+    else
+        s2_log(e, S2_LOG_INFO, "TLS 1.3 AES-GCM by OpenSSL: %s", aesgcm_unusable_reason());
     *out = e;
     return S2_OK;
 }

@@ -45,6 +45,9 @@ extern const char *const s2_error_kind_names[S2_E_COUNT];
 enum s2_tls_role { S2_TLS_NONE = 0, S2_TLS_SERVER = 1, S2_TLS_CLIENT = 2 };
 enum s2_tls_mode { S2_TLS_PSK = 0, S2_TLS_COMPAT = 1, S2_TLS_CERT = 2 };
 
+/* What seals TLS 1.3 records with AES-GCM (aesgcm.c). */
+enum s2_aes_gcm { S2_AES_GCM_AUTO = 0, S2_AES_GCM_OPENSSL = 1, S2_AES_GCM_IPSEC_MB = 2 };
+
 enum s2_log_level { S2_LOG_DEBUG = 10, S2_LOG_INFO = 20, S2_LOG_WARNING = 30, S2_LOG_ERROR = 40 };
 
 /* Engine-wide knobs; see docs/TUNING.md. Zero means "kernel/engine default"
@@ -65,6 +68,7 @@ typedef struct s2_tuning {
     double idle_timeout;
     int tcp_user_timeout;
     uint64_t tls_key_update_bytes;
+    int tls_aes_gcm; /* enum s2_aes_gcm */
 } s2_tuning;
 
 typedef struct s2_target_spec {

@@ -42,6 +42,18 @@ void bucket_init(struct bucket *b, uint64_t rate, int64_t now);
 size_t bucket_take(struct bucket *b, size_t want, int64_t now, int64_t *wait_ns);
 void bucket_refund(struct bucket *b, size_t n);
 
+/* ---- AES-GCM for TLS 1.3 legs (aesgcm.c) ---------------------------------- */
+struct aesgcm_choice {
+    OSSL_LIB_CTX *libctx; /* for SSL_CTX_new_ex: NULL = OpenSSL's default context */
+    const char *propq;    /* its property query, or NULL */
+    const char *name;     /* what seals the records, for the log */
+};
+/* Resolve a tuning's tls_aes_gcm (enum s2_aes_gcm): AUTO takes intel-ipsec-mb where it
+ * is built in and the CPU has VAES, else OpenSSL; IPSEC_MB where it cannot be is an error. */
+int aesgcm_choose(int choice, struct aesgcm_choice *out, char *err, size_t errlen);
+/* Why AUTO keeps OpenSSL on this build and CPU ("" when it does not). */
+const char *aesgcm_unusable_reason(void);
+
 /* ---- TLS configuration (tls.c) ----------------------------------------- */
 struct tls_conf {
     int role, mode;
@@ -53,7 +65,9 @@ struct tls_conf {
     SSL_CTX *ctx;
 };
 /* want_ktls: try kernel TLS where available (only when no key update is due, see tls.c). */
-int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls, char *err, size_t errlen);
+/* aes: where a TLS 1.3 context gets its AES-GCM (TLS 1.2 compat contexts keep OpenSSL's). */
+int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls, const struct aesgcm_choice *aes,
+                   char *err, size_t errlen);
 /* Whether this kernel and OpenSSL can do kernel TLS (probed once). */
 int tls_ktls_available(void);
 void tls_conf_clear(struct tls_conf *tc);
@@ -241,6 +255,7 @@ struct log_entry {
 
 struct s2_engine {
     s2_tuning t;
+    struct aesgcm_choice aes; /* resolved from t.tls_aes_gcm at start */
     int nworkers;
     struct worker *w;
     pthread_mutex_t rlock;  /* route registry, serialises control commands */

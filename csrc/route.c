@@ -169,7 +169,7 @@ int route_new(struct s2_engine *e, const s2_route_spec *spec, struct route **out
     if (rc == S2_OK) rc = targets_build(&r->tg, spec->targets, spec->ntargets, err, errlen);
     int want_ktls = e->t.tls_key_update_bytes == 0;
     if (rc == S2_OK && spec->tls_role != S2_TLS_NONE) {
-        rc = tls_conf_build(&r->tls, spec, want_ktls, err, errlen);
+        rc = tls_conf_build(&r->tls, spec, want_ktls, &e->aes, err, errlen);
         if (rc == S2_OK && want_ktls)
             s2_log(e, S2_LOG_INFO, "route %s: kernel TLS %s", spec->route_id,
                    r->tls.ktls ? "on where the kernel takes the suite"

@@ -195,7 +195,8 @@ int tls_ktls_available(void) {
     return ktls_usable;
 }
 
-int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls, char *err, size_t errlen) {
+int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls, const struct aesgcm_choice *aes,
+                   char *err, size_t errlen) {
     memset(tc, 0, sizeof *tc);
     tc->role = spec->tls_role;
     tc->mode = spec->tls_mode;
@@ -217,7 +218,10 @@ int tls_conf_build(struct tls_conf *tc, const s2_route_spec *spec, int want_ktls
         tc->server_name = strdup(spec->server_name);
         if (!tc->server_name) goto oom;
     }
-    SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+    /* TLS 1.3 contexts take AES-GCM where aes says; compat (TLS 1.2) keeps OpenSSL's whole. */
+    int tls13 = spec->tls_mode != S2_TLS_COMPAT;
+    SSL_CTX *ctx = SSL_CTX_new_ex(tls13 ? aes->libctx : NULL, tls13 ? aes->propq : NULL,
+                                  server ? TLS_server_method() : TLS_client_method());
     if (!ctx) {
         ssl_err(err, errlen, "cannot create a TLS context");
         tls_conf_clear(tc);

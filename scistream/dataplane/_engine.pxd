@@ -12,6 +12,9 @@ cdef extern from "engine.h" nogil:
         S2_ERR_INTERNAL
         S2_ERR_CLOSED
         S2_E_COUNT
+        S2_AES_GCM_AUTO
+        S2_AES_GCM_OPENSSL
+        S2_AES_GCM_IPSEC_MB
 
     const char *s2_error_kind_names[]
 
@@ -31,6 +34,7 @@ cdef extern from "engine.h" nogil:
         double idle_timeout
         int tcp_user_timeout
         uint64_t tls_key_update_bytes
+        int tls_aes_gcm
 
     ctypedef struct s2_target_spec:
         const char *host

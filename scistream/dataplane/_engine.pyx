@@ -30,6 +30,13 @@ cdef dict _ERRORS = {
     S2_ERR_CLOSED: EngineError,
 }
 
+# Tuning.tls_aes_gcm (api.AES_GCM_CHOICES) -> enum s2_aes_gcm
+cdef dict _AES_GCM = {
+    "auto": S2_AES_GCM_AUTO,
+    "openssl": S2_AES_GCM_OPENSSL,
+    "ipsec-mb": S2_AES_GCM_IPSEC_MB,
+}
+
 cdef int _check(int rc, char *err) except -1:
     if rc != S2_OK:
         raise _ERRORS.get(rc, EngineError)(err.decode("utf-8", "replace"))
@@ -71,6 +78,7 @@ cdef class CEngine:
         t.idle_timeout = tuning["idle_timeout"]
         t.tcp_user_timeout = tuning["tcp_user_timeout"]
         t.tls_key_update_bytes = tuning["tls_key_update_bytes"]
+        t.tls_aes_gcm = _AES_GCM[tuning["tls_aes_gcm"]]
         err[0] = 0
         with nogil:
             rc = s2_engine_new(&t, &self.e, err, sizeof(err))

@@ -85,6 +85,8 @@ psk_key_from_text = _keys.key_from_stunnel_text
 
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
+#: What may seal TLS 1.3 AES-GCM records in the native engine (Tuning.tls_aes_gcm).
+AES_GCM_CHOICES = ("auto", "openssl", "ipsec-mb")
 MAX_TIMEOUT_S = 1e9  # about 31 years; times 1e9 ns still fits an int64
 
 
@@ -138,6 +140,9 @@ class Tuning:
     # TLS 1.3 KeyUpdate after this many bytes sent per key; 0 = never, and then the native
     # engine uses kernel TLS where the kernel has it (docs/TUNING.md)
     tls_key_update_bytes: int = 1 << 36
+    # who seals TLS 1.3 AES-GCM records: "auto" = intel-ipsec-mb on CPUs with VAES where the
+    # build has it, else OpenSSL; "openssl"; "ipsec-mb" (an error where it cannot be)
+    tls_aes_gcm: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("workers", "pipe_size", "tls_buffer_size", "sndbuf", "rcvbuf",
@@ -159,6 +164,10 @@ class Tuning:
                 raise InvalidRoute(
                     f"tuning {name} {value!r} is not a number of seconds up to {MAX_TIMEOUT_S:g}"
                 )
+        if self.tls_aes_gcm not in AES_GCM_CHOICES:
+            raise InvalidRoute(
+                f"tuning tls_aes_gcm {self.tls_aes_gcm!r} is not one of {', '.join(AES_GCM_CHOICES)}"
+            )
         if self.connect_timeout <= 0:
             raise InvalidRoute("tuning connect_timeout must be positive")
         if self.idle_timeout < 0:

@@ -22,7 +22,7 @@ Tuning knobs honoured: ``pipe_size`` (per-direction buffer of a plain leg),
 ``nodelay``, ``congestion`` (best effort), ``notsent_lowat``, ``backlog``,
 ``max_connections``, ``connect_timeout``, ``idle_timeout``, ``tcp_user_timeout``.
 Ignored: ``workers`` (one loop thread; reported as 1), ``cpu_affinity``,
-``tls_key_update_bytes`` (Python cannot send a TLS KeyUpdate) and
+``tls_key_update_bytes`` (Python cannot send a TLS KeyUpdate), ``tls_aes_gcm`` and
 ``Tls.ciphers`` for TLS 1.3 (Python cannot choose TLS 1.3 suites).
 """
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from scistream.dataplane import InvalidRoute, Tuning
+from scistream.dataplane.api import AES_GCM_CHOICES
 from scistream.s2ds.units import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,6 +56,12 @@ KNOBS: list[tuple[str, Any, str]] = [
         "--tls-key-update-bytes",
         SIZE,
         f"Send a TLS 1.3 KeyUpdate after this many bytes per key [{_D.tls_key_update_bytes}].",
+    ),
+    (
+        "--tls-aes-gcm",
+        click.Choice(AES_GCM_CHOICES),
+        "Who seals TLS 1.3 AES-GCM records: auto = intel-ipsec-mb on CPUs with VAES (AVX-512) "
+        f"where the build has it, else OpenSSL; openssl; ipsec-mb (fails where unusable) [{_D.tls_aes_gcm}].",
     ),
 ]
 

@@ -5,7 +5,10 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <openssl/core_names.h>
 #include <openssl/evp.h>
+#include <openssl/provider.h>
+#include <openssl/rand.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -19,6 +22,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "internal.h" /* aesgcm_choose: the AES-GCM provider is tested on its own */
 
 static int failures;
 
@@ -790,6 +794,116 @@ static void test_close_under_callers(void) {
     server_stop(&srv);
 }
 
+
+/* ---- AES-GCM by intel-ipsec-mb (aesgcm.c) --------------------------------- */
+
+/* One message through cipher, called as OpenSSL's TLS 1.3 record layer calls it: the
+ * nonce by init, the tag (to open) before the AAD, the text in chunks, final, the tag.
+ * Returns 1 if final succeeded; tag in/out. chunk: bytes per update (0 = all at once). */
+static int gcm_message(EVP_CIPHER_CTX *ctx, int enc, const unsigned char *iv, const unsigned char *aad,
+                       size_t aad_len, const unsigned char *in, unsigned char *out, size_t len, size_t chunk,
+                       unsigned char *tag) {
+    int n = 0;
+    if (EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, enc) != 1) return 0;
+    if (!enc && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, 16, tag) != 1) return 0;
+    if (aad_len && EVP_CipherUpdate(ctx, NULL, &n, aad, (int)aad_len) != 1) return 0;
+    size_t done = 0;
+    while (done < len) {
+        size_t step = chunk && chunk < len - done ? chunk : len - done;
+        if (EVP_CipherUpdate(ctx, out + done, &n, in + done, (int)step) != 1 || (size_t)n != step) return 0;
+        done += step;
+    }
+    if (EVP_CipherFinal_ex(ctx, out + len, &n) != 1 || n != 0) return 0;
+    return !enc || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, 16, tag) == 1;
+}
+
+static EVP_CIPHER_CTX *gcm_ctx(EVP_CIPHER *cipher, const unsigned char *key, int enc) {
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx && EVP_CipherInit_ex(ctx, cipher, NULL, NULL, NULL, enc) == 1 &&
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) == 1 &&
+        EVP_CipherInit_ex(ctx, NULL, NULL, key, NULL, -1) == 1)
+        return ctx;
+    EVP_CIPHER_CTX_free(ctx);
+    return NULL;
+}
+
+/* The provider seals exactly as OpenSSL's default provider does (random keys, nonces,
+ * AAD and lengths, text in chunks), opens what it sealed, and refuses a changed tag,
+ * a changed byte, a missing tag and a second message under a used nonce. */
+static void test_aesgcm_provider(void) {
+    struct aesgcm_choice choice;
+    char err[256] = "";
+    if (aesgcm_choose(S2_AES_GCM_IPSEC_MB, &choice, err, sizeof err) != S2_OK) {
+        fprintf(stderr, "skip aesgcm_provider (%s)\n", err);
+        return;
+    }
+    const size_t max = 70000;
+    unsigned char *in = malloc(max), *ours = malloc(max + 16), *ref = malloc(max + 16), *back = malloc(max + 16);
+    CHECK(in && ours && ref && back, "out of memory");
+    const char *names[2] = {"AES-128-GCM", "AES-256-GCM"};
+    const size_t lens[] = {0, 1, 15, 16, 17, 255, 4096, 16385, 16401, 69999};
+    for (int k = 0; k < 2 && in && ours && ref && back; k++) {
+        EVP_CIPHER *mine = EVP_CIPHER_fetch(choice.libctx, names[k], choice.propq);
+        EVP_CIPHER *dflt = EVP_CIPHER_fetch(NULL, names[k], "provider=default");
+        CHECK(mine && dflt, "fetch %s", names[k]);
+        if (!mine || !dflt) goto next;
+        CHECK(strcmp(OSSL_PROVIDER_get0_name(EVP_CIPHER_get0_provider(mine)), "scistream-aesgcm") == 0,
+              "%s: the TLS context's query prefers ours", names[k]);
+        for (int round = 0; round < 60; round++) {
+            unsigned char key[32], iv[12], aad[13], tag[16], reftag[16];
+            size_t len = round < 10 ? lens[round] : 0, chunk = 0, aad_len = (size_t)(round % 14);
+            unsigned char r[4];
+            RAND_bytes(key, sizeof key);
+            RAND_bytes(iv, sizeof iv);
+            RAND_bytes(aad, sizeof aad);
+            RAND_bytes(r, sizeof r);
+            if (round >= 10) len = ((size_t)r[0] << 8 | r[1]) % max;
+            if (round % 3 == 1) chunk = 1 + ((size_t)r[2] << 8 | r[3]) % 20000;
+            RAND_bytes(in, (int)(len ? len : 1));
+            EVP_CIPHER_CTX *enc = gcm_ctx(mine, key, 1), *dec = gcm_ctx(mine, key, 0), *renc = gcm_ctx(dflt, key, 1);
+            CHECK(enc && dec && renc, "%s: contexts", names[k]);
+            if (enc && dec && renc) {
+                CHECK(gcm_message(enc, 1, iv, aad, aad_len, in, ours, len, chunk, tag), "%s seal %zu", names[k], len);
+                CHECK(gcm_message(renc, 1, iv, aad, aad_len, in, ref, len, 0, reftag), "reference seal");
+                CHECK(memcmp(ours, ref, len) == 0 && memcmp(tag, reftag, 16) == 0,
+                      "%s: %zu bytes (chunk %zu, aad %zu) sealed differently from OpenSSL", names[k], len, chunk,
+                      aad_len);
+                CHECK(gcm_message(dec, 0, iv, aad, aad_len, ours, back, len, chunk, tag) && !memcmp(back, in, len),
+                      "%s: open %zu bytes", names[k], len);
+                unsigned char bad[16];
+                memcpy(bad, tag, 16);
+                bad[r[0] % 16] ^= (unsigned char)(1u << (r[1] % 8));
+                CHECK(!gcm_message(dec, 0, iv, aad, aad_len, ours, back, len, chunk, bad), "changed tag opened");
+                if (len) {
+                    ours[r[2] % len] ^= 0x01;
+                    CHECK(!gcm_message(dec, 0, iv, aad, aad_len, ours, back, len, chunk, tag), "changed byte opened");
+                }
+                if (aad_len) {
+                    aad[0] ^= 0x80;
+                    CHECK(!gcm_message(dec, 0, iv, aad, aad_len, ref, back, len, chunk, tag), "changed AAD opened");
+                }
+                /* No tag given: final must fail. */
+                int n = 0;
+                CHECK(EVP_CipherInit_ex(dec, NULL, NULL, NULL, iv, 0) == 1 &&
+                          EVP_CipherUpdate(dec, back, &n, ref, (int)len) == 1 && EVP_CipherFinal_ex(dec, back, &n) != 1,
+                      "opened without a tag");
+                /* The nonce of a sealed message is spent: more text without a new one fails. */
+                CHECK(EVP_CipherUpdate(enc, ours, &n, in, 1) != 1, "sealed twice under one nonce");
+            }
+            EVP_CIPHER_CTX_free(enc);
+            EVP_CIPHER_CTX_free(dec);
+            EVP_CIPHER_CTX_free(renc);
+        }
+    next:
+        EVP_CIPHER_free(mine);
+        EVP_CIPHER_free(dflt);
+    }
+    free(in);
+    free(ours);
+    free(ref);
+    free(back);
+}
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     struct {
@@ -807,6 +921,7 @@ int main(void) {
         {"drain", test_drain},
         {"log_limit", test_log_limit},
         {"close_under_callers", test_close_under_callers},
+        {"aesgcm_provider", test_aesgcm_provider},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         int before = failures;
