@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 OURS = ("scistream-native", "scistream-pure", "scistream-native-tls", "scistream-pure-tls",
-        "scistream-native-tls-baseline")
+        "scistream-native-tls-baseline", "scistream-native-tls-openssl-gcm")
 KIND = {
     "direct": "direct",
     "scistream-native": "1 hop",
@@ -26,6 +26,7 @@ KIND = {
     "socat": "1 hop",
     "scistream-native-tls": "TLS pair",
     "scistream-native-tls-baseline": "TLS pair",  # BENCH_BASELINE: another build, same run
+    "scistream-native-tls-openssl-gcm": "TLS pair",  # AES-GCM by OpenSSL, as the peers have it
     "scistream-pure-tls": "TLS pair",
     "stunnel-tls13": "TLS pair",
     "stunnel-1x": "TLS pair",
