@@ -54,10 +54,11 @@ def engine_class(choice: str | None = None) -> type[EngineBase]:
         except ImportError as exc:
             if choice == "native":
                 raise ImportError(
-                    f"the native engine was requested but is not built ({exc}); "
-                    "reinstall with a C compiler and libssl-dev"
+                    f"the native engine was requested but cannot be loaded ({exc}); it is not built, "
+                    "or a library it was built with is gone: reinstall (./dev setup) with a C compiler "
+                    "and libssl-dev"
                 ) from exc
-            log.warning("native engine not built (%s); using the pure-Python engine", exc)
+            log.warning("native engine cannot be loaded (%s); using the pure-Python engine", exc)
         else:
             return NativeEngine
     from scistream.dataplane.pyengine import PyEngine
