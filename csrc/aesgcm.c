@@ -43,13 +43,21 @@
 #define GCM_TAG_LEN 16
 #define GCM_AAD_MAX 64 /* TLS 1.3 gives 5 bytes (the record header) */
 
-/* The library's function table for this CPU: written once by setup, then only read. */
-static IMB_MGR *imb;
+/* The library's functions for one key size on this CPU, taken from its manager by
+ * setup (written once, then only read); [1] seals, [0] opens. */
+struct gcm_ops {
+    size_t key_len;
+    aes_gcm_pre_t pre;
+    aes_gcm_init_t init;
+    aes_gcm_enc_dec_update_t update[2];
+    aes_gcm_enc_dec_finalize_t finalize[2];
+};
+static struct gcm_ops gcm128_ops = {.key_len = 16}, gcm256_ops = {.key_len = 32};
 
 struct gcm_ctx {
     struct gcm_key_data key; /* first: 64-byte aligned, as the library needs */
     struct gcm_context_data state;
-    size_t key_len; /* 16 or 32, fixed by the algorithm */
+    const struct gcm_ops *ops; /* fixed by the algorithm */
     int encrypting;
     int key_set, iv_set, started, tag_sealed, tag_given;
     unsigned char iv[GCM_IV_LEN];
@@ -58,23 +66,23 @@ struct gcm_ctx {
     unsigned char tag[GCM_TAG_LEN];
 };
 
-static void *gcm_new(size_t key_len) {
+static void *gcm_new(const struct gcm_ops *ops) {
     void *mem = NULL;
     if (posix_memalign(&mem, 64, sizeof(struct gcm_ctx)) != 0) return NULL;
     struct gcm_ctx *c = mem;
     memset(c, 0, sizeof *c);
-    c->key_len = key_len;
+    c->ops = ops;
     return c;
 }
 
 static void *gcm128_new(void *provctx) {
     (void)provctx;
-    return gcm_new(16);
+    return gcm_new(&gcm128_ops);
 }
 
 static void *gcm256_new(void *provctx) {
     (void)provctx;
-    return gcm_new(32);
+    return gcm_new(&gcm256_ops);
 }
 
 static void gcm_free(void *vc) {
@@ -85,7 +93,7 @@ static void gcm_free(void *vc) {
 
 static void *gcm_dup(void *vc) {
     const struct gcm_ctx *src = vc;
-    struct gcm_ctx *c = gcm_new(src->key_len);
+    struct gcm_ctx *c = gcm_new(src->ops);
     if (c) memcpy(c, src, sizeof *c);
     return c;
 }
@@ -112,7 +120,7 @@ static int gcm_set_ctx_params(void *vc, const OSSL_PARAM params[]) {
             if (!OSSL_PARAM_get_size_t(p, &n) || n != GCM_IV_LEN) return 0;
         } else if (strcmp(p->key, OSSL_CIPHER_PARAM_KEYLEN) == 0) {
             size_t n;
-            if (!OSSL_PARAM_get_size_t(p, &n) || n != c->key_len) return 0;
+            if (!OSSL_PARAM_get_size_t(p, &n) || n != c->ops->key_len) return 0;
         } else if (strcmp(p->key, OSSL_CIPHER_PARAM_AEAD_TLS1_AAD) == 0 ||
                    strcmp(p->key, OSSL_CIPHER_PARAM_AEAD_TLS1_IV_FIXED) == 0 ||
                    strcmp(p->key, OSSL_CIPHER_PARAM_AEAD_TLS1_SET_IV_INV) == 0 ||
@@ -129,11 +137,8 @@ static int gcm_init(void *vc, const unsigned char *key, size_t key_len, const un
     c->encrypting = encrypting;
     gcm_reset_message(c);
     if (key) {
-        if (key_len != c->key_len) return 0;
-        if (c->key_len == 16)
-            IMB_AES128_GCM_PRE(imb, key, &c->key);
-        else
-            IMB_AES256_GCM_PRE(imb, key, &c->key);
+        if (key_len != c->ops->key_len) return 0;
+        c->ops->pre(key, &c->key);
         c->key_set = 1;
     }
     if (iv) {
@@ -158,10 +163,7 @@ static int gcm_dinit(void *vc, const unsigned char *key, size_t key_len, const u
 static int gcm_start(struct gcm_ctx *c) {
     if (c->started) return 1;
     if (!c->key_set || !c->iv_set) return 0;
-    if (c->key_len == 16)
-        IMB_AES128_GCM_INIT(imb, &c->key, &c->state, c->iv, c->aad, c->aad_len);
-    else
-        IMB_AES256_GCM_INIT(imb, &c->key, &c->state, c->iv, c->aad, c->aad_len);
+    c->ops->init(&c->key, &c->state, c->iv, c->aad, c->aad_len);
     c->started = 1;
     return 1;
 }
@@ -180,17 +182,7 @@ static int gcm_update(void *vc, unsigned char *out, size_t *outl, size_t outsize
     }
     if (outsize < inl || c->tag_sealed || !gcm_start(c)) return 0;
     if (inl == 0) return 1;
-    if (c->encrypting) {
-        if (c->key_len == 16)
-            IMB_AES128_GCM_ENC_UPDATE(imb, &c->key, &c->state, out, in, inl);
-        else
-            IMB_AES256_GCM_ENC_UPDATE(imb, &c->key, &c->state, out, in, inl);
-    } else {
-        if (c->key_len == 16)
-            IMB_AES128_GCM_DEC_UPDATE(imb, &c->key, &c->state, out, in, inl);
-        else
-            IMB_AES256_GCM_DEC_UPDATE(imb, &c->key, &c->state, out, in, inl);
-    }
+    c->ops->update[c->encrypting](&c->key, &c->state, out, in, inl);
     *outl = inl;
     return 1;
 }
@@ -205,17 +197,11 @@ static int gcm_final(void *vc, unsigned char *out, size_t *outl, size_t outsize)
     if (c->tag_sealed || !gcm_start(c)) return 0;
     int ok;
     if (c->encrypting) {
-        if (c->key_len == 16)
-            IMB_AES128_GCM_ENC_FINALIZE(imb, &c->key, &c->state, c->tag, GCM_TAG_LEN);
-        else
-            IMB_AES256_GCM_ENC_FINALIZE(imb, &c->key, &c->state, c->tag, GCM_TAG_LEN);
+        c->ops->finalize[1](&c->key, &c->state, c->tag, GCM_TAG_LEN);
         ok = 1;
     } else {
         unsigned char computed[GCM_TAG_LEN];
-        if (c->key_len == 16)
-            IMB_AES128_GCM_DEC_FINALIZE(imb, &c->key, &c->state, computed, GCM_TAG_LEN);
-        else
-            IMB_AES256_GCM_DEC_FINALIZE(imb, &c->key, &c->state, computed, GCM_TAG_LEN);
+        c->ops->finalize[0](&c->key, &c->state, computed, GCM_TAG_LEN);
         ok = c->tag_given && CRYPTO_memcmp(computed, c->tag, GCM_TAG_LEN) == 0;
         OPENSSL_cleanse(computed, sizeof computed);
     }
@@ -251,7 +237,7 @@ static int gcm256_get_params(OSSL_PARAM params[]) { return gcm_get_params(params
 
 static int gcm_get_ctx_params(void *vc, OSSL_PARAM params[]) {
     struct gcm_ctx *c = vc;
-    if (!set_size(params, OSSL_CIPHER_PARAM_KEYLEN, c->key_len) ||
+    if (!set_size(params, OSSL_CIPHER_PARAM_KEYLEN, c->ops->key_len) ||
         !set_size(params, OSSL_CIPHER_PARAM_IVLEN, GCM_IV_LEN) ||
         !set_size(params, OSSL_CIPHER_PARAM_AEAD_TAGLEN, GCM_TAG_LEN))
         return 0;
@@ -363,6 +349,7 @@ static int provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in
 static pthread_once_t setup_once = PTHREAD_ONCE_INIT;
 static OSSL_LIB_CTX *fast_libctx;         /* default provider + ours, or NULL */
 static char fast_unusable[160] = "";      /* why ipsec-mb is not used, when it is not */
+static char openssl_because[200] = "";    /* "OpenSSL: <fast_unusable>", what auto falls back to */
 
 static void setup(void) {
 #ifdef SCISTREAM_HAVE_IPSEC_MB
@@ -380,7 +367,19 @@ static void setup(void) {
         free_mb_mgr(m);
         return;
     }
-    imb = m;
+    gcm128_ops.pre = m->gcm128_pre;
+    gcm128_ops.init = m->gcm128_init;
+    gcm128_ops.update[0] = m->gcm128_dec_update;
+    gcm128_ops.update[1] = m->gcm128_enc_update;
+    gcm128_ops.finalize[0] = m->gcm128_dec_finalize;
+    gcm128_ops.finalize[1] = m->gcm128_enc_finalize;
+    gcm256_ops.pre = m->gcm256_pre;
+    gcm256_ops.init = m->gcm256_init;
+    gcm256_ops.update[0] = m->gcm256_dec_update;
+    gcm256_ops.update[1] = m->gcm256_enc_update;
+    gcm256_ops.finalize[0] = m->gcm256_dec_finalize;
+    gcm256_ops.finalize[1] = m->gcm256_enc_finalize;
+    free_mb_mgr(m); /* the functions are the library's code, not the manager's */
     OSSL_LIB_CTX *lc = OSSL_LIB_CTX_new();
     if (!lc || !OSSL_PROVIDER_add_builtin(lc, PROVIDER_NAME, provider_init) ||
         !OSSL_PROVIDER_load(lc, "default") || !OSSL_PROVIDER_load(lc, PROVIDER_NAME)) {
@@ -395,6 +394,11 @@ static void setup(void) {
 #endif
 }
 
+static void setup_and_explain(void) {
+    setup();
+    if (!fast_libctx) snprintf(openssl_because, sizeof openssl_because, "OpenSSL: %s", fast_unusable);
+}
+
 int aesgcm_choose(int choice, struct aesgcm_choice *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     out->name = "OpenSSL";
@@ -403,9 +407,12 @@ int aesgcm_choose(int choice, struct aesgcm_choice *out, char *err, size_t errle
         snprintf(err, errlen, "unknown AES-GCM implementation %d", choice);
         return S2_ERR_INVALID;
     }
-    pthread_once(&setup_once, setup);
+    pthread_once(&setup_once, setup_and_explain);
     if (!fast_libctx) {
-        if (choice == S2_AES_GCM_AUTO) return S2_OK;
+        if (choice == S2_AES_GCM_AUTO) {
+            out->name = openssl_because;
+            return S2_OK;
+        }
         snprintf(err, errlen, "AES-GCM by intel-ipsec-mb was asked for, but %s", fast_unusable);
         return S2_ERR_INVALID;
     }
@@ -413,9 +420,4 @@ int aesgcm_choose(int choice, struct aesgcm_choice *out, char *err, size_t errle
     out->propq = PROVIDER_PROPQ;
     out->name = "intel-ipsec-mb (VAES, AVX-512)";
     return S2_OK;
-}
-
-const char *aesgcm_unusable_reason(void) {
-    pthread_once(&setup_once, setup);
-    return fast_unusable;
 }

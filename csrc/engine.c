@@ -125,10 +125,7 @@ int s2_engine_new(const s2_tuning *t, s2_engine **out, char *err, size_t errlen)
         }
         w->started = 1;
     }
-    if (aes.libctx || t->tls_aes_gcm == S2_AES_GCM_OPENSSL)
-        s2_log(e, S2_LOG_INFO, "TLS 1.3 AES-GCM by %s", aes.name);
-    else
-        s2_log(e, S2_LOG_INFO, "TLS 1.3 AES-GCM by OpenSSL: %s", aesgcm_unusable_reason());
+    s2_log(e, S2_LOG_INFO, "TLS 1.3 AES-GCM by %s", aes.name);
     *out = e;
     return S2_OK;
 }

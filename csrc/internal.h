@@ -46,13 +46,11 @@ void bucket_refund(struct bucket *b, size_t n);
 struct aesgcm_choice {
     OSSL_LIB_CTX *libctx; /* for SSL_CTX_new_ex: NULL = OpenSSL's default context */
     const char *propq;    /* its property query, or NULL */
-    const char *name;     /* what seals the records, for the log */
+    const char *name;     /* what seals the records, for the log ("OpenSSL: <why>" when AUTO fell back) */
 };
 /* Resolve a tuning's tls_aes_gcm (enum s2_aes_gcm): AUTO takes intel-ipsec-mb where it
  * is built in and the CPU has VAES, else OpenSSL; IPSEC_MB where it cannot be is an error. */
 int aesgcm_choose(int choice, struct aesgcm_choice *out, char *err, size_t errlen);
-/* Why AUTO keeps OpenSSL on this build and CPU ("" when it does not). */
-const char *aesgcm_unusable_reason(void);
 
 /* ---- TLS configuration (tls.c) ----------------------------------------- */
 struct tls_conf {
